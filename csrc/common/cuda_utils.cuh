@@ -1,0 +1,51 @@
+#pragma once
+// Helpers for the CUDA launchers: error checks that name what failed, and a device guard.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common/check.h"
+#include "common/tensor_view.h"
+
+#ifndef FASTCV_CUDA_ARCHS_STR
+#define FASTCV_CUDA_ARCHS_STR ""
+#endif
+
+namespace fastcv {
+
+inline void cuda_check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  std::string msg = std::string(what) + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorUnsupportedPtxVersion)
+    msg += " (fastcv was built for CUDA architectures '" FASTCV_CUDA_ARCHS_STR
+           "'; rebuild with FASTCV_CUDA_ARCHS set to include this GPU, e.g. FASTCV_CUDA_ARCHS=native)";
+  throw std::runtime_error(msg);
+}
+#define FASTCV_CUDA_CHECK(expr) ::fastcv::cuda_check((expr), #expr)
+// After a launch: configuration errors surface here, not at the next unrelated CUDA call.
+#define FASTCV_CUDA_CHECK_LAUNCH(name) ::fastcv::cuda_check(cudaGetLastError(), name)
+
+// Makes the tensor's device current for the launch and restores the caller's afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const TensorView& t) {
+    check_device(t, "tensor", DeviceType::CUDA);
+    FASTCV_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (t.device_index != previous_) FASTCV_CUDA_CHECK(cudaSetDevice(t.device_index));
+    changed_ = t.device_index != previous_;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
+inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+}  // namespace fastcv

@@ -1,0 +1,135 @@
+#include "common/parallel.h"
+
+#include <pthread.h>
+
+#include <condition_variable>
+#include <thread>
+#include <vector>
+
+namespace fastcv {
+namespace {
+
+thread_local bool t_in_parallel = false;
+
+class ThreadPool {
+ public:
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  // Returns false (and does nothing) when another caller holds the pool.
+  bool run(int nthreads, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    grow(nthreads - 1);
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      active_ = nthreads - 1;
+      pending_ = nthreads - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    try {
+      run_job(job, 0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    job_ = nullptr;
+    if (!error) error = error_;
+    lock.unlock();
+    if (error) std::rethrow_exception(error);
+    return true;
+  }
+
+ private:
+  static void run_job(const std::function<void(int)>& job, int worker) {
+    t_in_parallel = true;
+    try {
+      job(worker);
+    } catch (...) {
+      t_in_parallel = false;
+      throw;
+    }
+    t_in_parallel = false;
+  }
+
+  void grow(int count) {
+    while (int(workers_.size()) < count) {
+      const int id = int(workers_.size()) + 1;
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || (generation_ != seen && id <= active_); });
+        if (stopping_) return;
+        seen = generation_;
+        job = job_;
+      }
+      std::exception_ptr error;
+      try {
+        run_job(*job, id);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (error && !error_) error_ = error;
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mutex_;  // one parallel region at a time
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+  bool stopping_ = false;
+  std::exception_ptr error_;
+};
+
+// Heap-allocated and never destroyed: worker threads must not be joined during interpreter shutdown,
+// and after fork() the child drops the parent's pool (its threads do not exist there) and makes a new one.
+ThreadPool* g_pool = nullptr;
+std::mutex* g_pool_mutex = new std::mutex();  // replaced in the child too: it may be held at fork time
+std::once_flag g_atfork_once;
+
+ThreadPool& pool() {
+  std::call_once(g_atfork_once, [] {
+    pthread_atfork(nullptr, nullptr, [] {
+      g_pool = nullptr;
+      g_pool_mutex = new std::mutex();
+    });
+  });
+  std::lock_guard<std::mutex> lock(*g_pool_mutex);
+  if (!g_pool) g_pool = new ThreadPool();
+  return *g_pool;
+}
+
+}  // namespace
+
+bool in_parallel_region() { return t_in_parallel; }
+
+void run_on_threads(int nthreads, const std::function<void(int)>& job) {
+  if (nthreads <= 1 || t_in_parallel || !pool().run(nthreads, job)) {
+    for (int w = 0; w < std::max(nthreads, 1); ++w) job(w);  // serial fallback keeps every worker's share
+  }
+}
+
+}  // namespace fastcv

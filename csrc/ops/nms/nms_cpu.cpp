@@ -1,0 +1,224 @@
+// CPU NMS: sort, gather the boxes into structure-of-arrays in processing order, then a blocked greedy
+// pass whose inner loop (one kept box against a run of later boxes) the compiler vectorises, with the
+// later boxes split across threads. Labels (batched_nms) become independent segments run in parallel.
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "common/check.h"
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "ops/nms/nms.h"
+#include "ops/nms/nms_ops.h"
+
+namespace fastcv {
+namespace {
+
+using nms::iou;
+
+template <class T>
+struct BoxColumns {  // boxes in processing order, one array per coordinate
+  std::vector<T> x1, y1, x2, y2, area;
+  explicit BoxColumns(int64_t n) : x1(n), y1(n), x2(n), y2(n), area(n) {}
+};
+
+// removed[j] |= iou(i, j) > threshold for j in [j0, j1). The hot loop: branch-free so it vectorises.
+template <class T>
+inline void suppress_body(const BoxColumns<T>& b, int64_t i, int64_t j0, int64_t j1, T threshold,
+                          uint8_t* __restrict removed) {
+  const T ix1 = b.x1[i], iy1 = b.y1[i], ix2 = b.x2[i], iy2 = b.y2[i], ia = b.area[i];
+  const T* __restrict x1 = b.x1.data();
+  const T* __restrict y1 = b.y1.data();
+  const T* __restrict x2 = b.x2.data();
+  const T* __restrict y2 = b.y2.data();
+  const T* __restrict area = b.area.data();
+  for (int64_t j = j0; j < j1; ++j) {
+    const T o = iou(ix1, iy1, ix2, iy2, ia, x1[j], y1[j], x2[j], y2[j], area[j]);
+    removed[j] |= uint8_t(o > threshold);
+  }
+}
+
+FASTCV_CPU_CLONES void suppress(const BoxColumns<float>& b, int64_t i, int64_t j0, int64_t j1, float t, uint8_t* r) {
+  suppress_body(b, i, j0, j1, t, r);
+}
+FASTCV_CPU_CLONES void suppress(const BoxColumns<double>& b, int64_t i, int64_t j0, int64_t j1, double t, uint8_t* r) {
+  suppress_body(b, i, j0, j1, t, r);
+}
+
+// Greedy NMS over [s0, s1) in index order. Blocks of kBlock boxes are resolved serially among
+// themselves; then the block's kept boxes suppress everything after it, in parallel over cache-sized
+// chunks. The result is exactly the sequential greedy one.
+template <class T>
+void nms_segment(const BoxColumns<T>& b, int64_t s0, int64_t s1, T threshold, uint8_t* removed, int nthreads) {
+  constexpr int64_t kBlock = 256, kChunk = 1024;
+  std::vector<int64_t> kept;
+  kept.reserve(kBlock);
+  for (int64_t b0 = s0; b0 < s1; b0 += kBlock) {
+    const int64_t b1 = std::min(s1, b0 + kBlock);
+    kept.clear();
+    for (int64_t i = b0; i < b1; ++i) {
+      if (removed[i]) continue;
+      kept.push_back(i);
+      suppress(b, i, i + 1, b1, threshold, removed);
+    }
+    if (kept.empty() || b1 == s1) continue;
+    parallel_for(b1, s1, kChunk, nthreads, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; c += kChunk)
+        for (int64_t i : kept) suppress(b, i, c, std::min(c1, c + kChunk), threshold, removed);
+    });
+  }
+}
+
+template <class S>
+using Key = compute_t<S>;
+
+// Descending score, NaN first (as torch.sort ranks NaN highest), then lower index first.
+template <class K>
+struct ScoreOrder {
+  const K* score;
+  bool operator()(int64_t a, int64_t b) const {
+    const K sa = score[a], sb = score[b];
+    if (sa > sb) return true;
+    if (sa < sb) return false;
+    const bool na = sa != sa, nb = sb != sb;
+    if (na != nb) return na;
+    return a < b;
+  }
+};
+
+template <class S>
+int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const TensorView* labels, int64_t n,
+                  double iou_threshold, int64_t* keep, int64_t max_keep, int nthreads) {
+  using T = compute_t<S>;
+  const S* bp = boxes.ptr<S>();
+  const S* sp = scores.ptr<S>();
+  const int64_t bs0 = boxes.stride(0), bs1 = boxes.stride(1), ss = scores.stride(0);
+
+  std::vector<T> score(n);
+  std::vector<int64_t> label;
+  for (int64_t i = 0; i < n; ++i) score[i] = to_float(sp[i * ss]);
+  if (labels) {
+    label.resize(n);
+    const int64_t* lp = labels->ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) label[i] = lp[i * labels->stride(0)];
+  }
+
+  // Processing order: by label (each label a contiguous segment), then by score.
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  const ScoreOrder<T> by_score{score.data()};
+  if (labels)
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return label[a] != label[b] ? label[a] < label[b] : by_score(a, b);
+    });
+  else
+    std::sort(order.begin(), order.end(), by_score);
+
+  BoxColumns<T> cols(n);
+  parallel_for(0, n, 4096, nthreads, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const S* box = bp + order[p] * bs0;
+      cols.x1[p] = to_float(box[0]);
+      cols.y1[p] = to_float(box[bs1]);
+      cols.x2[p] = to_float(box[2 * bs1]);
+      cols.y2[p] = to_float(box[3 * bs1]);
+      cols.area[p] = nms::box_area(cols.x1[p], cols.y1[p], cols.x2[p], cols.y2[p]);
+    }
+  });
+
+  std::vector<uint8_t> removed(n, 0);
+  const T threshold = nms::compute_threshold<T>(iou_threshold);
+  if (!labels) {
+    nms_segment(cols, 0, n, threshold, removed.data(), nthreads);
+  } else {
+    std::vector<std::pair<int64_t, int64_t>> segments;  // [begin, end) in processing order
+    for (int64_t p = 0; p < n;) {
+      int64_t q = p + 1;
+      while (q < n && label[order[q]] == label[order[p]]) ++q;
+      segments.emplace_back(p, q);
+      p = q;
+    }
+    // Largest first: the cost grows with the square of a segment's size, so this balances threads.
+    std::sort(segments.begin(), segments.end(), [](auto& a, auto& b) { return a.second - a.first > b.second - b.first; });
+    if (segments.size() == 1 || segments[0].second - segments[0].first > n / 2) {
+      for (auto& s : segments) nms_segment(cols, s.first, s.second, threshold, removed.data(), nthreads);
+    } else {
+      parallel_for(0, int64_t(segments.size()), 1, nthreads, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k)
+          nms_segment(cols, segments[k].first, segments[k].second, threshold, removed.data(), 1);
+      });
+    }
+  }
+
+  std::vector<int64_t> kept;
+  for (int64_t p = 0; p < n; ++p)
+    if (!removed[p]) kept.push_back(order[p]);
+  if (labels) std::sort(kept.begin(), kept.end(), by_score);  // segments interleave in score order
+  const int64_t count = std::min<int64_t>(int64_t(kept.size()), max_keep);
+  std::copy(kept.begin(), kept.begin() + count, keep);
+  return count;
+}
+
+int64_t nms_dispatch(const TensorView& boxes, const TensorView& scores, const TensorView* labels, int64_t n,
+                     double iou_threshold, int64_t* keep, int64_t max_keep, int nthreads) {
+  return dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
+    return nms_typed<decltype(tag)>(boxes, scores, labels, n, iou_threshold, keep, max_keep, nthreads);
+  });
+}
+
+}  // namespace
+
+int64_t nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorView* labels,
+                double iou_threshold, const TensorView& keep, int nthreads) {
+  check_shape(boxes, "boxes", {-1, 4});
+  const int64_t n = boxes.size(0);
+  check_shape(scores, "scores", {n});
+  check_dtype(scores, "scores", boxes.dtype);
+  check_shape(keep, "keep", {n});
+  check_dtype(keep, "keep", DType::Int64);
+  check_contiguous(keep, "keep");
+  for (const TensorView* t : {&boxes, &scores, &keep}) check_device(*t, "tensors", DeviceType::CPU);
+  if (labels) {
+    check_shape(*labels, "idxs", {n});
+    check_dtype(*labels, "idxs", DType::Int64);
+    check_device(*labels, "idxs", DeviceType::CPU);
+  }
+  return nms_dispatch(boxes, scores, labels, n, iou_threshold, keep.ptr<int64_t>(), n, nthreads);
+}
+
+void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, const TensorView& labels,
+                            const TensorView& n_valid, double iou_threshold, const TensorView& keep,
+                            const TensorView& count, int nthreads) {
+  check_shape(boxes, "boxes", {-1, -1, 4});
+  const int64_t batch = boxes.size(0), k = boxes.size(1);
+  check_shape(scores, "scores", {batch, k});
+  check_dtype(scores, "scores", boxes.dtype);
+  check_shape(labels, "labels", {batch, k});
+  check_dtype(labels, "labels", DType::Int64);
+  check_shape(n_valid, "n_valid", {batch});
+  check_dtype(n_valid, "n_valid", DType::Int64);
+  check_shape(keep, "keep", {batch, -1});
+  check_dtype(keep, "keep", DType::Int64);
+  check_contiguous(keep, "keep");
+  check_shape(count, "count", {batch});
+  check_dtype(count, "count", DType::Int64);
+  for (const TensorView* t : {&boxes, &scores, &labels, &n_valid, &keep, &count})
+    check_device(*t, "tensors", DeviceType::CPU);
+  const int64_t max_keep = keep.size(1);
+
+  // Images in parallel; inside an image the work runs serially (nested parallel_for calls do).
+  parallel_for(0, batch, 1, nthreads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const TensorView img_boxes = boxes.select0(b), img_scores = scores.select0(b), img_labels = labels.select0(b);
+      const int64_t valid = std::clamp<int64_t>(n_valid.ptr<int64_t>()[b * n_valid.stride(0)], 0, k);
+      int64_t* out = keep.ptr<int64_t>() + b * max_keep;
+      std::vector<int64_t> kept(valid);
+      const int64_t c = nms_dispatch(img_boxes, img_scores, &img_labels, valid, iou_threshold, kept.data(), max_keep, 1);
+      std::copy(kept.begin(), kept.begin() + c, out);
+      std::fill(out + c, out + max_keep, int64_t(-1));
+      count.ptr<int64_t>()[b * count.stride(0)] = c;
+    }
+  });
+}
+
+}  // namespace fastcv

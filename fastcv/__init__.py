@@ -1,0 +1,15 @@
+"""fastcv: hand-written CPU, CUDA and Triton kernels for computer-vision deep learning.
+
+    import fastcv.ops as ops
+    keep = ops.nms(boxes, scores, 0.5)      # drop-in for torchvision.ops.nms
+"""
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fastcv")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from fastcv import ops  # noqa: E402  (registers torch.ops.fastcv.*)
+
+__all__ = ["ops", "__version__"]

@@ -1,0 +1,7 @@
+"""fastcv.ops: drop-in replacements for torch.nn.functional and torchvision.ops.
+
+Importing this package registers every op as torch.ops.fastcv.<name>.
+"""
+from fastcv.ops.nms import Detections, batched_nms, batched_nms_padded, nms
+
+__all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections"]
