@@ -299,6 +299,8 @@ def batched_nms_padded(
     indices, labels, counts = torch.ops.fastcv.batched_nms_padded(
         boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k
     )
+    if scores.numel() == 0:  # nothing to gather from (N or C is 0): every row is padding
+        return Detections(boxes.new_zeros((*indices.shape, 4)), scores.new_zeros(indices.shape), labels, indices, counts)
     kept = indices >= 0
     index = indices.clamp(min=0)
     out_boxes = boxes.gather(1, index.unsqueeze(-1).expand(*index.shape, 4))

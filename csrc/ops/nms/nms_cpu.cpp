@@ -90,6 +90,7 @@ template <class S>
 int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const TensorView* labels, int64_t n,
                   double iou_threshold, int64_t* keep, int64_t max_keep, int nthreads) {
   using T = compute_t<S>;
+  if (n == 0) return 0;
   const S* bp = boxes.ptr<S>();
   const S* sp = scores.ptr<S>();
   const int64_t bs0 = boxes.stride(0), bs1 = boxes.stride(1), ss = scores.stride(0);

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU only through the interpreter, which must be switched on before triton
+# decorates any kernel. On a machine with a GPU the real compiler is used instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastcv  # noqa: E402  (registers the ops)
+from fastcv import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available() and _backend.CUDA_BUILT
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

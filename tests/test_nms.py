@@ -1,0 +1,439 @@
+"""fastcv.ops.nms / batched_nms / batched_nms_padded against torchvision.ops, on every backend built."""
+import math
+import multiprocessing
+
+import pytest
+import torch
+import torchvision
+
+from fastcv import _C, _backend, ops
+from helpers import distinct_scores, random_boxes
+
+REDUCED = (torch.float16, torch.bfloat16)
+
+
+def reference_nms(boxes, scores, iou_threshold):
+    """torchvision on the CPU; reduced precision compared in float32 (torchvision's CPU kernel has none)."""
+    if boxes.dtype in REDUCED:
+        boxes, scores = boxes.float(), scores.float()
+    return torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold)
+
+
+def reference_batched(boxes, scores, idxs, iou_threshold):
+    if boxes.dtype in REDUCED:
+        boxes, scores = boxes.float(), scores.float()
+    return torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold)
+
+
+# ---------------------------------------------------------------- nms: random cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 17, 200, 1000])
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_nms_matches_torchvision(device, dtype, n, iou_threshold):
+    g = torch.Generator().manual_seed(n * 31 + int(iou_threshold * 10))
+    n = min(n, 256) if dtype == torch.bfloat16 else n
+    boxes = random_boxes(n, dtype=dtype, device=device, generator=g)
+    scores = distinct_scores(n, dtype=dtype, device=device, generator=g)
+    keep = ops.nms(boxes, scores, iou_threshold)
+    assert keep.dtype == torch.int64 and keep.device.type == device
+    torch.testing.assert_close(keep.cpu(), reference_nms(boxes, scores, iou_threshold), rtol=0, atol=0)
+
+
+def test_nms_large_matches_torchvision(device):
+    # Many blocks and chunks: exercises the blocked parallel pass and its thread split.
+    g = torch.Generator().manual_seed(7)
+    boxes = random_boxes(6000, size=1000.0, max_wh=100.0, device=device, generator=g)
+    scores = distinct_scores(6000, device=device, generator=g)
+    for threshold in (0.2, 0.5):
+        keep = ops.nms(boxes, scores, threshold)
+        assert torch.equal(keep.cpu(), reference_nms(boxes, scores, threshold))
+
+
+def test_nms_same_result_for_any_thread_count():
+    g = torch.Generator().manual_seed(3)
+    boxes, scores = random_boxes(3000, generator=g), distinct_scores(3000, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.nms(boxes, scores, 0.5))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_nms_noncontiguous_inputs(device):
+    g = torch.Generator().manual_seed(11)
+    base = random_boxes(300, device=device, generator=g)
+    scores_base = distinct_scores(600, device=device, generator=g)
+    boxes = base.t().contiguous().t()  # column-major [N,4]
+    scores = scores_base[::2]
+    assert not boxes.is_contiguous() and not scores.is_contiguous()
+    assert torch.equal(ops.nms(boxes, scores, 0.5).cpu(), reference_nms(boxes, scores, 0.5))
+
+
+# ---------------------------------------------------------------- nms: hand-made cases
+
+
+def _t(rows, device, dtype=torch.float32):
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def test_nms_empty(device):
+    keep = ops.nms(torch.empty(0, 4, device=device), torch.empty(0, device=device), 0.5)
+    assert keep.shape == (0,) and keep.dtype == torch.int64
+
+
+def test_nms_one_box(device):
+    assert ops.nms(_t([[0, 0, 1, 1]], device), _t([0.3], device), 0.5).tolist() == [0]
+
+
+def test_nms_identical_boxes_keep_the_best(device):
+    boxes = _t([[1, 1, 5, 5]] * 4, device)
+    assert ops.nms(boxes, _t([0.1, 0.9, 0.5, 0.7], device), 0.5).tolist() == [1]
+    # IoU is exactly 1, which is not greater than a threshold of 1: nothing is suppressed.
+    assert ops.nms(boxes, _t([0.1, 0.9, 0.5, 0.7], device), 1.0).tolist() == [1, 3, 2, 0]
+
+
+def test_nms_nested_boxes(device):
+    boxes = _t([[0, 0, 10, 10], [2, 2, 8, 8], [4, 4, 6, 6]], device)  # IoUs with the outer: 0.36, 0.04
+    scores = _t([0.9, 0.8, 0.7], device)
+    assert ops.nms(boxes, scores, 0.3).tolist() == [0, 2]
+    assert ops.nms(boxes, scores, 0.03).tolist() == [0]
+    assert ops.nms(boxes, scores, 0.5).tolist() == [0, 1, 2]
+
+
+def test_nms_threshold_zero_suppresses_any_overlap(device):
+    boxes = _t([[0, 0, 2, 2], [1.99, 1.99, 4, 4], [2, 2, 3, 3], [10, 10, 11, 11]], device)
+    scores = _t([0.9, 0.8, 0.7, 0.6], device)
+    # Box 2 only touches box 0 (zero intersection) and is suppressed by box 1, which box 0 removed.
+    assert ops.nms(boxes, scores, 0.0).tolist() == [0, 2, 3]
+    assert ops.nms(boxes, scores, 0.0).tolist() == reference_nms(boxes, scores, 0.0).tolist()
+
+
+def test_nms_all_suppressed_but_one(device):
+    boxes = _t([[0, 0, 10, 10]] + [[0.1 * i, 0, 10 + 0.1 * i, 10] for i in range(1, 20)], device)
+    scores = torch.linspace(0.1, 0.9, 20, device=device)
+    assert ops.nms(boxes, scores, 0.5).tolist() == [19]
+
+
+def test_nms_zero_area_and_inverted_boxes(device):
+    boxes = _t([[0, 0, 0, 0], [0, 0, 0, 0], [5, 5, 1, 1], [1, 1, 5, 5], [2, 2, 2, 9], [0, 0, 4, 4]], device)
+    scores = _t([0.9, 0.85, 0.8, 0.7, 0.6, 0.5], device)
+    for threshold in (0.0, 0.1, 0.5):
+        keep = ops.nms(boxes, scores, threshold)
+        assert keep.tolist() == reference_nms(boxes, scores, threshold).tolist()
+
+
+def test_nms_ties_lower_index_first(device):
+    boxes = _t([[0, 0, 1, 1], [5, 5, 6, 6], [10, 10, 11, 11], [0, 0, 1, 1]], device)
+    scores = _t([0.5, 0.5, 0.9, 0.5], device)
+    assert ops.nms(boxes, scores, 0.5).tolist() == [2, 0, 1]  # box 3 ties with box 0, and loses
+
+
+def test_nms_nan_scores_rank_first_as_in_torchvision(device):
+    g = torch.Generator().manual_seed(5)
+    boxes = random_boxes(100, device=device, generator=g)
+    scores = distinct_scores(100, device=device, generator=g)
+    scores[[3, 50, 97]] = math.nan
+    keep = ops.nms(boxes, scores, 0.5)
+    assert keep[:1].tolist() == [3]  # NaNs first, in index order (boxes 50, 97 may be suppressed)
+    assert keep.tolist() == reference_nms(boxes, scores, 0.5).tolist()
+
+
+def test_nms_nan_and_inf_boxes_as_in_torchvision(device):
+    boxes = _t([[0, 0, 10, 10], [math.nan, 0, 10, 10], [0, 0, math.inf, 10], [1, 1, 10, 10]], device)
+    scores = _t([0.9, 0.8, 0.7, 0.6], device)
+    assert ops.nms(boxes, scores, 0.5).tolist() == reference_nms(boxes, scores, 0.5).tolist()
+
+
+def test_nms_threshold_compares_like_torchvision_in_double():
+    # IoU 1/3 in float32 is 0.3333333432674408 > 1/3 as a double: suppressed at threshold 1/3 exactly.
+    boxes = _t([[0, 0, 2, 1], [1, 0, 3, 1]], "cpu")
+    scores = _t([0.9, 0.8], "cpu")
+    for threshold in (1 / 3, 0.33333334, 0.3333333432674408, 0.33333335):
+        assert ops.nms(boxes, scores, threshold).tolist() == reference_nms(boxes, scores, threshold).tolist()
+
+
+# ---------------------------------------------------------------- batched_nms
+
+
+@pytest.mark.parametrize("classes", [1, 3, 80])
+@pytest.mark.parametrize("n", [0, 1, 50, 2000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_batched_nms_matches_torchvision(device, classes, n, dtype):
+    g = torch.Generator().manual_seed(n + classes)
+    boxes = random_boxes(n, dtype=dtype, device=device, generator=g)
+    scores = distinct_scores(n, dtype=dtype, device=device, generator=g)
+    idxs = torch.randint(0, classes, (n,), generator=g).to(device)
+    keep = ops.batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(keep.cpu(), reference_batched(boxes, scores, idxs, 0.5))
+
+
+def test_batched_nms_any_integer_ids(device):
+    # torchvision offsets boxes by id * (max coordinate + 1) for small inputs, which loses precision for
+    # large ids; fastcv never offsets, so it matches torchvision's exact per-class loop instead.
+    from torchvision.ops.boxes import _batched_nms_vanilla
+
+    g = torch.Generator().manual_seed(2)
+    boxes = random_boxes(500, device=device, generator=g)
+    scores = distinct_scores(500, device=device, generator=g)
+    ids = torch.tensor([-7, 3, 10**12], device=device)[torch.randint(0, 3, (500,), generator=g).to(device)]
+    expected = _batched_nms_vanilla(boxes.cpu(), scores.cpu(), ids.cpu(), 0.4)
+    assert torch.equal(ops.batched_nms(boxes, scores, ids, 0.4).cpu(), expected)
+    small = ids.remainder(100).to(torch.int32)
+    assert torch.equal(ops.batched_nms(boxes, scores, small, 0.4).cpu(), reference_batched(boxes, scores, small, 0.4))
+
+
+def test_batched_nms_classes_do_not_interact(device):
+    boxes = _t([[0, 0, 10, 10]] * 3, device)
+    scores = _t([0.9, 0.8, 0.7], device)
+    assert ops.batched_nms(boxes, scores, torch.tensor([0, 1, 0], device=device), 0.5).tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------- batched_nms_padded
+
+
+def reference_padded(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k):
+    """The per-image loop over torchvision that batched_nms_padded promises to match."""
+    rows = []
+    for b in range(boxes.shape[0]):
+        s = scores[b].flatten().float()
+        classes = scores.shape[2]
+        cand = (s > score_threshold).nonzero().flatten()
+        cand = cand[s[cand].topk(min(pre_nms_top_k, cand.numel())).indices]
+        keep = torchvision.ops.batched_nms(boxes[b].float()[cand // classes], s[cand], cand % classes, iou_threshold)
+        keep = cand[keep[:max_detections]]
+        rows.append((keep // classes, keep % classes))
+    return rows
+
+
+def check_padded(result, expected, boxes, scores, max_detections):
+    batch = boxes.shape[0]
+    assert result.boxes.shape == (batch, max_detections, 4)
+    assert result.scores.shape == result.labels.shape == result.indices.shape == (batch, max_detections)
+    for b, (idx, lab) in enumerate(expected):
+        c = len(idx)
+        assert result.counts[b].item() == c
+        assert result.indices[b, :c].tolist() == idx.tolist()
+        assert result.labels[b, :c].tolist() == lab.tolist()
+        assert (result.indices[b, c:] == -1).all() and (result.labels[b, c:] == -1).all()
+        assert torch.equal(result.boxes[b, :c].cpu(), boxes[b, idx.to(boxes.device)].cpu())
+        assert torch.equal(result.scores[b, :c].cpu(), scores[b, idx.to(boxes.device), lab.to(boxes.device)].cpu())
+        assert (result.boxes[b, c:] == 0).all() and (result.scores[b, c:] == 0).all()
+
+
+def padded_inputs(batch, n, classes, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([random_boxes(n, generator=g, dtype=dtype) for _ in range(batch)]).to(device)
+    scores = torch.stack(
+        [torch.randperm(n * classes, generator=g).reshape(n, classes).to(torch.float64) / (n * classes) for _ in range(batch)]
+    ).to(dtype=dtype, device=device)
+    return boxes, scores
+
+
+@pytest.mark.parametrize(
+    "batch,n,classes,max_det,top_k,score_thr",
+    [
+        (3, 200, 5, 50, 1000, 0.05),
+        (2, 300, 1, 300, 300, 0.0),
+        (4, 100, 20, 10, 500, 0.5),  # max_detections cuts the kept list
+        (2, 100, 20, 100, 30, 0.05),  # top-k cuts the candidates below max_detections
+        (1, 50, 3, 20, 1000, 0.999),  # almost nothing passes the score threshold
+        (2, 40, 2, 5, 1000, 1.0),  # nothing passes
+    ],
+)
+def test_batched_nms_padded_matches_per_image_torchvision(device, batch, n, classes, max_det, top_k, score_thr):
+    boxes, scores = padded_inputs(batch, n, classes, device, seed=n + classes)
+    result = ops.batched_nms_padded(boxes, scores, 0.5, score_thr, max_det, top_k)
+    check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, score_thr, max_det, top_k), boxes, scores, max_det)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_batched_nms_padded_dtypes(device, dtype):
+    boxes, scores = padded_inputs(2, 60, 4, device, dtype=dtype, seed=1)
+    result = ops.batched_nms_padded(boxes, scores, 0.45, 0.1, 40, 200)
+    assert result.boxes.dtype == result.scores.dtype == dtype
+    check_padded(result, reference_padded(boxes.cpu().float(), scores.cpu().float(), 0.45, 0.1, 40, 200), boxes, scores, 40)
+
+
+def test_batched_nms_padded_empty(device):
+    for batch, n, classes in ((0, 10, 3), (2, 0, 3), (2, 10, 0)):
+        boxes, scores = torch.zeros(batch, n, 4, device=device), torch.zeros(batch, n, classes, device=device)
+        result = ops.batched_nms_padded(boxes, scores, 0.5, 0.1, 7)
+        assert result.boxes.shape == (batch, 7, 4) and result.counts.tolist() == [0] * batch
+        assert (result.indices == -1).all()
+    result = ops.batched_nms_padded(*padded_inputs(2, 10, 3, device), 0.5, 0.0, 0)
+    assert result.indices.shape == (2, 0) and result.counts.tolist() == [0, 0]
+
+
+def test_batched_nms_padded_nan_scores_never_detected(device):
+    boxes, scores = padded_inputs(1, 30, 2, device)
+    scores[0, :5] = math.nan
+    result = ops.batched_nms_padded(boxes, scores, 0.5, 0.0, 60)
+    assert not (result.indices[0, : result.counts[0]] < 5).any()
+    check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.0, 60, 1000), boxes, scores, 60)
+
+
+def test_batched_nms_padded_gradients_reach_inputs(device):
+    boxes, scores = padded_inputs(2, 40, 3, device, dtype=torch.float64)
+    boxes.requires_grad_(True)
+    scores.requires_grad_(True)
+    result = ops.batched_nms_padded(boxes, scores, 0.5, 0.2, 10)
+    (result.boxes.sum() + result.scores.sum()).backward()
+    for b in range(2):
+        idx = result.indices[b, : result.counts[b]]
+        assert torch.equal(boxes.grad[b].abs().sum(1) > 0, torch.isin(torch.arange(40, device=device), idx))
+    assert scores.grad.sum().item() == result.counts.sum().item()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad_input_cases():
+    b, s = torch.rand(5, 4), torch.rand(5)
+    return [
+        (lambda: ops.nms(torch.rand(5, 3), s, 0.5), ValueError, "boxes must have shape \\[N, 4\\]"),
+        (lambda: ops.nms(torch.rand(20), s, 0.5), ValueError, "boxes must have shape"),
+        (lambda: ops.nms(b, torch.rand(4), 0.5), ValueError, "scores must have shape \\[N\\]"),
+        (lambda: ops.nms(b, torch.rand(5, 1), 0.5), ValueError, "scores must have shape"),
+        (lambda: ops.nms(b.to(torch.int64), s, 0.5), TypeError, "boxes must be float32"),
+        (lambda: ops.nms(b, s.double(), 0.5), TypeError, "scores must have the dtype of boxes"),
+        (lambda: ops.nms(b, s.to("meta"), 0.5), ValueError, "scores must be on the device of boxes"),
+        (lambda: ops.nms(b, s, -0.1), ValueError, "iou_threshold must be in \\[0, 1\\]"),
+        (lambda: ops.nms(b, s, 1.5), ValueError, "iou_threshold must be in \\[0, 1\\]"),
+        (lambda: ops.nms(b, s, math.nan), ValueError, "iou_threshold must be in \\[0, 1\\], got nan"),
+        (lambda: ops.nms(b.numpy(), s, 0.5), RuntimeError, "Expected a value of type 'Tensor' for argument 'boxes'"),
+        (lambda: ops.batched_nms(b, s, torch.zeros(4, dtype=torch.int64), 0.5), ValueError, "idxs must have shape \\[N\\]"),
+        (lambda: ops.batched_nms(b, s, torch.zeros(5), 0.5), TypeError, "idxs must be an integer tensor"),
+        (lambda: ops.batched_nms(b, s, torch.zeros(5, dtype=torch.int64, device="meta"), 0.5), ValueError, "idxs must be on the device"),
+        (lambda: ops.batched_nms_padded(b, s, 0.5, 0.1, 10), ValueError, "boxes must have shape \\[B, N, 4\\]"),
+        (lambda: ops.batched_nms_padded(b[None], s[None], 0.5, 0.1, 10), ValueError, "scores must have shape \\[B, N, C\\]"),
+        (lambda: ops.batched_nms_padded(b[None], torch.rand(1, 4, 3), 0.5, 0.1, 10), ValueError, "scores must have shape"),
+        (lambda: ops.batched_nms_padded(b[None], s[None, :, None], 0.5, math.nan, 10), ValueError, "score_threshold must not be NaN"),
+        (lambda: ops.batched_nms_padded(b[None], s[None, :, None], 0.5, 0.1, -1), ValueError, "max_detections must be >= 0"),
+        (lambda: ops.batched_nms_padded(b[None], s[None, :, None], 0.5, 0.1, 10, -5), ValueError, "pre_nms_top_k must be >= 0"),
+        (lambda: ops.batched_nms_padded(b[None], s[None, :, None], 2.0, 0.1, 10), ValueError, "iou_threshold must be in"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_input_cases())))
+def test_bad_input_raises_clear_error(case):
+    call, error, message = bad_input_cases()[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_compiled_module_checks_its_arguments():
+    # Callers that bypass the Python checks still get an exception naming the argument, not a crash.
+    boxes, scores, keep = torch.rand(5, 3), torch.rand(5), torch.empty(5, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"boxes must have shape \[\*, 4\], got \[5, 3\]"):
+        _C.nms_cpu(_backend.view(boxes), _backend.view(scores), None, 0.5, _backend.view(keep), 1)
+    with pytest.raises(ValueError, match="keep must be int64"):
+        _C.nms_cpu(_backend.view(torch.rand(5, 4)), _backend.view(scores), None, 0.5, _backend.view(scores), 1)
+
+
+def test_no_cuda_build_or_device_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(_backend, "CUDA_BUILT", False)
+    _backend.check_cuda_device.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+            _backend.check_cuda_device(0)
+    finally:
+        _backend.check_cuda_device.cache_clear()
+
+
+# ---------------------------------------------------------------- registration: opcheck, compile, autocast
+
+
+def opcheck_cases(device):
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(64, device=device, generator=g)
+    scores = distinct_scores(64, device=device, generator=g)
+    idxs = torch.randint(0, 4, (64,), generator=g).to(device)
+    padded = padded_inputs(2, 32, 3, device)
+    return [
+        (torch.ops.fastcv.nms.default, (boxes, scores, 0.5)),
+        (torch.ops.fastcv.nms.default, (boxes[:0], scores[:0], 0.5)),
+        (torch.ops.fastcv.batched_nms.default, (boxes, scores, idxs, 0.5)),
+        (torch.ops.fastcv.batched_nms_padded.default, (*padded, 0.5, 0.1, 16, 100)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(device, case):
+    op, args = opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_padded(device):
+    boxes, scores = padded_inputs(2, 64, 3, device)
+
+    def postprocess(boxes, scores):
+        det = ops.batched_nms_padded(boxes, scores, 0.5, 0.1, 20)
+        return det.boxes * 2, det.counts
+
+    compiled = torch.compile(postprocess, fullgraph=True)
+    out_boxes, counts = compiled(boxes, scores)
+    ref_boxes, ref_counts = postprocess(boxes, scores)
+    assert torch.equal(out_boxes, ref_boxes) and torch.equal(counts, ref_counts)
+
+
+def test_compile_fullgraph_nms_dynamic_output(device):
+    # nms's output length depends on the data, so the graph needs dynamic output shapes (as for
+    # torchvision.ops.nms or torch.nonzero).
+    g = torch.Generator().manual_seed(1)
+    boxes, scores = random_boxes(100, device=device, generator=g), distinct_scores(100, device=device, generator=g)
+    idxs = torch.randint(0, 3, (100,), generator=g).to(device)
+
+    def select(boxes, scores, idxs):
+        keep = ops.nms(boxes, scores, 0.5)
+        keep2 = ops.batched_nms(boxes, scores, idxs, 0.5)
+        return boxes[keep] + 1, keep2
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out, keep2 = torch.compile(select, fullgraph=True, backend="aot_eager")(boxes, scores, idxs)
+    ref, ref2 = select(boxes, scores, idxs)
+    assert torch.equal(out, ref) and torch.equal(keep2, ref2)
+
+
+def test_autocast_casts_to_float32(device):
+    g = torch.Generator().manual_seed(4)
+    boxes = random_boxes(200, device=device, generator=g)
+    scores = distinct_scores(200, dtype=torch.bfloat16, device=device, generator=g)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        keep = ops.nms(boxes, scores, 0.5)  # boxes float32, scores bfloat16: autocast unifies them
+    assert torch.equal(keep.cpu(), reference_nms(boxes, scores.float(), 0.5))
+
+
+# ---------------------------------------------------------------- process safety
+
+
+_FORK_INPUTS = {}
+
+
+def _nms_in_child(queue):
+    # Only fastcv runs here: torch's own OpenMP pool is not usable after fork (a torch limitation).
+    queue.put(ops.nms(*_FORK_INPUTS["args"], 0.5).tolist())
+
+
+def test_thread_pool_survives_fork():
+    g = torch.Generator().manual_seed(9)
+    _FORK_INPUTS["args"] = (random_boxes(5000, generator=g), distinct_scores(5000, generator=g))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = ops.nms(*_FORK_INPUTS["args"], 0.5).tolist()  # the parent's pool now has its threads
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_nms_in_child, args=(queue,))
+        child.start()
+        result = queue.get(timeout=60)
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert child.exitcode == 0 and result == expected
