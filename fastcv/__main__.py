@@ -1,0 +1,61 @@
+"""python -m fastcv info | bench | check"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def info() -> None:
+    import torch
+
+    import fastcv
+    from fastcv import _C, _backend
+
+    build = _C.build_info
+    print(f"fastcv      {fastcv.__version__}")
+    print(f"torch       {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton      {triton.__version__}")
+    except ImportError:
+        print("triton      not installed")
+    print(f"C++         g++ {build['cxx']}, CPU kernels dispatched for {build['cpu_isa']}, {torch.get_num_threads()} threads")
+    if not build["cuda"]:
+        print("CUDA        kernels not built (no nvcc at build time, or FASTCV_WITH_CUDA=OFF)")
+        return
+    print(f"CUDA        kernels built with nvcc {build['nvcc']} for architectures {build['cuda_archs']}")
+    runtime = _C.cuda_runtime_info()
+    if not runtime["devices"]:
+        print(f"GPUs        none visible ({runtime['error'] or 'no devices'})")
+    for dev in runtime["devices"]:
+        covered = _backend.arch_covers(build["cuda_archs"], tuple(dev["capability"]))
+        major, minor = dev["capability"]
+        verdict = "covered by this build" if covered else "NOT covered: rebuild with FASTCV_CUDA_ARCHS including it"
+        print(f"GPU {dev['index']}       {dev['name']} (sm_{major}{minor}): {verdict}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastcv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, build configuration, GPUs and whether the build covers them")
+    for name, text in (("bench", "time every op against its PyTorch/torchvision reference"),
+                       ("check", "check every op's results against its reference, without timing")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        p.add_argument("--op", action="append", help="only this op (repeatable)")
+        p.add_argument("--quick", action="store_true", help="the smaller set of cases, shorter timing")
+        if name == "bench":
+            p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return
+    from fastcv.benchmarks.runner import run
+
+    run(device=args.device, quick=args.quick, ops=args.op, json_path=getattr(args, "json", None),
+        check_only=args.command == "check")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,147 @@
+"""`python -m fastcv bench`: every case checked against its reference, then both timed in the same run."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from fastcv.benchmarks import Case, all_cases
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn, args, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_pair(case: Case, args: tuple, device: str, budget_s: float, min_reps: int = 3) -> tuple[float, float]:
+    """Median seconds per call of fastcv and of the reference, measured alternately so that drift in
+    the machine's speed (these machines are shared) affects both alike."""
+    fns = (case.fastcv, case.reference)
+    for fn in fns:  # warm-up: lazy initialisation, caches, allocator
+        _time_once(fn, args, device)
+    samples = ([], [])
+    spent, reps = 0.0, 0
+    while reps < min_reps or (spent < budget_s and reps < 1000):
+        # Calls much shorter than the timer's resolution are timed in batches.
+        for k, fn in enumerate(fns):
+            batch = 1 if not samples[k] or samples[k][-1] > 1e-3 else 100
+            t = sum(_time_once(fn, args, device) for _ in range(1)) if batch == 1 else _time_batch(fn, args, device, batch)
+            samples[k].append(t)
+            spent += t * batch
+        reps += 1
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def _time_batch(fn, args, device: str, count: int) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        fn(*args)
+    _sync(device)
+    return (time.perf_counter() - start) / count
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    if not sys.stderr.isatty() and os.environ.get("FASTCV_PROGRESS") != "1":
+        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def machine_info(device: str) -> dict:
+    import fastcv
+    from fastcv import _C
+
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fastcv": fastcv.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_isa": _C.build_info["cpu_isa"],
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(device: str = "cpu", quick: bool = False, ops: list[str] | None = None, json_path: str | None = None,
+        check_only: bool = False, out=sys.stdout) -> list[dict]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    cases = [c for c in all_cases(device) if (not quick or c.quick) and (not ops or c.op in ops)]
+    budget = 0.3 if quick else 1.5
+    rows = []
+    for i, case in enumerate(cases):
+        _progress(i, len(cases), f"{case.op}: {case.name}")
+        args = case.make()
+        got, expected = case.fastcv(*args), case.reference(*args)
+        case.check(got, expected)  # a mismatch stops the run: timing a wrong answer means nothing
+        row = {"op": case.op, "case": case.name, "reference": case.reference_name, "agrees": True}
+        if not check_only:
+            t_fast, t_ref = time_pair(case, args, device, budget)
+            row.update(fastcv_s=t_fast, reference_s=t_ref, speedup=t_ref / t_fast)
+            if case.work is not None:
+                amount, unit = case.work(args, got)
+                row.update(throughput=amount / t_fast, unit=unit)
+        rows.append(row)
+    _progress(len(cases), len(cases), "done")
+    info = machine_info(device)
+    if check_only:
+        print(f"{len(rows)} cases agree with their references on {device}", file=out)
+    else:
+        print(format_table(rows, info), file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"machine": info, "results": rows}, f, indent=2)
+    return rows
+
+
+def format_table(rows: list[dict], info: dict) -> str:
+    head = ("op", "case", "fastcv", "reference", "speedup", "throughput")
+    body = [
+        (
+            r["op"], r["case"], _fmt_time(r["fastcv_s"]), _fmt_time(r["reference_s"]), f"{r['speedup']:.2f}x",
+            f"{r['throughput']:.2f} {r['unit']}" if "throughput" in r else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    title = (
+        f"fastcv {info['fastcv']} vs reference on {info['device']}"
+        + (f" ({info['gpu']})" if "gpu" in info else f" ({info['threads']} threads, {info['cpu_isa']})")
+        + f", torch {info['torch']}; speedup = reference time / fastcv time (median)"
+    )
+    return "\n".join([title, line(head), line("-" * w for w in widths), *map(line, body)])
