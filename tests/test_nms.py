@@ -278,6 +278,18 @@ def test_batched_nms_padded_nan_scores_never_detected(device):
     check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.0, 60, 1000), boxes, scores, 60)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batched_nms_padded_score_threshold_in_scores_dtype(device, dtype):
+    # torch compares a float32/float16 tensor with a Python float in the tensor's dtype: a score equal
+    # to the rounded threshold does not pass, one a step above does.
+    at = torch.tensor(0.1, dtype=dtype)
+    above = torch.nextafter(at, torch.tensor(1.0, dtype=dtype)) if dtype == torch.float32 else at + 0.0001
+    boxes = torch.tensor([[[0, 0, 1, 1], [5, 5, 6, 6]]], dtype=dtype, device=device)
+    scores = torch.stack([at, above]).reshape(1, 2, 1).to(device)
+    result = ops.batched_nms_padded(boxes, scores, 0.5, 0.1, 4)
+    assert result.indices[0].tolist() == [1, -1, -1, -1]
+
+
 def test_batched_nms_padded_gradients_reach_inputs(device):
     boxes, scores = padded_inputs(2, 40, 3, device, dtype=torch.float64)
     boxes.requires_grad_(True)

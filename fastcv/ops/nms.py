@@ -216,6 +216,17 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
     if k == 0 or max_detections == 0:
         none = torch.full((batch, max_detections), -1, dtype=torch.int64, device=device)
         return none, none.clone(), torch.zeros((batch,), dtype=torch.int64, device=device)
+    if not boxes.is_cuda:
+        indices = torch.empty((batch, max_detections), dtype=torch.int64)
+        labels = torch.empty_like(indices)
+        count = torch.empty((batch,), dtype=torch.int64)
+        # torch compares scores with a Python float in the scores' dtype; so does the kernel.
+        threshold = torch.tensor(score_threshold, dtype=scores.dtype).item()
+        _C.batched_nms_padded_cpu(
+            view(boxes), view(scores), iou_threshold, threshold, k,
+            view(indices), view(labels), view(count), num_threads(),
+        )
+        return indices, labels, count
     # Candidates: the k best (box, class) pairs above score_threshold, best first; NaN never passes.
     flat = scores.reshape(batch, n * classes)
     passed = flat > score_threshold
@@ -223,16 +234,8 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
     n_valid = passed.sum(dim=1).clamp_(max=k)
     box_index = torch.div(top, classes, rounding_mode="floor")
     labels = top - box_index * classes
-    cand_boxes = boxes.gather(1, box_index.unsqueeze(-1).expand(batch, k, 4))
-    if boxes.is_cuda:
-        keep, count = _gpu_pass(cand_boxes.contiguous(), labels.contiguous(), iou_threshold, n_valid, max_detections)
-    else:
-        keep = torch.empty((batch, max_detections), dtype=torch.int64)
-        count = torch.empty((batch,), dtype=torch.int64)
-        _C.batched_nms_padded_cpu(
-            view(cand_boxes), view(top_scores), view(labels), view(n_valid),
-            iou_threshold, view(keep), view(count), num_threads(),
-        )
+    cand_boxes = boxes.gather(1, box_index.unsqueeze(-1).expand(batch, k, 4)).contiguous()
+    keep, count = _gpu_pass(cand_boxes, labels.contiguous(), iou_threshold, n_valid, max_detections)
     kept = keep >= 0
     position = keep.clamp(min=0)
     indices = torch.where(kept, box_index.gather(1, position), -1)

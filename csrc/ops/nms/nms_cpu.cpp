@@ -86,28 +86,30 @@ struct ScoreOrder {
   }
 };
 
-template <class S>
-int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const TensorView* labels, int64_t n,
-                  double iou_threshold, int64_t* keep, int64_t max_keep, int nthreads) {
-  using T = compute_t<S>;
-  if (n == 0) return 0;
-  const S* bp = boxes.ptr<S>();
-  const S* sp = scores.ptr<S>();
-  const int64_t bs0 = boxes.stride(0), bs1 = boxes.stride(1), ss = scores.stride(0);
+// One greedy NMS problem: candidate i has score[i], label[i] (when labels are used) and uses row
+// box_row[i] of the boxes tensor (row i when box_row is empty).
+template <class T>
+struct Problem {
+  std::vector<T> score;
+  std::vector<int64_t> label, box_row;
+  int64_t size() const { return int64_t(score.size()); }
+};
 
-  std::vector<T> score(n);
-  std::vector<int64_t> label;
-  for (int64_t i = 0; i < n; ++i) score[i] = to_float(sp[i * ss]);
-  if (labels) {
-    label.resize(n);
-    const int64_t* lp = labels->ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i) label[i] = lp[i * labels->stride(0)];
-  }
+// Solves a problem; writes the kept candidates, best first, into keep (at most max_keep) and returns
+// how many. Labels become independent segments, run in parallel.
+template <class S>
+int64_t solve(const TensorView& boxes, const Problem<compute_t<S>>& pb, double iou_threshold, int64_t max_keep,
+              int64_t* keep, int nthreads) {
+  using T = compute_t<S>;
+  const int64_t n = pb.size();
+  if (n == 0 || max_keep <= 0) return 0;
+  const bool labels = !pb.label.empty();
+  const std::vector<int64_t>& label = pb.label;
 
   // Processing order: by label (each label a contiguous segment), then by score.
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t(0));
-  const ScoreOrder<T> by_score{score.data()};
+  const ScoreOrder<T> by_score{pb.score.data()};
   if (labels)
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
       return label[a] != label[b] ? label[a] < label[b] : by_score(a, b);
@@ -115,10 +117,12 @@ int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const Tenso
   else
     std::sort(order.begin(), order.end(), by_score);
 
+  const S* bp = boxes.ptr<S>();
+  const int64_t bs0 = boxes.stride(0), bs1 = boxes.stride(1);
   BoxColumns<T> cols(n);
   parallel_for(0, n, 4096, nthreads, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const S* box = bp + order[p] * bs0;
+      const S* box = bp + (pb.box_row.empty() ? order[p] : pb.box_row[order[p]]) * bs0;
       cols.x1[p] = to_float(box[0]);
       cols.y1[p] = to_float(box[bs1]);
       cols.x2[p] = to_float(box[2 * bs1]);
@@ -142,7 +146,7 @@ int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const Tenso
     // Largest first: the cost grows with the square of a segment's size, so this balances threads.
     std::sort(segments.begin(), segments.end(), [](auto& a, auto& b) { return a.second - a.first > b.second - b.first; });
     if (segments.size() == 1 || segments[0].second - segments[0].first > n / 2) {
-      for (auto& s : segments) nms_segment(cols, s.first, s.second, threshold, removed.data(), nthreads);
+      for (auto& seg : segments) nms_segment(cols, seg.first, seg.second, threshold, removed.data(), nthreads);
     } else {
       parallel_for(0, int64_t(segments.size()), 1, nthreads, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k)
@@ -160,10 +164,81 @@ int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const Tenso
   return count;
 }
 
-int64_t nms_dispatch(const TensorView& boxes, const TensorView& scores, const TensorView* labels, int64_t n,
-                     double iou_threshold, int64_t* keep, int64_t max_keep, int nthreads) {
-  return dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
-    return nms_typed<decltype(tag)>(boxes, scores, labels, n, iou_threshold, keep, max_keep, nthreads);
+template <class S>
+int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const TensorView* labels, double iou_threshold,
+                  int64_t* keep, int nthreads) {
+  const int64_t n = boxes.size(0);
+  Problem<compute_t<S>> pb;
+  pb.score.resize(n);
+  const S* sp = scores.ptr<S>();
+  for (int64_t i = 0; i < n; ++i) pb.score[i] = to_float(sp[i * scores.stride(0)]);
+  if (labels) {
+    pb.label.resize(n);
+    const int64_t* lp = labels->ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) pb.label[i] = lp[i * labels->stride(0)];
+  }
+  return solve<S>(boxes, pb, iou_threshold, n, keep, nthreads);
+}
+
+// Image b of batched_nms_padded: the top_k best (box, class) pairs scoring above score_threshold. A
+// bounded heap of the best so far: after the first top_k, most pairs are rejected by one comparison.
+template <class S>
+Problem<compute_t<S>> image_candidates(const TensorView& scores, double score_threshold, int64_t top_k) {
+  using T = compute_t<S>;
+  const int64_t n = scores.size(0), classes = scores.size(1);
+  const int64_t s0 = scores.stride(0), s1 = scores.stride(1);
+  const S* sp = scores.ptr<S>();
+  const T threshold = T(score_threshold);  // already rounded to the scores' dtype by the caller
+  struct Pair {
+    T score;
+    int64_t flat;  // box * classes + class: lower wins ties
+  };
+  // Heap order: the worst pair on top.
+  const auto better = [](const Pair& a, const Pair& b) { return a.score > b.score || (a.score == b.score && a.flat < b.flat); };
+  std::vector<Pair> heap;
+  heap.reserve(std::min<int64_t>(top_k, n * classes));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < classes; ++c) {
+      const T s = to_float(sp[i * s0 + c * s1]);
+      if (!(s > threshold)) continue;  // also drops NaN
+      const Pair p{s, i * classes + c};
+      if (int64_t(heap.size()) < top_k) {
+        heap.push_back(p);
+        std::push_heap(heap.begin(), heap.end(), better);
+      } else if (better(p, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = p;
+        std::push_heap(heap.begin(), heap.end(), better);
+      }
+    }
+  Problem<T> pb;
+  for (const Pair& p : heap) {
+    pb.score.push_back(p.score);
+    pb.label.push_back(p.flat % classes);
+    pb.box_row.push_back(p.flat / classes);
+  }
+  return pb;
+}
+
+template <class S>
+void padded_typed(const TensorView& boxes, const TensorView& scores, double iou_threshold, double score_threshold,
+                  int64_t top_k, const TensorView& indices, const TensorView& labels, const TensorView& count,
+                  int nthreads) {
+  const int64_t batch = boxes.size(0), max_keep = indices.size(1);
+  // Images in parallel; inside an image the work runs serially (nested parallel_for calls do).
+  parallel_for(0, batch, 1, nthreads, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> kept(max_keep);
+    for (int64_t b = b0; b < b1; ++b) {
+      const Problem<compute_t<S>> pb = image_candidates<S>(scores.select0(b), score_threshold, top_k);
+      const int64_t c = solve<S>(boxes.select0(b), pb, iou_threshold, max_keep, kept.data(), 1);
+      int64_t* out_index = indices.ptr<int64_t>() + b * max_keep;
+      int64_t* out_label = labels.ptr<int64_t>() + b * max_keep;
+      for (int64_t k = 0; k < max_keep; ++k) {
+        out_index[k] = k < c ? pb.box_row[kept[k]] : -1;
+        out_label[k] = k < c ? pb.label[kept[k]] : -1;
+      }
+      count.ptr<int64_t>()[b] = c;
+    }
   });
 }
 
@@ -184,41 +259,31 @@ int64_t nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorV
     check_dtype(*labels, "idxs", DType::Int64);
     check_device(*labels, "idxs", DeviceType::CPU);
   }
-  return nms_dispatch(boxes, scores, labels, n, iou_threshold, keep.ptr<int64_t>(), n, nthreads);
+  return dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
+    return nms_typed<decltype(tag)>(boxes, scores, labels, iou_threshold, keep.ptr<int64_t>(), nthreads);
+  });
 }
 
-void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, const TensorView& labels,
-                            const TensorView& n_valid, double iou_threshold, const TensorView& keep,
-                            const TensorView& count, int nthreads) {
+void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, double iou_threshold,
+                            double score_threshold, int64_t pre_nms_top_k, const TensorView& indices,
+                            const TensorView& labels, const TensorView& count, int nthreads) {
   check_shape(boxes, "boxes", {-1, -1, 4});
-  const int64_t batch = boxes.size(0), k = boxes.size(1);
-  check_shape(scores, "scores", {batch, k});
+  const int64_t batch = boxes.size(0), n = boxes.size(1);
+  check_shape(scores, "scores", {batch, n, -1});
   check_dtype(scores, "scores", boxes.dtype);
-  check_shape(labels, "labels", {batch, k});
-  check_dtype(labels, "labels", DType::Int64);
-  check_shape(n_valid, "n_valid", {batch});
-  check_dtype(n_valid, "n_valid", DType::Int64);
-  check_shape(keep, "keep", {batch, -1});
-  check_dtype(keep, "keep", DType::Int64);
-  check_contiguous(keep, "keep");
+  check_shape(indices, "indices", {batch, -1});
+  check_shape(labels, "labels", {batch, indices.size(1)});
+  for (const TensorView* t : {&indices, &labels}) {
+    check_dtype(*t, "indices and labels", DType::Int64);
+    check_contiguous(*t, "indices and labels");
+  }
   check_shape(count, "count", {batch});
   check_dtype(count, "count", DType::Int64);
-  for (const TensorView* t : {&boxes, &scores, &labels, &n_valid, &keep, &count})
-    check_device(*t, "tensors", DeviceType::CPU);
-  const int64_t max_keep = keep.size(1);
-
-  // Images in parallel; inside an image the work runs serially (nested parallel_for calls do).
-  parallel_for(0, batch, 1, nthreads, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const TensorView img_boxes = boxes.select0(b), img_scores = scores.select0(b), img_labels = labels.select0(b);
-      const int64_t valid = std::clamp<int64_t>(n_valid.ptr<int64_t>()[b * n_valid.stride(0)], 0, k);
-      int64_t* out = keep.ptr<int64_t>() + b * max_keep;
-      std::vector<int64_t> kept(valid);
-      const int64_t c = nms_dispatch(img_boxes, img_scores, &img_labels, valid, iou_threshold, kept.data(), max_keep, 1);
-      std::copy(kept.begin(), kept.begin() + c, out);
-      std::fill(out + c, out + max_keep, int64_t(-1));
-      count.ptr<int64_t>()[b * count.stride(0)] = c;
-    }
+  check_contiguous(count, "count");
+  for (const TensorView* t : {&boxes, &scores, &indices, &labels, &count}) check_device(*t, "tensors", DeviceType::CPU);
+  dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
+    padded_typed<decltype(tag)>(boxes, scores, iou_threshold, score_threshold, pre_nms_top_k, indices, labels, count,
+                                nthreads);
   });
 }
 

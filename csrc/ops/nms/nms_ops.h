@@ -12,12 +12,13 @@ namespace fastcv {
 int64_t nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorView* labels,
                 double iou_threshold, const TensorView& keep, int nthreads);
 
-// Per image b: NMS with labels over the first n_valid[b] candidates of boxes [B,K,4], scores [B,K],
-// labels [B,K]; the first max_detections kept positions (in [0,K), best first) go to keep [B,M], -1
-// after them, and their number to count [B].
-void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, const TensorView& labels,
-                            const TensorView& n_valid, double iou_threshold, const TensorView& keep,
-                            const TensorView& count, int nthreads);
+// batched_nms_padded on the CPU, candidate selection included: per image b, the pre_nms_top_k best
+// (box, class) pairs of scores [B,N,C] above score_threshold (given in the scores' precision), NMS per
+// class over boxes [B,N,4]; the first M kept go to indices [B,M] (box index) and labels [B,M] (class),
+// -1 after them, and their number to count [B].
+void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, double iou_threshold,
+                            double score_threshold, int64_t pre_nms_top_k, const TensorView& indices,
+                            const TensorView& labels, const TensorView& count, int nthreads);
 
 #ifdef FASTCV_WITH_CUDA
 // For each image b of boxes [B,K,4] (contiguous, sorted by score): mask [B,K,ceil(K/64)] (int64) gets
