@@ -144,6 +144,17 @@ def test_nms_nan_scores_rank_first_as_in_torchvision(device):
     assert keep.tolist() == reference_nms(boxes, scores, 0.5).tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_nms_order_of_special_scores_as_in_torchvision(device, dtype):
+    # Signed zeros tie, -NaN ranks with NaN, infinities and negatives in their places.
+    values = [-0.0, 0.0, -math.inf, math.inf, -math.nan, math.nan, -1.5, 2.0, 0.0, -0.0, 1e-30, -1e-30]
+    scores = torch.tensor(values, dtype=torch.float64)
+    scores[4] = -scores[5].abs()  # a NaN with its sign bit set
+    boxes = torch.tensor([[10.0 * i, 0, 10.0 * i + 5, 5] for i in range(len(values))])  # disjoint
+    keep = ops.nms(boxes.to(dtype).to(device), scores.to(dtype).to(device), 0.5)
+    assert keep.tolist() == torchvision.ops.nms(boxes.double(), scores.to(dtype).double(), 0.5).tolist()
+
+
 def test_nms_nan_and_inf_boxes_as_in_torchvision(device):
     boxes = _t([[0, 0, 10, 10], [math.nan, 0, 10, 10], [0, 0, math.inf, 10], [1, 1, 10, 10]], device)
     scores = _t([0.9, 0.8, 0.7, 0.6], device)

@@ -8,6 +8,7 @@
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/radix_sort.h"
 #include "ops/nms/nms.h"
 #include "ops/nms/nms_ops.h"
 
@@ -72,20 +73,6 @@ void nms_segment(const BoxColumns<T>& b, int64_t s0, int64_t s1, T threshold, ui
 template <class S>
 using Key = compute_t<S>;
 
-// Descending score, NaN first (as torch.sort ranks NaN highest), then lower index first.
-template <class K>
-struct ScoreOrder {
-  const K* score;
-  bool operator()(int64_t a, int64_t b) const {
-    const K sa = score[a], sb = score[b];
-    if (sa > sb) return true;
-    if (sa < sb) return false;
-    const bool na = sa != sa, nb = sb != sb;
-    if (na != nb) return na;
-    return a < b;
-  }
-};
-
 // One greedy NMS problem: candidate i has score[i], label[i] (when labels are used) and uses row
 // box_row[i] of the boxes tensor (row i when box_row is empty).
 template <class T>
@@ -106,16 +93,21 @@ int64_t solve(const TensorView& boxes, const Problem<compute_t<S>>& pb, double i
   const bool labels = !pb.label.empty();
   const std::vector<int64_t>& label = pb.label;
 
-  // Processing order: by label (each label a contiguous segment), then by score.
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), int64_t(0));
-  const ScoreOrder<T> by_score{pb.score.data()};
-  if (labels)
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      return label[a] != label[b] ? label[a] < label[b] : by_score(a, b);
-    });
-  else
-    std::sort(order.begin(), order.end(), by_score);
+  // by_score: candidates best first. Processing order: the same, grouped by label (stable), so each
+  // label is a contiguous segment in score order.
+  std::vector<int64_t> by_score(n);
+  std::iota(by_score.begin(), by_score.end(), int64_t(0));
+  {
+    std::vector<decltype(descending_key(T()))> keys(n);
+    for (int64_t i = 0; i < n; ++i) keys[i] = descending_key(pb.score[i]);
+    radix_sort_pairs(keys, by_score);
+  }
+  std::vector<int64_t> order = by_score;
+  if (labels) {
+    std::vector<uint64_t> keys(n);
+    for (int64_t p = 0; p < n; ++p) keys[p] = ascending_key(label[order[p]]);
+    radix_sort_pairs(keys, order);
+  }
 
   const S* bp = boxes.ptr<S>();
   const int64_t bs0 = boxes.stride(0), bs1 = boxes.stride(1);
@@ -155,12 +147,11 @@ int64_t solve(const TensorView& boxes, const Problem<compute_t<S>>& pb, double i
     }
   }
 
-  std::vector<int64_t> kept;
-  for (int64_t p = 0; p < n; ++p)
-    if (!removed[p]) kept.push_back(order[p]);
-  if (labels) std::sort(kept.begin(), kept.end(), by_score);  // segments interleave in score order
-  const int64_t count = std::min<int64_t>(int64_t(kept.size()), max_keep);
-  std::copy(kept.begin(), kept.begin() + count, keep);
+  std::vector<uint8_t> kept(n, 0);
+  for (int64_t p = 0; p < n; ++p) kept[order[p]] = !removed[p];
+  int64_t count = 0;
+  for (int64_t p = 0; p < n && count < max_keep; ++p)
+    if (kept[by_score[p]]) keep[count++] = by_score[p];
   return count;
 }
 
