@@ -40,21 +40,16 @@ void radix_sort_pairs(std::vector<K>& keys, std::vector<int64_t>& values) {
 
 // Ascending order of these keys = descending score, NaN first (torch.sort ranks NaN highest), and
 // -0.0 equal to 0.0, as comparisons make them.
-inline uint32_t descending_key(float f) {
-  if (f != f) return 0;
-  if (f == 0.0f) f = 0.0f;
-  uint32_t b;
+template <class F>
+auto descending_key(F f) {
+  using U = std::conditional_t<sizeof(F) == 4, uint32_t, uint64_t>;
+  constexpr U kSign = U(1) << (8 * sizeof(U) - 1);
+  if (f != f) return U(0);
+  if (f == F(0)) f = F(0);
+  U b;
   std::memcpy(&b, &f, sizeof(b));
-  const uint32_t ascending = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  return ~ascending;  // never 0 for a number: that would need the bits of a NaN
-}
-inline uint64_t descending_key(double f) {
-  if (f != f) return 0;
-  if (f == 0.0) f = 0.0;
-  uint64_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  const uint64_t ascending = (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
-  return ~ascending;
+  const U ascending = (b & kSign) ? ~b : (b | kSign);
+  return U(~ascending);  // never 0 for a number: that would need the bits of a NaN
 }
 // Ascending order of these keys = ascending signed label.
 inline uint64_t ascending_key(int64_t label) { return uint64_t(label) ^ 0x8000000000000000ull; }

@@ -132,18 +132,32 @@ def _nms_cuda(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold:
     return order[keep[0, : int(count[0])]]  # the output's length is data-dependent: one sync
 
 
-# ---------------------------------------------------------------- nms
+# ---------------------------------------------------------------- nms and batched_nms
+
+
+def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
+    """The kernel of both ops (idxs None: plain nms), in batched_nms's argument order."""
+    _check_nms(boxes, scores, iou_threshold)
+    if idxs is not None:
+        _check_idxs(idxs, boxes)
+        idxs = idxs.to(torch.int64)
+    run = _nms_cuda if boxes.is_cuda else _nms_cpu
+    return run(boxes, scores, idxs, iou_threshold)
+
+
+def _kept_fake(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
+    _check_nms(boxes, scores, iou_threshold)
+    if idxs is not None:
+        _check_idxs(idxs, boxes)
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
 def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    _check_nms(boxes, scores, iou_threshold)
-    run = _nms_cuda if boxes.is_cuda else _nms_cpu
-    return run(boxes, scores, None, iou_threshold)
+    return _kept(boxes, scores, None, iou_threshold)
 
 
 def _nms_fake(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    _check_nms(boxes, scores, iou_threshold)
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+    return _kept_fake(boxes, scores, None, iou_threshold)
 
 
 define(
@@ -169,27 +183,11 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return torch.ops.fastcv.nms(boxes, scores, iou_threshold)
 
 
-# ---------------------------------------------------------------- batched_nms
-
-
-def _batched_impl(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    _check_nms(boxes, scores, iou_threshold)
-    _check_idxs(idxs, boxes)
-    run = _nms_cuda if boxes.is_cuda else _nms_cpu
-    return run(boxes, scores, idxs.to(torch.int64), iou_threshold)
-
-
-def _batched_fake(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    _check_nms(boxes, scores, iou_threshold)
-    _check_idxs(idxs, boxes)
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
-
-
 define(
     "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor",
-    cpu=_batched_impl,
-    cuda=_batched_impl,
-    fake=_batched_fake,
+    cpu=_kept,
+    cuda=_kept,
+    fake=_kept_fake,
     autocast_to=torch.float32,
 )
 

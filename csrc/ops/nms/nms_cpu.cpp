@@ -250,6 +250,7 @@ int64_t nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorV
     check_dtype(*labels, "idxs", DType::Int64);
     check_device(*labels, "idxs", DeviceType::CPU);
   }
+  check_arg(iou_threshold >= 0.0 && iou_threshold <= 1.0, "iou_threshold must be in [0, 1]");
   return dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
     return nms_typed<decltype(tag)>(boxes, scores, labels, iou_threshold, keep.ptr<int64_t>(), nthreads);
   });
@@ -272,6 +273,8 @@ void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, d
   check_dtype(count, "count", DType::Int64);
   check_contiguous(count, "count");
   for (const TensorView* t : {&boxes, &scores, &indices, &labels, &count}) check_device(*t, "tensors", DeviceType::CPU);
+  check_arg(iou_threshold >= 0.0 && iou_threshold <= 1.0, "iou_threshold must be in [0, 1]");
+  check_arg(pre_nms_top_k >= 0, "pre_nms_top_k must be >= 0");
   dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
     padded_typed<decltype(tag)>(boxes, scores, iou_threshold, score_threshold, pre_nms_top_k, indices, labels, count,
                                 nthreads);

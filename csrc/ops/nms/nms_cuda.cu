@@ -122,6 +122,7 @@ void nms_mask_cuda(const TensorView& boxes, const TensorView* labels, double iou
     check_dtype(*labels, "labels", DType::Int64);
     check_cuda_tensor(*labels, "labels", boxes);
   }
+  check_arg(iou_threshold >= 0.0 && iou_threshold <= 1.0, "iou_threshold must be in [0, 1]");
   check_arg(words <= 65535 && batch <= 65535, "nms on CUDA: at most 4,194,240 boxes and 65,535 images per call");
   if (batch == 0 || k == 0) return;
   DeviceGuard guard(boxes);

@@ -1,0 +1,84 @@
+"""The binding boundary, build information and the command line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastcv
+from fastcv import _C, _backend
+
+
+@pytest.mark.parametrize(
+    "archs,capability,covered",
+    [
+        ("80-real;90-real;90-virtual", (8, 0), True),
+        ("80-real;90-real;90-virtual", (8, 6), True),  # sm_80 machine code runs on every 8.x GPU
+        ("80-real;90-real;90-virtual", (7, 5), False),
+        ("80-real;90-real;90-virtual", (10, 0), True),  # through compute_90 PTX
+        ("80-real;90-real", (10, 0), False),
+        ("86-real", (8, 0), False),  # newer machine code does not run on an older GPU
+        ("90a-real", (9, 0), True),
+        ("90a-real", (10, 0), False),  # arch-specific code runs only where it was built
+        ("75-virtual", (12, 0), True),
+        ("80", (8, 9), True),  # a bare number means real and virtual
+        ("native", (7, 0), True),
+        ("80-real,90-real", (9, 0), True),  # the comma form the build reports
+    ],
+)
+def test_arch_covers(archs, capability, covered):
+    assert _backend.arch_covers(archs, capability) is covered
+
+
+def test_view_describes_the_tensor():
+    t = torch.zeros(3, 5, dtype=torch.float64)[:, 1:4]
+    ptr, sizes, strides, dtype, device_type, index = _backend.view(t)
+    assert (ptr, tuple(sizes), tuple(strides)) == (t.data_ptr(), (3, 3), (5, 1))
+    assert (dtype, device_type, index) == (1, 0, -1)
+
+
+def test_compiled_module_errors_are_value_errors():
+    assert issubclass(_C.ArgError, ValueError)
+    with pytest.raises(ValueError, match="tensor view must be"):
+        _C.nms_cpu((0, (1,)), _backend.view(torch.zeros(1)), None, 0.5, _backend.view(torch.zeros(1)), 1)
+    boxes, scores, keep = torch.rand(4, 4), torch.rand(4), torch.empty(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"iou_threshold must be in \[0, 1\]"):
+        _C.nms_cpu(_backend.view(boxes), _backend.view(scores), None, -0.5, _backend.view(keep), 1)
+
+
+def test_build_info():
+    info = _C.build_info
+    assert info["version"] == fastcv.__version__
+    assert isinstance(info["cuda"], bool) and info["cpu_isa"]
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["nvcc"]
+        runtime = _C.cuda_runtime_info()  # must not raise without a driver
+        assert isinstance(runtime["devices"], list)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastcv", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_info():
+    result = _cli("info")
+    assert result.returncode == 0, result.stderr
+    assert f"fastcv      {fastcv.__version__}" in result.stdout and "torch" in result.stdout
+
+
+def test_cli_bench_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = _cli("bench", "--quick", "--op", "batched_nms", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout
+    data = json.loads(path.read_text())
+    assert data["machine"]["device"] == "cpu"
+    assert {r["op"] for r in data["results"]} == {"batched_nms"}
+    assert all(r["agrees"] and r["fastcv_s"] > 0 and r["reference_s"] > 0 for r in data["results"])
+
+
+def test_cli_check():
+    result = _cli("check", "--op", "nms", "--quick")
+    assert result.returncode == 0, result.stderr
+    assert "agree with their references" in result.stdout
