@@ -51,6 +51,42 @@ def test_nms_large_matches_torchvision(device):
         assert torch.equal(keep.cpu(), reference_nms(boxes, scores, threshold))
 
 
+def special_boxes(n, g, dtype):
+    """Many chunks' worth of boxes that stress the x1-range pruning of the CPU kernel: infinite and NaN
+    coordinates, inverted and empty boxes, boxes spanning everything, runs of equal x1, negatives."""
+    boxes = random_boxes(n, size=400.0, max_wh=60.0, generator=g, dtype=torch.float64) - 100.0
+    kind = torch.randint(0, 12, (n,), generator=g)
+    inf, nan = math.inf, math.nan
+    boxes[kind == 0] = torch.tensor([-inf, 0.0, 50.0, 50.0], dtype=torch.float64)
+    boxes[kind == 1] = torch.tensor([0.0, 0.0, inf, 30.0], dtype=torch.float64)
+    boxes[kind == 2, 0] = nan
+    boxes[kind == 3] = boxes[kind == 3][:, [2, 3, 0, 1]]  # inverted
+    boxes[kind == 4, 2] = boxes[kind == 4, 0]  # zero width
+    boxes[kind == 5] = torch.tensor([-1e4, -1e4, 1e4, 1e4], dtype=torch.float64)  # covers everything
+    boxes[kind == 6, 0] = 17.0  # a run of equal x1
+    boxes[kind == 6, 2] = 17.0 + torch.rand(int((kind == 6).sum()), generator=g, dtype=torch.float64) * 40
+    boxes[kind == 7] = boxes[kind == 7] * 1e-3  # tiny boxes near the origin
+    return boxes.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.3, 0.7])
+def test_nms_large_special_boxes(device, dtype, iou_threshold):
+    g = torch.Generator().manual_seed(int(iou_threshold * 10) + 100)
+    boxes = special_boxes(5000, g, dtype).to(device)
+    scores = distinct_scores(5000, dtype=dtype, device=device, generator=g)
+    keep = ops.nms(boxes, scores, iou_threshold)
+    assert torch.equal(keep.cpu(), reference_nms(boxes, scores, iou_threshold))
+
+
+def test_nms_all_boxes_share_x1(device):
+    g = torch.Generator().manual_seed(12)
+    boxes = random_boxes(3000, generator=g, device=device)
+    boxes[:, 0] = 5.0  # one bucket only: x1 gives no order
+    scores = distinct_scores(3000, device=device, generator=g)
+    assert torch.equal(ops.nms(boxes, scores, 0.4).cpu(), reference_nms(boxes, scores, 0.4))
+
+
 def test_nms_same_result_for_any_thread_count():
     g = torch.Generator().manual_seed(3)
     boxes, scores = random_boxes(3000, generator=g), distinct_scores(3000, generator=g)
