@@ -65,7 +65,8 @@ __global__ void nms_keep_kernel(const Word* __restrict__ mask, const int64_t* __
   int64_t* out = keep + img * max_keep;
   const int64_t n = n_valid ? std::max<int64_t>(0, std::min<int64_t>(n_valid[img], k)) : k;
   __shared__ Word diag[kWordBits];
-  __shared__ Word kept_bits;
+  __shared__ int kept_rows[kWordBits];  // rows of the current word kept, for the others to fold in
+  __shared__ int kept_in_word;
   __shared__ int64_t kept_total;
   if (threadIdx.x == 0) kept_total = 0;
   __syncthreads();
@@ -75,23 +76,26 @@ __global__ void nms_keep_kernel(const Word* __restrict__ mask, const int64_t* __
     if (threadIdx.x < rows) diag[threadIdx.x] = m[(base + threadIdx.x) * words + blk];
     __syncthreads();
     if (threadIdx.x == 0) {
-      Word r = rem[blk], bits = 0;
+      Word r = rem[blk];
       int64_t total = kept_total;
+      int count = 0;
       for (int t = 0; t < rows && total < max_keep; ++t) {
         if ((r >> t) & 1) continue;
-        bits |= Word(1) << t;
+        kept_rows[count++] = t;
         out[total++] = base + t;
         r |= diag[t];
       }
-      kept_bits = bits;
+      kept_in_word = count;
       kept_total = total;
     }
     __syncthreads();
     if (kept_total >= max_keep) break;  // the same value in every thread: a uniform exit
-    const Word bits = kept_bits;
-    for (int64_t w = blk + 1 + threadIdx.x; bits && w < words; w += blockDim.x) {
+    // A counted loop over independent loads, which the compiler unrolls to keep several in flight.
+    const int count = kept_in_word;
+    for (int64_t w = blk + 1 + threadIdx.x; count && w < words; w += blockDim.x) {
       Word acc = rem[w];
-      for (Word x = bits; x; x &= x - 1) acc |= m[(base + __ffsll(x) - 1) * words + w];
+#pragma unroll 8
+      for (int r = 0; r < count; ++r) acc |= m[(base + kept_rows[r]) * words + w];
       rem[w] = acc;
     }
     __syncthreads();
