@@ -11,8 +11,25 @@ namespace nms {
 template <class T> FASTCV_HD T max_first(T a, T b) { return a < b ? b : a; }
 template <class T> FASTCV_HD T min_first(T a, T b) { return b < a ? b : a; }
 
+// A product that is never fused with a following addition into an FMA (nvcc fuses by default; the host
+// build turns contraction off): torchvision rounds the product, so we must too.
+FASTCV_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FASTCV_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 template <class T>
-FASTCV_HD T box_area(T x1, T y1, T x2, T y2) { return (x2 - x1) * (y2 - y1); }
+FASTCV_HD T box_area(T x1, T y1, T x2, T y2) { return mul_rn(x2 - x1, y2 - y1); }
 
 // IoU of box a (the higher-scoring one) with box b, with torchvision's operations in torchvision's order.
 // Areas are not clamped: an inverted box has a negative area, as there.
@@ -20,7 +37,7 @@ template <class T>
 FASTCV_HD T iou(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2, T by2, T b_area) {
   const T w = max_first(T(0), min_first(ax2, bx2) - max_first(ax1, bx1));
   const T h = max_first(T(0), min_first(ay2, by2) - max_first(ay1, by1));
-  const T inter = w * h;
+  const T inter = mul_rn(w, h);
   return inter / (a_area + b_area - inter);
 }
 
