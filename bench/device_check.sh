@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run on a lent GPU machine (see the README): builds fastcv for the GPU it finds, runs
 # the test suite (CUDA tests included; Triton compiled for real, not interpreted), a compute-sanitizer
-# pass over the CUDA NMS kernels, and the GPU benchmarks. Everything goes under $OUT (default
+# pass over the CUDA NMS kernels, and the GPU benchmarks (CUDA kernels, then the Triton ones). Everything goes under $OUT (default
 # ./device_out): logs, bench JSON, and a summary printed last.
 #   bash bench/device_check.sh            # full
 #   QUICK=1 bash bench/device_check.sh    # bench --quick
@@ -37,6 +37,9 @@ fi
 quick=${QUICK:+--quick}
 step bench_cuda python -m fastcv bench --device cuda $quick --json "$OUT/bench_cuda.json"
 cat "$OUT/bench_cuda.log"
+# The Triton kernels, which builds without nvcc use on GPUs.
+FASTCV_GPU_BACKEND=triton step bench_cuda_triton python -m fastcv bench --device cuda --quick --json "$OUT/bench_cuda_triton.json"
+cat "$OUT/bench_cuda_triton.log"
 step bench_pytest python -m pytest bench/ -q -k cuda --benchmark-json="$OUT/pytest_benchmark.json" --benchmark-max-time=0.5
 echo "---- summary"; cat "$OUT/summary.txt"
 exit $status

@@ -6,6 +6,7 @@ can run on a device lives here, so that ops never repeat it.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -111,3 +112,14 @@ def check_cuda_device(index: int) -> None:
             f"{name} (compute capability {capability[0]}.{capability[1]}). Rebuild with "
             f"FASTCV_CUDA_ARCHS='{capability[0]}{capability[1]}-real' (or 'native') set."
         )
+
+
+def gpu_backend(device: torch.device) -> str:
+    """Which GPU kernels run: 'cuda' (the compiled CUDA C++ kernels) when this build has them, else
+    'triton'. FASTCV_GPU_BACKEND=triton selects Triton even when CUDA kernels were built. Raises when
+    the CUDA kernels are chosen but cannot run on the device."""
+    if not CUDA_BUILT or os.environ.get("FASTCV_GPU_BACKEND", "").lower() == "triton":
+        return "triton"
+    if device.type == "cuda":
+        check_cuda_device(device.index if device.index is not None else torch.cuda.current_device())
+    return "cuda"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, check_cuda_device, cuda_stream, num_threads, opt_view, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
 from fastcv._library import define
 
 __all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections"]
@@ -91,17 +91,10 @@ def _check_padded(boxes, scores, iou_threshold, score_threshold, max_detections,
             raise ValueError(f"{arg} must be >= 0, got {value}")
 
 
-def _check_device(t: Tensor) -> None:
-    if t.device.type == "cuda":
-        check_cuda_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
-
-
-# ---------------------------------------------------------------- kernels
-
-
 def _gpu_pass(boxes: Tensor, labels: Tensor | None, iou_threshold: float, n_valid: Tensor | None, max_keep: int):
-    """CUDA: mask kernel + suppression pass over sorted boxes [B,K,4]. Returns keep [B,M] (positions in
-    [0,K), -1 after the kept ones) and count [B], without synchronising."""
+    """GPU: mask kernel + suppression pass over sorted boxes [B,K,4]. Returns keep [B,M] (positions in
+    [0,K), -1 after the kept ones) and count [B], without synchronising. CUDA C++ kernels when built,
+    else Triton's (any device Triton runs on: the CPU too, under TRITON_INTERPRET=1)."""
     batch, k = boxes.shape[:2]
     words = (k + 63) // 64
     device = boxes.device
@@ -109,9 +102,15 @@ def _gpu_pass(boxes: Tensor, labels: Tensor | None, iou_threshold: float, n_vali
     removed = torch.zeros((batch, words), dtype=torch.int64, device=device)
     keep = torch.empty((batch, max_keep), dtype=torch.int64, device=device)
     count = torch.empty((batch,), dtype=torch.int64, device=device)
-    stream = cuda_stream(boxes)
-    _C.nms_mask_cuda(view(boxes), opt_view(labels), iou_threshold, view(mask), stream)
-    _C.nms_keep_cuda(view(mask), opt_view(n_valid), view(removed), view(keep), view(count), stream)
+    if gpu_backend(device) == "cuda":
+        stream = cuda_stream(boxes)
+        _C.nms_mask_cuda(view(boxes), opt_view(labels), iou_threshold, view(mask), stream)
+        _C.nms_keep_cuda(view(mask), opt_view(n_valid), view(removed), view(keep), view(count), stream)
+    else:
+        from fastcv.kernels import nms as triton_nms
+
+        triton_nms.nms_mask(boxes, labels, iou_threshold, mask)
+        triton_nms.nms_keep(mask, n_valid, removed, keep, count)
     return keep, count
 
 
@@ -121,8 +120,7 @@ def _nms_cpu(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: 
     return keep[:count]
 
 
-def _nms_cuda(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
-    _check_device(boxes)
+def _nms_gpu(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -141,7 +139,7 @@ def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: flo
     if idxs is not None:
         _check_idxs(idxs, boxes)
         idxs = idxs.to(torch.int64)
-    run = _nms_cuda if boxes.is_cuda else _nms_cpu
+    run = _nms_gpu if boxes.is_cuda else _nms_cpu
     return run(boxes, scores, idxs, iou_threshold)
 
 
@@ -207,7 +205,6 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
 def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k):
     _check_padded(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k)
-    _check_device(boxes)
     batch, n, classes = scores.shape
     k = min(pre_nms_top_k, n * classes)
     device = boxes.device
@@ -225,10 +222,17 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
             view(indices), view(labels), view(count), num_threads(),
         )
         return indices, labels, count
+    return _padded_gpu(boxes, scores, iou_threshold, score_threshold, max_detections, k)
+
+
+def _padded_gpu(boxes, scores, iou_threshold, score_threshold, max_detections, k):
+    """The GPU path: candidate selection with torch ops (no sync), then one mask and one suppression
+    launch for every image and class."""
+    batch, n, classes = scores.shape
     # Candidates: the k best (box, class) pairs above score_threshold, best first; NaN never passes.
     flat = scores.reshape(batch, n * classes)
     passed = flat > score_threshold
-    top_scores, top = flat.masked_fill(~passed, -math.inf).topk(k, dim=1)
+    top = flat.masked_fill(~passed, -math.inf).topk(k, dim=1).indices
     n_valid = passed.sum(dim=1).clamp_(max=k)
     box_index = torch.div(top, classes, rounding_mode="floor")
     labels = top - box_index * classes

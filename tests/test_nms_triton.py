@@ -1,0 +1,73 @@
+"""The Triton NMS kernels (kernels/nms.py): on the CPU through the interpreter (small shapes), on the
+GPU compiled, through the same orchestration the ops use on a GPU (fastcv.ops.nms._nms_gpu)."""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+
+from helpers import distinct_scores, random_boxes
+from test_nms import padded_inputs, reference_batched, reference_nms, reference_padded, check_padded
+
+nms_impl = importlib.import_module("fastcv.ops.nms")
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """Where the Triton kernels run: the GPU when there is one, else the CPU under the interpreter."""
+    monkeypatch.setenv("FASTCV_GPU_BACKEND", "triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must switch the interpreter on"
+    return "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,iou_threshold", [(1, 0.5), (70, 0.0), (70, 0.5), (150, 0.3), (150, 1.0)])
+def test_triton_nms_matches_torchvision(device, dtype, n, iou_threshold):
+    g = torch.Generator().manual_seed(n + int(10 * iou_threshold))
+    boxes = random_boxes(n, dtype=dtype, device=device, generator=g)
+    scores = distinct_scores(n, dtype=dtype, device=device, generator=g)
+    keep = nms_impl._nms_gpu(boxes, scores, None, iou_threshold)
+    assert torch.equal(keep.cpu(), reference_nms(boxes, scores, iou_threshold))
+
+
+def test_triton_nms_special_boxes(device):
+    rows = [[0, 0, 10, 10], [math.nan, 0, 10, 10], [5, 5, 1, 1], [0, 0, 0, 0], [1, 1, 9, 9], [0, 0, math.inf, 10],
+            [2, 2, 12, 12], [0, 0, 10, 10]]
+    boxes = torch.tensor(rows, dtype=torch.float32, device=device)
+    scores = torch.tensor([0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3], device=device)
+    for threshold in (0.0, 0.3, 0.6):
+        keep = nms_impl._nms_gpu(boxes, scores, None, threshold)
+        assert keep.tolist() == torchvision.ops.nms(boxes.cpu(), scores.cpu(), threshold).tolist()
+
+
+def test_triton_batched_nms(device):
+    g = torch.Generator().manual_seed(3)
+    boxes = random_boxes(130, device=device, generator=g)
+    scores = distinct_scores(130, device=device, generator=g)
+    idxs = torch.randint(0, 4, (130,), generator=g).to(device)
+    keep = nms_impl._nms_gpu(boxes, scores, idxs, 0.4)
+    assert torch.equal(keep.cpu(), reference_batched(boxes, scores, idxs, 0.4))
+
+
+def test_triton_batched_nms_padded(device):
+    boxes, scores = padded_inputs(3, 40, 3, device, seed=5)
+    indices, labels, counts = nms_impl._padded_gpu(boxes, scores, 0.5, 0.2, 25, 80)
+    expected = reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.2, 25, 80)
+    for b, (idx, lab) in enumerate(expected):
+        c = len(idx)
+        assert counts[b].item() == c
+        assert indices[b, :c].tolist() == idx.tolist() and labels[b, :c].tolist() == lab.tolist()
+        assert (indices[b, c:] == -1).all()
+
+
+def test_triton_max_keep_stops_early(device):
+    g = torch.Generator().manual_seed(8)
+    boxes = random_boxes(90, device=device, generator=g).unsqueeze(0)
+    keep, count = nms_impl._gpu_pass(boxes.contiguous(), None, 0.5, None, 5)
+    full, full_count = nms_impl._gpu_pass(boxes.contiguous(), None, 0.5, None, 90)
+    assert count.item() == min(5, full_count.item())
+    assert torch.equal(keep[0, :5], full[0, :5])
