@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <thread>
 #include <vector>
@@ -10,6 +11,20 @@ namespace fastcv {
 namespace {
 
 thread_local bool t_in_parallel = false;
+
+// Waits on `done()` by spinning for up to ~50 us before blocking: parallel regions come in quick
+// succession (one per block of an NMS pass), and a futex wake-up costs tens of microseconds.
+template <class Done>
+bool spin_until(const Done& done) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+    if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) return false;
+  }
+}
 
 class ThreadPool {
  public:
@@ -27,26 +42,28 @@ class ThreadPool {
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     grow(nthreads - 1);
-    std::exception_ptr error;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       active_ = nthreads - 1;
-      pending_ = nthreads - 1;
+      pending_.store(nthreads - 1);
       error_ = nullptr;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
+    std::exception_ptr error;
     try {
       run_job(job, 0);
     } catch (...) {
       error = std::current_exception();
     }
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [&] { return pending_.load() == 0; });
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
     job_ = nullptr;
     if (!error) error = error_;
-    lock.unlock();
     if (error) std::rethrow_exception(error);
     return true;
   }
@@ -73,12 +90,13 @@ class ThreadPool {
   void loop(int id) {
     uint64_t seen = 0;
     for (;;) {
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       const std::function<void(int)>* job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || (generation_ != seen && id <= active_); });
+        wake_.wait(lock, [&] { return stopping_ || (generation_.load() != seen && id <= active_); });
         if (stopping_) return;
-        seen = generation_;
+        seen = generation_.load();
         job = job_;
       }
       std::exception_ptr error;
@@ -87,9 +105,14 @@ class ThreadPool {
       } catch (...) {
         error = std::current_exception();
       }
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (error && !error_) error_ = error;
-      if (--pending_ == 0) done_.notify_one();
+      if (error) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = error;
+      }
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mutex_);  // the caller is either before its check or asleep
+        done_.notify_one();
+      }
     }
   }
 
@@ -98,8 +121,9 @@ class ThreadPool {
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   const std::function<void(int)>* job_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0, pending_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  int active_ = 0;
   bool stopping_ = false;
   std::exception_ptr error_;
 };

@@ -203,8 +203,10 @@ void nms_segment(const BoxColumns<T>& cols, int64_t s0, int64_t s1, T threshold,
       suppress(box_at(cols, i), cols, i + 1, std::min(s1, i + 1 + round_up(b1 - i - 1)), threshold, removed);
     }
     if (kept.empty() || b1 == s1) continue;
-    // Task 0: the rest of chunk c; task t > 0: chunk c + t.
-    parallel_for(0, nchunks - c, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    // Task 0: the rest of chunk c; task t > 0: chunk c + t. Threads only when the block's work
+    // (pairs before pruning) outweighs handing it out.
+    const int threads = int64_t(kept.size()) * (s1 - b1) >= (int64_t(1) << 17) ? nthreads : 1;
+    parallel_for(0, nchunks - c, 1, threads, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         for (int64_t i : kept) {
           const Box<T> a = box_at(cols, i);
