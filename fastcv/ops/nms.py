@@ -3,8 +3,8 @@ sync-free batched_nms_padded for detectors, CUDA graphs and torch.compile.
 
 Semantics shared by every backend (and tested):
 - Boxes are (x1, y1, x2, y2). IoU is computed exactly as torchvision computes it on the CPU, areas not
-  clamped, so zero-area and inverted boxes behave as there (they suppress nothing and are suppressed by
-  nothing unless their IoU, computed that way, passes the threshold).
+  clamped, so zero-area, inverted and NaN boxes behave as there: their IoU with any box is 0 or NaN, so
+  they neither suppress nor are suppressed.
 - A box is suppressed when its IoU with a kept, higher-scoring box is *greater than* iou_threshold.
 - Ties in score: the lower index comes first (torchvision's CPU order; its CUDA kernel makes no promise).
 - NaN scores rank above every number, as torch.sort ranks them (and torchvision does). In
@@ -107,8 +107,13 @@ def _gpu_pass(boxes: Tensor, labels: Tensor | None, iou_threshold: float, n_vali
         _C.nms_mask_cuda(view(boxes), opt_view(labels), iou_threshold, view(mask), stream)
         _C.nms_keep_cuda(view(mask), opt_view(n_valid), view(removed), view(keep), view(count), stream)
     else:
-        from fastcv.kernels import nms as triton_nms
-
+        try:
+            from fastcv.kernels import nms as triton_nms
+        except ImportError as e:
+            raise RuntimeError(
+                "fastcv has no GPU kernels here: it was built without CUDA kernels and Triton cannot be "
+                f"imported ({e}). Install triton, or reinstall fastcv with nvcc available."
+            ) from e
         triton_nms.nms_mask(boxes, labels, iou_threshold, mask)
         triton_nms.nms_keep(mask, n_valid, removed, keep, count)
     return keep, count

@@ -106,59 +106,70 @@ struct XSortedChunks {
 constexpr int64_t kLanes = 16;
 int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// Chunk c's bucket index over its m real slots: about 8 boxes a bucket, or one bucket (the whole
+// chunk) when x1 is not finite or all equal.
+template <class T>
+void index_chunk(XSortedChunks<T>& xs, int64_t c, int64_t m) {
+  const int64_t s0 = xs.begin[c], s1 = s0 + m;
+  T width = 0, x_min = std::numeric_limits<T>::infinity(), x_max = -x_min;
+  for (int64_t slot = s0; slot < s1; ++slot) {
+    width = std::max(width, xs.boxes.x2[slot] - xs.boxes.x1[slot]);
+    x_min = std::min(x_min, xs.boxes.x1[slot]), x_max = std::max(x_max, xs.boxes.x1[slot]);
+  }
+  auto& ix = xs.index[c];
+  const bool finite = std::isfinite(x_min) && std::isfinite(x_max) && x_max > x_min;
+  ix = {width, x_min, T(0), finite ? std::max<int64_t>(1, m / 8) : 1, ix.first};
+  if (finite) ix.inv_width = T(ix.buckets) / (x_max - x_min);
+  if (!std::isfinite(ix.inv_width)) ix.buckets = 1, ix.inv_width = 0;
+  int64_t* first = xs.bucket_first.data() + ix.first;
+  int64_t b = 0;
+  for (int64_t slot = s0; slot < xs.begin[c + 1]; ++slot) {
+    const int64_t sb = slot < s1 ? xs.bucket(ix, xs.boxes.x1[slot]) : ix.buckets - 1;  // padding: last
+    while (b <= sb) first[b++] = slot;
+  }
+  while (b <= ix.buckets) first[b++] = xs.begin[c + 1];
+}
+
+// Chunk c: the boxes of score positions [p0, p1) that can overlap, sorted by x1, then padding slots
+// (position -1, coordinates +inf, area NaN: IoU NaN with every box, so never marked).
+template <class T>
+void fill_chunk(XSortedChunks<T>& xs, const BoxColumns<T>& cols, int64_t c, int64_t p0, int64_t p1) {
+  int64_t* pos = xs.position.data() + xs.begin[c];
+  int64_t m = 0;
+  for (int64_t p = p0; p < p1; ++p)
+    if (can_overlap(box_at(cols, p))) pos[m++] = p;
+  std::sort(pos, pos + m, [&](int64_t a, int64_t b) { return cols.x1[a] < cols.x1[b]; });
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t slot = xs.begin[c]; slot < xs.begin[c + 1]; ++slot) {
+    const Box<T> box = xs.position[slot] >= 0 ? box_at(cols, xs.position[slot]) : Box<T>{inf, inf, inf, inf, T(NAN)};
+    xs.boxes.x1[slot] = box.x1, xs.boxes.y1[slot] = box.y1, xs.boxes.x2[slot] = box.x2;
+    xs.boxes.y2[slot] = box.y2, xs.boxes.area[slot] = box.area;
+  }
+  index_chunk(xs, c, m);
+}
+
 template <class T>
 XSortedChunks<T> sort_chunks(const BoxColumns<T>& cols, int64_t s0, int64_t s1, int64_t chunk, int nthreads) {
   const int64_t nchunks = (s1 - s0 + chunk - 1) / chunk;
+  const auto chunk_end = [&](int64_t c) { return std::min(s1, s0 + (c + 1) * chunk); };
   XSortedChunks<T> xs;
   xs.begin.assign(nchunks + 1, 0);
-  std::vector<int64_t> count(nchunks, 0);
+  xs.index.resize(nchunks);
+  int64_t entries = 0;
   for (int64_t c = 0; c < nchunks; ++c) {
-    for (int64_t p = s0 + c * chunk; p < std::min(s1, s0 + (c + 1) * chunk); ++p) count[c] += can_overlap(box_at(cols, p));
-    xs.begin[c + 1] = xs.begin[c] + round_up(count[c]);
+    int64_t count = 0;
+    for (int64_t p = s0 + c * chunk; p < chunk_end(c); ++p) count += can_overlap(box_at(cols, p));
+    xs.begin[c + 1] = xs.begin[c] + round_up(count);  // chunks hold whole vectors
+    xs.index[c].first = entries;
+    entries += std::max<int64_t>(1, count / 8) + 1;
   }
   const int64_t slots = xs.begin[nchunks];
   xs.boxes.resize(slots);
   xs.position.assign(slots, -1);
   xs.removed.assign(slots, 0);
-  xs.index.resize(nchunks);
-  int64_t entries = 0;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    xs.index[c].first = entries;
-    entries += std::max<int64_t>(1, count[c] / 8) + 1;
-  }
   xs.bucket_first.resize(entries);
   parallel_for(0, nchunks, 1, nthreads, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t* pos = xs.position.data() + xs.begin[c];
-      int64_t m = 0;
-      for (int64_t p = s0 + c * chunk; p < std::min(s1, s0 + (c + 1) * chunk); ++p)
-        if (can_overlap(box_at(cols, p))) pos[m++] = p;
-      std::sort(pos, pos + m, [&](int64_t a, int64_t b) { return cols.x1[a] < cols.x1[b]; });
-      T width = 0, x_min = std::numeric_limits<T>::infinity(), x_max = -x_min;
-      for (int64_t slot = xs.begin[c]; slot < xs.begin[c + 1]; ++slot) {
-        // Padding slots (position -1) sort last and have IoU NaN with every box: never marked.
-        const T inf = std::numeric_limits<T>::infinity();
-        const Box<T> box = xs.position[slot] >= 0 ? box_at(cols, xs.position[slot]) : Box<T>{inf, inf, inf, inf, T(NAN)};
-        xs.boxes.x1[slot] = box.x1, xs.boxes.y1[slot] = box.y1, xs.boxes.x2[slot] = box.x2;
-        xs.boxes.y2[slot] = box.y2, xs.boxes.area[slot] = box.area;
-        if (xs.position[slot] < 0) continue;
-        width = std::max(width, box.x2 - box.x1);
-        x_min = std::min(x_min, box.x1), x_max = std::max(x_max, box.x1);
-      }
-      // About 8 boxes a bucket; one bucket (the whole chunk) when x1 is not finite or all equal.
-      auto& ix = xs.index[c];
-      const bool finite = std::isfinite(x_min) && std::isfinite(x_max) && x_max > x_min;
-      ix = {width, x_min, T(0), finite ? std::max<int64_t>(1, m / 8) : 1, ix.first};
-      if (finite) ix.inv_width = T(ix.buckets) / (x_max - x_min);
-      if (!std::isfinite(ix.inv_width)) ix.buckets = 1, ix.inv_width = 0;
-      int64_t* first = xs.bucket_first.data() + ix.first;
-      int64_t b = 0;
-      for (int64_t slot = xs.begin[c]; slot < xs.begin[c + 1]; ++slot) {
-        const int64_t sb = xs.position[slot] >= 0 ? xs.bucket(ix, xs.boxes.x1[slot]) : ix.buckets - 1;
-        while (b <= sb) first[b++] = slot;
-      }
-      while (b <= ix.buckets) first[b++] = xs.begin[c + 1];
-    }
+    for (int64_t c = c0; c < c1; ++c) fill_chunk(xs, cols, c, s0 + c * chunk, chunk_end(c));
   });
   return xs;
 }
@@ -185,8 +196,8 @@ template <class T>
 void nms_segment(const BoxColumns<T>& cols, int64_t s0, int64_t s1, T threshold, Flag* removed, int nthreads) {
   constexpr int64_t kBlock = 256, kChunk = 1024;  // kChunk a multiple of kBlock: blocks never straddle chunks
   const int64_t nchunks = (s1 - s0 + kChunk - 1) / kChunk;
-  const XSortedChunks<T> xs = nchunks > 1 ? sort_chunks(cols, s0, s1, kChunk, nthreads) : XSortedChunks<T>{};
-  Flag* ahead_removed = const_cast<Flag*>(xs.removed.data());
+  XSortedChunks<T> xs = nchunks > 1 ? sort_chunks(cols, s0, s1, kChunk, nthreads) : XSortedChunks<T>{};
+  Flag* ahead_removed = xs.removed.data();
   std::vector<int64_t> kept;
   kept.reserve(kBlock);
   for (int64_t b0 = s0; b0 < s1; b0 += kBlock) {
@@ -221,9 +232,6 @@ void nms_segment(const BoxColumns<T>& cols, int64_t s0, int64_t s1, T threshold,
     });
   }
 }
-
-template <class S>
-using Key = compute_t<S>;
 
 // One greedy NMS problem: candidate i has score[i], label[i] (when labels are used) and uses row
 // box_row[i] of the boxes tensor (row i when box_row is empty).
