@@ -496,3 +496,27 @@ def test_thread_pool_survives_fork():
     finally:
         torch.set_num_threads(before)
     assert child.exitcode == 0 and result == expected
+
+
+def test_nms_accepts_inputs_that_require_grad(device):
+    # Detection heads call NMS on boxes and scores inside the autograd graph.
+    g = torch.Generator().manual_seed(13)
+    boxes = random_boxes(80, device=device, generator=g).requires_grad_(True)
+    scores = distinct_scores(80, device=device, generator=g).requires_grad_(True)
+    keep = ops.nms(boxes, scores, 0.5)
+    assert not keep.requires_grad
+    assert torch.equal(keep.cpu(), reference_nms(boxes.detach(), scores.detach(), 0.5))
+    idxs = torch.zeros(80, dtype=torch.int64, device=device)
+    assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), keep)
+
+
+def test_concurrent_calls_from_python_threads():
+    # Kernels release the GIL; a second caller while the pool is busy runs on its own thread.
+    import concurrent.futures
+
+    g = torch.Generator().manual_seed(14)
+    inputs = [(random_boxes(4000, generator=g), distinct_scores(4000, generator=g)) for _ in range(6)]
+    expected = [ops.nms(b, s, 0.5) for b, s in inputs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda bs: ops.nms(*bs, 0.5), inputs * 3))
+    assert all(torch.equal(r, expected[i % 6]) for i, r in enumerate(results))
