@@ -337,6 +337,29 @@ def test_batched_nms_padded_score_threshold_in_scores_dtype(device, dtype):
     assert result.indices[0].tolist() == [1, -1, -1, -1]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_batched_nms_padded_in_cuda_graph(monkeypatch, backend):
+    # No host sync and no data-dependent shape: the whole op can be captured and replayed.
+    if backend == "triton":
+        monkeypatch.setenv("FASTCV_GPU_BACKEND", "triton")
+    static_boxes, static_scores = padded_inputs(2, 64, 3, "cuda", seed=1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (allocator, Triton compilation)
+        for _ in range(2):
+            ops.batched_nms_padded(static_boxes, static_scores, 0.5, 0.1, 20)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = ops.batched_nms_padded(static_boxes, static_scores, 0.5, 0.1, 20)
+    boxes, scores = padded_inputs(2, 64, 3, "cuda", seed=2)
+    static_boxes.copy_(boxes)
+    static_scores.copy_(scores)
+    graph.replay()
+    check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.1, 20, 1000), boxes, scores, 20)
+
+
 def test_batched_nms_padded_gradients_reach_inputs(device):
     boxes, scores = padded_inputs(2, 40, 3, device, dtype=torch.float64)
     boxes.requires_grad_(True)
