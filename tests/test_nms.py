@@ -299,6 +299,20 @@ def test_batched_nms_padded_matches_per_image_torchvision(device, batch, n, clas
     check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, score_thr, max_det, top_k), boxes, scores, max_det)
 
 
+def test_batched_nms_padded_one_large_image_any_thread_count(device):
+    # One image with many (box, class) pairs: the CPU splits its candidate scan across threads.
+    boxes, scores = padded_inputs(1, 2000, 80, device, seed=21)
+    expected = reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.3, 150, 400)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            result = ops.batched_nms_padded(boxes, scores, 0.5, 0.3, 150, 400)
+            check_padded(result, expected, boxes, scores, 150)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_batched_nms_padded_dtypes(device, dtype):
     boxes, scores = padded_inputs(2, 60, 4, device, dtype=dtype, seed=1)

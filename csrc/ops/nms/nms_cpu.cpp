@@ -331,39 +331,63 @@ int64_t nms_typed(const TensorView& boxes, const TensorView& scores, const Tenso
   return solve<S>(boxes, pb, iou_threshold, n, keep, nthreads);
 }
 
-// Image b of batched_nms_padded: the top_k best (box, class) pairs scoring above score_threshold. A
-// bounded heap of the best so far: after the first top_k, most pairs are rejected by one comparison.
+// A (box, class) pair of batched_nms_padded. The order: higher score first, then lower flat index.
+template <class T>
+struct Candidate {
+  T score;
+  int64_t flat;  // box * classes + class
+  bool operator<(const Candidate& o) const { return score > o.score || (score == o.score && flat < o.flat); }
+};
+
+// The top_k best pairs of boxes [r0, r1) of one image scoring above score_threshold. A bounded heap of
+// the best so far (worst on top): after the first top_k, most pairs are rejected by one comparison.
 template <class S>
-Problem<compute_t<S>> image_candidates(const TensorView& scores, double score_threshold, int64_t top_k) {
+std::vector<Candidate<compute_t<S>>> best_candidates(const TensorView& scores, double score_threshold,
+                                                     int64_t top_k, int64_t r0, int64_t r1) {
   using T = compute_t<S>;
-  const int64_t n = scores.size(0), classes = scores.size(1);
-  const int64_t s0 = scores.stride(0), s1 = scores.stride(1);
+  const int64_t classes = scores.size(1), s0 = scores.stride(0), s1 = scores.stride(1);
   const S* sp = scores.ptr<S>();
   const T threshold = T(score_threshold);  // already rounded to the scores' dtype by the caller
-  struct Pair {
-    T score;
-    int64_t flat;  // box * classes + class: lower wins ties
-  };
-  // Heap order: the worst pair on top.
-  const auto better = [](const Pair& a, const Pair& b) { return a.score > b.score || (a.score == b.score && a.flat < b.flat); };
-  std::vector<Pair> heap;
-  heap.reserve(std::min<int64_t>(top_k, n * classes));
-  for (int64_t i = 0; i < n; ++i)
+  std::vector<Candidate<T>> heap;
+  heap.reserve(std::min<int64_t>(top_k, (r1 - r0) * classes));
+  for (int64_t i = r0; i < r1; ++i)
     for (int64_t c = 0; c < classes; ++c) {
       const T s = to_float(sp[i * s0 + c * s1]);
       if (!(s > threshold)) continue;  // also drops NaN
-      const Pair p{s, i * classes + c};
+      const Candidate<T> p{s, i * classes + c};
       if (int64_t(heap.size()) < top_k) {
         heap.push_back(p);
-        std::push_heap(heap.begin(), heap.end(), better);
-      } else if (better(p, heap.front())) {
-        std::pop_heap(heap.begin(), heap.end(), better);
+        std::push_heap(heap.begin(), heap.end());
+      } else if (p < heap.front()) {
+        std::pop_heap(heap.begin(), heap.end());
         heap.back() = p;
-        std::push_heap(heap.begin(), heap.end(), better);
+        std::push_heap(heap.begin(), heap.end());
       }
     }
+  return heap;
+}
+
+// One image's NMS problem: its top_k candidates, the rows split over `nthreads` threads (each keeps its
+// own top_k; the merge keeps the top_k of those under the same order, so the result does not depend on
+// the split).
+template <class S>
+Problem<compute_t<S>> image_problem(const TensorView& scores, double score_threshold, int64_t top_k, int nthreads) {
+  using T = compute_t<S>;
+  const int64_t n = scores.size(0), classes = scores.size(1);
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n * classes / 65536)));
+  std::vector<std::vector<Candidate<T>>> found(parts);
+  parallel_for(0, parts, 1, parts, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      found[p] = best_candidates<S>(scores, score_threshold, top_k, n * p / parts, n * (p + 1) / parts);
+  });
+  std::vector<Candidate<T>> all;
+  for (auto& f : found) all.insert(all.end(), f.begin(), f.end());
+  if (int64_t(all.size()) > top_k) {
+    std::nth_element(all.begin(), all.begin() + top_k, all.end());
+    all.resize(top_k);
+  }
   Problem<T> pb;
-  for (const Pair& p : heap) {
+  for (const auto& p : all) {
     pb.score.push_back(p.score);
     pb.label.push_back(p.flat % classes);
     pb.box_row.push_back(p.flat / classes);
@@ -376,12 +400,13 @@ void padded_typed(const TensorView& boxes, const TensorView& scores, double iou_
                   int64_t top_k, const TensorView& indices, const TensorView& labels, const TensorView& count,
                   int nthreads) {
   const int64_t batch = boxes.size(0), max_keep = indices.size(1);
-  // Images in parallel; inside an image the work runs serially (nested parallel_for calls do).
-  parallel_for(0, batch, 1, nthreads, [&](int64_t b0, int64_t b1) {
+  // Images in parallel; with fewer images than threads (inference), the threads share each image.
+  const int inner = batch >= nthreads ? 1 : nthreads;
+  parallel_for(0, batch, 1, batch >= nthreads ? nthreads : 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> kept(max_keep);
     for (int64_t b = b0; b < b1; ++b) {
-      const Problem<compute_t<S>> pb = image_candidates<S>(scores.select0(b), score_threshold, top_k);
-      const int64_t c = solve<S>(boxes.select0(b), pb, iou_threshold, max_keep, kept.data(), 1);
+      const Problem<compute_t<S>> pb = image_problem<S>(scores.select0(b), score_threshold, top_k, inner);
+      const int64_t c = solve<S>(boxes.select0(b), pb, iou_threshold, max_keep, kept.data(), inner);
       int64_t* out_index = indices.ptr<int64_t>() + b * max_keep;
       int64_t* out_label = labels.ptr<int64_t>() + b * max_keep;
       for (int64_t k = 0; k < max_keep; ++k) {
