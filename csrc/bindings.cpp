@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "common/check.h"
+#include "common/parallel.h"
 #ifdef FASTCV_WITH_CUDA
 #include "common/cuda_info.h"
 #endif
@@ -75,6 +76,9 @@ PYBIND11_MODULE(_C, m) {
 #ifdef FASTCV_WITH_CUDA
   m.def("cuda_runtime_info", &cuda_info_dict);
 #endif
+
+  m.def("parallel_backend", &fastcv::parallel_backend, "what runs the CPU kernels' parallel regions");
+  m.def("_set_use_openmp", &fastcv::set_use_openmp, "tests: False runs parallel regions on fastcv's pool");
 
   fastcv::bind_nms(m);
 }

@@ -20,7 +20,8 @@ def info() -> None:
         print(f"triton      {triton.__version__}")
     except ImportError:
         print("triton      not installed")
-    print(f"C++         g++ {build['cxx']}, CPU kernels dispatched for {build['cpu_isa']}, {torch.get_num_threads()} threads")
+    print(f"C++         g++ {build['cxx']}, CPU kernels dispatched for {build['cpu_isa']}")
+    print(f"threads     {torch.get_num_threads()} (torch.get_num_threads()), run by {_C.parallel_backend()}")
     if not build["cuda"]:
         print("CUDA        kernels not built (no nvcc at build time, or FASTCV_WITH_CUDA=OFF)")
         return

@@ -82,3 +82,30 @@ def test_cli_check():
     result = _cli("check", "--op", "nms", "--quick")
     assert result.returncode == 0, result.stderr
     assert "agree with their references" in result.stdout
+
+
+@pytest.mark.parametrize("use_openmp", [True, False])
+def test_both_parallel_backends_give_the_same_results(use_openmp):
+    from fastcv import ops
+    from helpers import distinct_scores, random_boxes
+
+    g = torch.Generator().manual_seed(31)
+    boxes, scores = random_boxes(5000, generator=g), distinct_scores(5000, generator=g)
+    expected = ops.nms(boxes, scores, 0.5)
+    before = torch.get_num_threads()
+    _C._set_use_openmp(use_openmp)
+    try:
+        torch.set_num_threads(2)
+        assert ("openmp" in _C.parallel_backend()) == use_openmp
+        assert torch.equal(ops.nms(boxes, scores, 0.5), expected)
+        idxs = torch.randint(0, 30, (5000,), generator=g)
+        assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), torchvision_batched(boxes, scores, idxs))
+    finally:
+        _C._set_use_openmp(True)
+        torch.set_num_threads(before)
+
+
+def torchvision_batched(boxes, scores, idxs):
+    import torchvision
+
+    return torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)

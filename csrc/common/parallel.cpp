@@ -1,5 +1,6 @@
 #include "common/parallel.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <chrono>
@@ -132,18 +133,73 @@ class ThreadPool {
 // and after fork() the child drops the parent's pool (its threads do not exist there) and makes a new one.
 ThreadPool* g_pool = nullptr;
 std::mutex* g_pool_mutex = new std::mutex();  // replaced in the child too: it may be held at fork time
+bool g_forked = false;                        // in a fork()ed child, where libgomp must not be used
 std::once_flag g_atfork_once;
 
-ThreadPool& pool() {
+void register_atfork() {
   std::call_once(g_atfork_once, [] {
     pthread_atfork(nullptr, nullptr, [] {
       g_pool = nullptr;
       g_pool_mutex = new std::mutex();
+      g_forked = true;
     });
   });
+}
+
+ThreadPool& pool() {
+  register_atfork();
   std::lock_guard<std::mutex> lock(*g_pool_mutex);
   if (!g_pool) g_pool = new ThreadPool();
   return *g_pool;
+}
+
+// torch's own OpenMP runtime, when the process exposes it (torch loads its libgomp globally). Running
+// our regions on torch's OpenMP team means one set of threads: a second pool would compete with
+// torch's threads, which keep spinning after each torch op (measured: 3.6 -> 5.5 ms for
+// batched_nms_padded right after a torch op).
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+  int (*thread_num)() = nullptr;                                          // omp_get_thread_num
+};
+
+const OpenMP& torch_openmp() {
+  static const OpenMP omp = [] {
+    OpenMP o;
+    o.parallel = reinterpret_cast<decltype(o.parallel)>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    o.thread_num = reinterpret_cast<decltype(o.thread_num)>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    if (!o.thread_num) o.parallel = nullptr;
+    return o;
+  }();
+  return omp;
+}
+
+std::atomic<bool> g_use_openmp{true};
+
+bool run_on_openmp(int nthreads, const std::function<void(int)>& job) {
+  register_atfork();
+  const OpenMP& omp = torch_openmp();
+  if (!omp.parallel || g_forked || !g_use_openmp.load()) return false;
+  struct Region {
+    const std::function<void(int)>* job;
+    int (*thread_num)();
+    std::mutex mutex;
+    std::exception_ptr error;
+  } region{&job, omp.thread_num, {}, nullptr};
+  omp.parallel(
+      [](void* data) {
+        auto* r = static_cast<Region*>(data);
+        t_in_parallel = true;
+        try {
+          (*r->job)(r->thread_num());
+        } catch (...) {  // exceptions must not leave an OpenMP region
+          std::lock_guard<std::mutex> lock(r->mutex);
+          if (!r->error) r->error = std::current_exception();
+        }
+        t_in_parallel = false;
+      },
+      &region, unsigned(nthreads), 0);
+  if (region.error) std::rethrow_exception(region.error);
+  return true;
 }
 
 }  // namespace
@@ -151,9 +207,21 @@ ThreadPool& pool() {
 bool in_parallel_region() { return t_in_parallel; }
 
 void run_on_threads(int nthreads, const std::function<void(int)>& job) {
+  if (nthreads > 1 && !t_in_parallel && run_on_openmp(nthreads, job)) return;
   if (nthreads <= 1 || t_in_parallel || !pool().run(nthreads, job)) {
     for (int w = 0; w < std::max(nthreads, 1); ++w) job(w);  // serial fallback keeps every worker's share
   }
 }
+
+}  // namespace fastcv
+
+namespace fastcv {
+
+const char* parallel_backend() {
+  register_atfork();
+  return torch_openmp().parallel && !g_forked && g_use_openmp.load() ? "openmp (torch's)" : "fastcv thread pool";
+}
+
+void set_use_openmp(bool use) { g_use_openmp.store(use); }
 
 }  // namespace fastcv

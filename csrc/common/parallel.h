@@ -1,7 +1,9 @@
 #pragma once
-// A small persistent thread pool for the CPU kernels. We do not use OpenMP: torch's wheels bundle their
-// own libgomp, and a second OpenMP runtime in the process means two sets of spinning threads on the
-// same cores. The caller passes the thread count (torch.get_num_threads()) with every call.
+// Parallel regions for the CPU kernels. They run on torch's own OpenMP team when the process exposes
+// torch's libgomp (found at run time; the module does not link an OpenMP runtime of its own), else on
+// a small persistent thread pool (also after fork(), where libgomp cannot be used). Either way the
+// process has one set of worker threads per runtime torch already has. The caller passes the thread
+// count (torch.get_num_threads()) with every call.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -11,10 +13,13 @@
 
 namespace fastcv {
 
-// Runs job(worker) for worker = 0 .. nthreads-1, the calling thread being worker 0, and returns when all
-// are done. Calls from inside a job, or while another thread holds the pool, run serially in the caller.
+// Runs job(worker) on up to nthreads threads, the calling thread being worker 0, and returns when all
+// are done. A team may be smaller than asked (nested regions, another caller holding the pool: then
+// the caller alone), so jobs must take their work from a shared counter, as parallel_for's do.
 void run_on_threads(int nthreads, const std::function<void(int)>& job);
 bool in_parallel_region();
+const char* parallel_backend();     // which of the two runs parallel regions now
+void set_use_openmp(bool use);      // tests use it to exercise the thread pool too
 
 // f(begin, end) over [begin, end) in chunks of `grain`, handed out dynamically to `nthreads` threads.
 template <class F>

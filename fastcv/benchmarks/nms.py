@@ -101,21 +101,21 @@ def cases(device: str) -> list[Case]:
     out.append(batched_case(1_000, 80, "1,000 boxes, 80 classes"))
     out.append(batched_case(20_000, 80, "20,000 boxes, 80 classes"))
 
-    images = 16 if device == "cuda" else 4
-    boxes_per_image = 5_000
+    def padded_case(images, boxes_per_image=5_000, classes=80, quick=True):
+        def make():
+            return (
+                random_boxes(boxes_per_image, device, 3, batch=(images,)),
+                distinct_scores((images, boxes_per_image, classes), device, 3),
+                0.5, 0.05, 100, 1000,
+            )
 
-    def padded_make():
-        return (
-            random_boxes(boxes_per_image, device, 3, batch=(images,)),
-            distinct_scores((images, boxes_per_image, 80), device, 3),
-            0.5, 0.05, 100, 1000,
+        return Case(
+            "batched_nms_padded", f"{images} image{'s' if images > 1 else ''} x {boxes_per_image:,} boxes x {classes} classes, top 1000",
+            make=make, fastcv=lambda *a: ops.batched_nms_padded(*a),
+            reference=reference_padded, reference_name="per-image torchvision.ops.batched_nms loop",
+            check=_same_padded, quick=quick,
         )
 
-    out.append(Case(
-        "batched_nms_padded", f"{images} images x {boxes_per_image:,} boxes x 80 classes, top 1000",
-        make=padded_make,
-        fastcv=lambda *a: ops.batched_nms_padded(*a),
-        reference=reference_padded, reference_name="per-image torchvision.ops.batched_nms loop",
-        check=_same_padded,
-    ))
+    out.append(padded_case(1))  # single-image inference
+    out.append(padded_case(16 if device == "cuda" else 4))
     return out
