@@ -13,16 +13,11 @@ template <class T> FASTCV_HD T min_first(T a, T b) { return b < a ? b : a; }
 
 // A product that is never fused with a following addition into an FMA (nvcc fuses by default; the host
 // build turns contraction off): torchvision rounds the product, so we must too.
-FASTCV_HD float mul_rn(float a, float b) {
+template <class T>
+FASTCV_HD T mul_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FASTCV_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
+  if constexpr (sizeof(T) == 4) return __fmul_rn(a, b);
+  else return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
