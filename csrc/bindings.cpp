@@ -23,6 +23,7 @@ namespace py = pybind11;
 
 namespace fastcv {
 void bind_nms(py::module_& m);
+void bind_roi_align(py::module_& m);
 }  // namespace fastcv
 
 #ifdef FASTCV_WITH_CUDA
@@ -81,4 +82,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_use_openmp", &fastcv::set_use_openmp, "tests: False runs parallel regions on fastcv's pool");
 
   fastcv::bind_nms(m);
+  fastcv::bind_roi_align(m);
 }

@@ -10,6 +10,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-from fastcv import ops  # noqa: E402  (registers torch.ops.fastcv.*)
+from fastcv import nn, ops  # noqa: E402  (registers torch.ops.fastcv.*)
 
-__all__ = ["ops", "__version__"]
+__all__ = ["nn", "ops", "__version__"]

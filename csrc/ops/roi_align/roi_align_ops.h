@@ -1,0 +1,19 @@
+#pragma once
+// Entry points of roi_align, called from roi_align_bind.cpp.
+#include "common/tensor_view.h"
+
+namespace fastcv {
+
+// input [N,C,H,W] contiguous in NCHW or channels_last memory (channels_last: the view's strides say
+// so), rois [K,5] (batch index, x1, y1, x2, y2) of input's dtype; output [K,C,PH,PW] in input's memory
+// format. Raises ArgError for a batch index out of range or a box whose sampling grid is absurd.
+void roi_align_forward_cpu(const TensorView& input, const TensorView& rois, double spatial_scale,
+                           int64_t sampling_ratio, bool aligned, const TensorView& output, int nthreads);
+
+// grad_output [K,C,PH,PW] (input's dtype and memory format) -> grad_input [N,C,H,W] in the compute
+// type (float32, or float64 for float64), zero-filled by the caller, same memory format. Threads own
+// disjoint channel blocks: no atomics, and the result is bit-identical for any thread count.
+void roi_align_backward_cpu(const TensorView& grad_output, const TensorView& rois, double spatial_scale,
+                            int64_t sampling_ratio, bool aligned, const TensorView& grad_input, int nthreads);
+
+}  // namespace fastcv

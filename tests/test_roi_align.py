@@ -1,0 +1,171 @@
+"""fastcv.ops.roi_align against torchvision.ops.roi_align: forward and gradients (CPU so far)."""
+import math
+
+import pytest
+import torch
+import torchvision
+
+from fastcv import nn as fnn
+from fastcv import ops
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def make_rois(k, n, h, w, scale, g, dtype=torch.float64):
+    """Boxes in input-image coordinates (the map is scaled by `scale`), some partly or wholly outside."""
+    x1 = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 1.2 - 0.1 * w / scale
+    y1 = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 1.2 - 0.1 * h / scale
+    bw = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 0.6
+    bh = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 0.6
+    index = torch.randint(0, n, (k,), generator=g).to(torch.float64)
+    return torch.stack([index, x1, y1, x1 + bw, y1 + bh], dim=1).to(dtype)
+
+
+def run_both(x, rois, output_size, scale, sampling_ratio, aligned):
+    """fastcv and torchvision outputs and input gradients for the same upstream gradient."""
+    outs, grads = [], []
+    for fn in (ops.roi_align, torchvision.ops.roi_align):
+        xi = x.detach().clone().requires_grad_(True)
+        out = fn(xi, rois, output_size, scale, sampling_ratio, aligned)
+        upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        (out * upstream).sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    return outs, grads
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
+@pytest.mark.parametrize("shape,output_size,scale", [((2, 5, 17, 23), 7, 0.5), ((1, 3, 4, 5), (2, 3), 1.0),
+                                                      ((3, 2, 30, 9), (5, 1), 0.25)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_torchvision_float64(aligned, sampling_ratio, shape, output_size, scale, channels_last):
+    g = torch.Generator().manual_seed(sum(shape) + sampling_ratio)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rois = make_rois(13, shape[0], shape[2], shape[3], scale, g)
+    (out, ref), (grad, ref_grad) = run_both(x, rois, output_size, scale, sampling_ratio, aligned)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes_against_float32_reference(dtype, channels_last):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 20, 20, generator=g).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rois = make_rois(10, 2, 20, 20, 1.0, g, dtype=torch.float32).to(dtype)
+    out = ops.roi_align(x, rois, 7, 1.0, 2, True)
+    ref = torchvision.ops.roi_align(x.float(), rois.float(), 7, 1.0, 2, True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=TOL[dtype], atol=TOL[dtype])
+    xi = x.detach().requires_grad_(True)
+    ops.roi_align(xi, rois, 7, 1.0, 2, True).float().sum().backward()
+    xr = x.detach().float().requires_grad_(True)
+    torchvision.ops.roi_align(xr, rois.float(), 7, 1.0, 2, True).sum().backward()
+    assert xi.grad.dtype == dtype
+    torch.testing.assert_close(xi.grad.float(), xr.grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_list_of_boxes_and_module():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 12, 12, generator=g)
+    boxes = [torch.tensor([[1.0, 1, 8, 9], [0, 0, 12, 12]]), torch.tensor([[2.0, 3, 5, 11]])]
+    ref = torchvision.ops.roi_align(x, boxes, (3, 4), 1.0, 2, True)
+    torch.testing.assert_close(ops.roi_align(x, boxes, (3, 4), 1.0, 2, True), ref)
+    module = fnn.RoIAlign((3, 4), 1.0, 2, aligned=True)
+    torch.testing.assert_close(module(x, boxes), torchvision.ops.RoIAlign((3, 4), 1.0, 2, True)(x, boxes))
+
+
+def test_empty_boxes():
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    out = ops.roi_align(x, torch.empty(0, 5), 2, 1.0, 2, True)
+    assert out.shape == (0, 3, 2, 2)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert ops.roi_align(x, [torch.empty(0, 4)], 2).shape == (0, 3, 2, 2)
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.7, 4.2, 5.9], [0, -1.0, 2.0, 3.0, 9.0]], dtype=torch.float64)
+    for aligned in (False, True):
+        assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, 3, 1.0, 2, aligned), (x,))
+
+
+def test_backward_is_deterministic_for_any_thread_count():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 30, 30, generator=g)
+    rois = make_rois(200, 2, 30, 30, 1.0, g, dtype=torch.float32)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            xi = x.clone().requires_grad_(True)
+            ops.roi_align(xi, rois, 7, 1.0, -1, True).sum().backward()
+            grads.append(xi.grad)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(grads[0], gr) for gr in grads[1:])
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, 10, generator=g, requires_grad=True)
+    rois = make_rois(5, 2, 9, 10, 1.0, g, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.fastcv.roi_align.default, (x, rois, 1.0, 3, 3, 2, True))
+    grad = torch.randn(5, 3, 3, 3, generator=g)
+    torch.library.opcheck(torch.ops.fastcv.roi_align_backward.default, (grad, rois, 1.0, 3, 3, 2, 3, 9, 10, 2, True))
+
+
+def test_compile_fullgraph():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    rois = make_rois(6, 2, 16, 16, 1.0, g, dtype=torch.float32)
+
+    def pool(x, rois):
+        return ops.roi_align(x, rois, 5, 1.0, 2, True).relu().sum(dim=(2, 3))
+
+    torch.testing.assert_close(torch.compile(pool, fullgraph=True, backend="aot_eager")(x, rois), pool(x, rois))
+
+
+def bad_cases():
+    x, rois = torch.randn(2, 3, 8, 8), torch.tensor([[0.0, 1, 1, 4, 4]])
+    return [
+        (lambda: ops.roi_align(x[0], rois, 2), ValueError, "input must be a Tensor\\[N, C, H, W\\]"),
+        (lambda: ops.roi_align(x.long(), rois.long(), 2), TypeError, "input must be float32"),
+        (lambda: ops.roi_align(x, rois[:, :4], 2), ValueError, "boxes must be a Tensor\\[K, 5\\]"),
+        (lambda: ops.roi_align(x, [rois], 2), ValueError, "boxes\\[0\\] must be a Tensor\\[L, 4\\]"),
+        (lambda: ops.roi_align(x, rois.double(), 2), TypeError, "boxes must have the dtype of input"),
+        (lambda: ops.roi_align(x, rois.to("meta"), 2), ValueError, "boxes must be on the device of input"),
+        (lambda: ops.roi_align(x, rois, 0), ValueError, "output_size must be positive"),
+        (lambda: ops.roi_align(x, rois, (2, -1)), ValueError, "output_size must be positive"),
+        (lambda: ops.roi_align(x, rois, 2, spatial_scale=0.0), ValueError, "spatial_scale must be a positive"),
+        (lambda: ops.roi_align(x, rois, 2, spatial_scale=-1.0), ValueError, "spatial_scale must be a positive"),
+        (lambda: ops.roi_align(x, torch.tensor([[2.0, 1, 1, 4, 4]]), 2), ValueError, "batch index\\) is 2.0+, outside \\[0, 2\\)"),
+        (lambda: ops.roi_align(x, torch.tensor([[-1.0, 1, 1, 4, 4]]), 2), ValueError, "outside \\[0, 2\\)"),
+        (lambda: ops.roi_align(x, torch.tensor([[math.nan, 1, 1, 4, 4]]), 2), ValueError, "batch index"),
+        (lambda: ops.roi_align(x, torch.tensor([[0.0, 0, 0, math.inf, 4]]), 2), ValueError, "not finite or too large"),
+        (lambda: ops.roi_align(x, rois, 2.5), TypeError, "output_size must be an int or a pair"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_cases())))
+def test_bad_input(case):
+    call, error, message = bad_cases()[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_nan_box_coordinates_with_fixed_sampling_give_zero_not_a_crash():
+    x = torch.randn(1, 2, 8, 8)
+    out = ops.roi_align(x, torch.tensor([[0.0, math.nan, 1, 4, 4]]), 2, sampling_ratio=2)
+    assert torch.equal(out, torch.zeros_like(out))
