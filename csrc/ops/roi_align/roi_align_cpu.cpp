@@ -60,20 +60,22 @@ void box_samples(const S* roi, int64_t k, const Shape& s, double spatial_scale, 
 
 // ---- forward
 
-template <class S>
-void forward_nchw(const S* in, const BoxSamples<compute_t<S>>& b, const Shape& s, S* out) {
+// G channels of one box: the bins' sums of G planes (the box's image, channels c..c+G-1, `stride`
+// apart) into out (channel j at out + j * bins). Several channels per pass over the sampling points
+// read each point once for all of them; each channel's sum runs in the same order as alone.
+template <int G, class S>
+void forward_planes(const S* plane, int64_t stride, const BoxSamples<compute_t<S>>& b, int64_t bins, S* out) {
   using T = compute_t<S>;
-  const int64_t plane = s.h * s.w, bins = s.ph * s.pw;
-  for (int64_t c = 0; c < s.c; ++c) {
-    const S* x = in + (b.image * s.c + c) * plane;
-    for (int64_t bin = 0; bin < bins; ++bin) {
-      const Bilinear<T>* p = b.points.data() + bin * b.per_bin;
-      T sum = T(0);
-      for (int64_t i = 0; i < b.per_bin; ++i, ++p)
-        sum += p->w1 * to_float(x[p->p1]) + p->w2 * to_float(x[p->p2]) + p->w3 * to_float(x[p->p3]) +
-               p->w4 * to_float(x[p->p4]);
-      out[c * bins + bin] = from_compute<S>(sum / b.count);
-    }
+  const Bilinear<T>* p = b.points.data();
+  for (int64_t bin = 0; bin < bins; ++bin) {
+    T sum[G] = {};
+    for (int64_t i = 0; i < b.per_bin; ++i, ++p)
+      for (int j = 0; j < G; ++j) {
+        const S* x = plane + j * stride;
+        sum[j] += p->w1 * to_float(x[p->p1]) + p->w2 * to_float(x[p->p2]) + p->w3 * to_float(x[p->p3]) +
+                  p->w4 * to_float(x[p->p4]);
+      }
+    for (int j = 0; j < G; ++j) out[j * bins + bin] = from_compute<S>(sum[j] / b.count);
   }
 }
 
@@ -98,43 +100,47 @@ void forward_nhwc(const S* in, const BoxSamples<compute_t<S>>& b, const Shape& s
 
 // ---- backward
 
-template <class S>
-void backward_nchw(const S* grad, const BoxSamples<compute_t<S>>& b, const Shape& s, int64_t c0, int64_t c1,
-                   compute_t<S>* grad_in) {
+// G channels of one box: scatter its bins' gradients (channel j at grad + j * bins) into G planes
+// (`stride` apart). Each channel adds in the same order as alone.
+template <int G, class S>
+void backward_planes(const S* grad, const BoxSamples<compute_t<S>>& b, int64_t bins, compute_t<S>* plane,
+                     int64_t stride) {
   using T = compute_t<S>;
-  const int64_t plane = s.h * s.w, bins = s.ph * s.pw;
-  for (int64_t c = c0; c < c1; ++c) {
-    T* gx = grad_in + (b.image * s.c + c) * plane;
-    for (int64_t bin = 0; bin < bins; ++bin) {
-      const T g = to_float(grad[c * bins + bin]);
-      const Bilinear<T>* p = b.points.data() + bin * b.per_bin;
-      for (int64_t i = 0; i < b.per_bin; ++i, ++p) {
-        gx[p->p1] += g * p->w1 / b.count;
-        gx[p->p2] += g * p->w2 / b.count;
-        gx[p->p3] += g * p->w3 / b.count;
-        gx[p->p4] += g * p->w4 / b.count;
+  const Bilinear<T>* p = b.points.data();
+  for (int64_t bin = 0; bin < bins; ++bin) {
+    // One division per bin (torchvision divides per point: results differ in the last bit at most).
+    T g[G];
+    for (int j = 0; j < G; ++j) g[j] = to_float(grad[j * bins + bin]) / b.count;
+    for (int64_t i = 0; i < b.per_bin; ++i, ++p)
+      for (int j = 0; j < G; ++j) {
+        T* x = plane + j * stride;
+        x[p->p1] += g[j] * p->w1;
+        x[p->p2] += g[j] * p->w2;
+        x[p->p3] += g[j] * p->w3;
+        x[p->p4] += g[j] * p->w4;
       }
-    }
   }
 }
 
 template <class S>
 void backward_nhwc(const S* grad, const BoxSamples<compute_t<S>>& b, const Shape& s, int64_t c0, int64_t c1,
-                   compute_t<S>* grad_in) {
+                   compute_t<S>* grad_in, std::vector<compute_t<S>>& scaled) {
   using T = compute_t<S>;
   const int64_t bins = s.ph * s.pw, C = s.c;
   T* image = grad_in + b.image * s.h * s.w * C;
+  scaled.resize(size_t(c1 - c0));
+  T* g = scaled.data() - c0;  // indexed by channel
+  const Bilinear<T>* p = b.points.data();
   for (int64_t bin = 0; bin < bins; ++bin) {
-    const S* g = grad + bin * C;
-    const Bilinear<T>* p = b.points.data() + bin * b.per_bin;
+    for (int64_t c = c0; c < c1; ++c) g[c] = to_float(grad[bin * C + c]) / b.count;  // once per bin
     for (int64_t i = 0; i < b.per_bin; ++i, ++p) {
       T *x1 = image + p->p1 * C, *x2 = image + p->p2 * C, *x3 = image + p->p3 * C, *x4 = image + p->p4 * C;
+      const T w1 = p->w1, w2 = p->w2, w3 = p->w3, w4 = p->w4;
       for (int64_t c = c0; c < c1; ++c) {
-        const T gc = to_float(g[c]);
-        x1[c] += gc * p->w1 / b.count;
-        x2[c] += gc * p->w2 / b.count;
-        x3[c] += gc * p->w3 / b.count;
-        x4[c] += gc * p->w4 / b.count;
+        x1[c] += g[c] * w1;
+        x2[c] += g[c] * w2;
+        x3[c] += g[c] * w3;
+        x4[c] += g[c] * w4;
       }
     }
   }
@@ -163,31 +169,72 @@ Shape check_args(const TensorView& map, const TensorView& rois, const TensorView
   return s;
 }
 
+// The sampling points of boxes [k0, k1), computed once (in parallel) and shared by every channel.
+// Groups are cut so the points stay within kGroupPoints (a few tens of MB).
+constexpr int64_t kGroupPoints = int64_t(1) << 19;
+
+// The boxes of a group ordered by image, then index: the channel-outer loops then touch one image's
+// planes at a time (a working set that fits L2), in an order fixed by the input alone.
+template <class T>
+std::vector<int64_t> by_image(const std::vector<BoxSamples<T>>& group) {
+  std::vector<int64_t> order(group.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return group[a].image < group[b].image; });
+  return order;
+}
+
+template <class S>
+int64_t sample_group(const TensorView& rois, int64_t k0, const Shape& s, double spatial_scale, int64_t sampling_ratio,
+                     bool aligned, std::vector<BoxSamples<compute_t<S>>>& group, int nthreads) {
+  const int64_t k = rois.size(0);
+  const int64_t box_points = s.ph * s.pw * (sampling_ratio > 0 ? sampling_ratio * sampling_ratio : 4);
+  const int64_t k1 = std::min(k, k0 + std::max<int64_t>(1, kGroupPoints / box_points));
+  group.resize(size_t(k1 - k0));
+  parallel_for(k0, k1, 8, nthreads, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i)
+      box_samples(rois.ptr<S>() + i * 5, i, s, spatial_scale, sampling_ratio, aligned, group[i - k0]);
+  });
+  return k1;
+}
+
 }  // namespace
 
 void roi_align_forward_cpu(const TensorView& input, const TensorView& rois, double spatial_scale,
                            int64_t sampling_ratio, bool aligned, const TensorView& output, int nthreads) {
   const Shape s = check_args(input, rois, output, "output");
   check_dtype(output, "output", input.dtype);
-  const int64_t k = rois.size(0);
+  const int64_t k = rois.size(0), bins = s.ph * s.pw, box_out = s.c * bins;
   dispatch_floating(input.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    const int64_t box_out = s.c * s.ph * s.pw;
-    parallel_for(0, k, 1, nthreads, [&](int64_t k0, int64_t k1) {
-      BoxSamples<compute_t<S>> b;
-      std::vector<compute_t<S>> acc;
-      for (int64_t i = k0; i < k1; ++i) {
-        S* out = output.ptr<S>() + i * box_out;
-        box_samples(rois.ptr<S>() + i * 5, i, s, spatial_scale, sampling_ratio, aligned, b);
-        if (s.h == 0 || s.w == 0) {  // nothing to sample
-          std::fill(out, out + box_out, from_compute<S>(0.0f));
-        } else if (s.channels_last) {
-          forward_nhwc(input.ptr<S>(), b, s, out, acc);
-        } else {
-          forward_nchw(input.ptr<S>(), b, s, out);
-        }
+    std::vector<BoxSamples<compute_t<S>>> group;
+    for (int64_t k0 = 0; k0 < k;) {
+      const int64_t k1 = sample_group<S>(rois, k0, s, spatial_scale, sampling_ratio, aligned, group, nthreads);
+      if (s.h == 0 || s.w == 0) {  // nothing to sample
+        std::fill(output.ptr<S>() + k0 * box_out, output.ptr<S>() + k1 * box_out, from_compute<S>(0.0f));
+      } else if (s.channels_last) {  // boxes in parallel, channels innermost
+        parallel_for(k0, k1, 1, nthreads, [&](int64_t a, int64_t b) {
+          std::vector<compute_t<S>> acc;
+          for (int64_t i = a; i < b; ++i) forward_nhwc(input.ptr<S>(), group[i - k0], s, output.ptr<S>() + i * box_out, acc);
+        });
+      } else {  // channels in parallel (4 at a time): the planes stay in cache while every box reads them
+        constexpr int64_t kGroup = 4;
+        const int64_t plane = s.h * s.w;
+        const std::vector<int64_t> order = by_image(group);
+        parallel_for(0, s.c, kGroup, nthreads, [&](int64_t c0, int64_t c1) {
+          for (int64_t j : order) {
+            const int64_t i = k0 + j;
+            const auto& b = group[j];
+            const S* in = input.ptr<S>() + (b.image * s.c + c0) * plane;
+            S* out = output.ptr<S>() + i * box_out + c0 * bins;
+            if (c1 - c0 == kGroup)
+              forward_planes<kGroup>(in, plane, b, bins, out);
+            else
+              for (int64_t c = 0; c < c1 - c0; ++c) forward_planes<1>(in + c * plane, plane, b, bins, out + c * bins);
+          }
+        });
       }
-    });
+      k0 = k1;
+    }
   });
 }
 
@@ -196,24 +243,38 @@ void roi_align_backward_cpu(const TensorView& grad_output, const TensorView& roi
   const Shape s = check_args(grad_input, rois, grad_output, "grad_output");
   check_dtype(grad_input, "grad_input", grad_output.dtype == DType::Float64 ? DType::Float64 : DType::Float32);
   if (s.h == 0 || s.w == 0) return;
-  const int64_t k = rois.size(0);
+  const int64_t k = rois.size(0), bins = s.ph * s.pw, box_out = s.c * bins;
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
     using T = compute_t<S>;
-    const int64_t box_out = s.c * s.ph * s.pw;
-    // Channel blocks: enough of them to balance the threads, wide enough to vectorise channels_last.
-    const int64_t block = std::max<int64_t>(16, (s.c + 4 * nthreads - 1) / (4 * nthreads));
-    parallel_for(0, s.c, block, nthreads, [&](int64_t c0, int64_t c1) {
-      BoxSamples<T> b;
-      for (int64_t i = 0; i < k; ++i) {
-        box_samples(rois.ptr<S>() + i * 5, i, s, spatial_scale, sampling_ratio, aligned, b);
-        const S* grad = grad_output.ptr<S>() + i * box_out;
-        if (s.channels_last)
-          backward_nhwc(grad, b, s, c0, c1, grad_input.ptr<T>());
-        else
-          backward_nchw(grad, b, s, c0, c1, grad_input.ptr<T>());
-      }
-    });
+    std::vector<BoxSamples<T>> group;
+    // Threads own disjoint channels, and each channel adds its boxes in index order: deterministic.
+    // channels_last: blocks wide enough to vectorise, few enough to balance the threads.
+    constexpr int64_t kGroup = 4;  // NCHW: channels per pass over a box's points
+    const int64_t block = s.channels_last ? std::max<int64_t>(16, (s.c + 2 * nthreads - 1) / (2 * nthreads)) : kGroup;
+    const int64_t plane = s.h * s.w;
+    for (int64_t k0 = 0; k0 < k;) {
+      const int64_t k1 = sample_group<S>(rois, k0, s, spatial_scale, sampling_ratio, aligned, group, nthreads);
+      const std::vector<int64_t> order = by_image(group);
+      parallel_for(0, s.c, block, nthreads, [&](int64_t c0, int64_t c1) {
+        std::vector<T> scaled;
+        for (int64_t j : order) {
+          const int64_t i = k0 + j;
+          const auto& b = group[j];
+          const S* grad = grad_output.ptr<S>() + i * box_out;
+          if (s.channels_last) {
+            backward_nhwc(grad, b, s, c0, c1, grad_input.ptr<T>(), scaled);
+          } else {
+            T* gx = grad_input.ptr<T>() + (b.image * s.c + c0) * plane;
+            if (c1 - c0 == kGroup)
+              backward_planes<kGroup>(grad + c0 * bins, b, bins, gx, plane);
+            else
+              for (int64_t c = 0; c < c1 - c0; ++c) backward_planes<1>(grad + (c0 + c) * bins, b, bins, gx + c * plane, plane);
+          }
+        }
+      });
+      k0 = k1;
+    }
   });
 }
 
