@@ -169,3 +169,87 @@ def test_nan_box_coordinates_with_fixed_sampling_give_zero_not_a_crash():
     x = torch.randn(1, 2, 8, 8)
     out = ops.roi_align(x, torch.tensor([[0.0, math.nan, 1, 4, 4]]), 2, sampling_ratio=2)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------- multi_scale_roi_align
+
+
+def pyramid(dtype=torch.float64, channels_last=False, seed=0, levels=4, channels=6):
+    g = torch.Generator().manual_seed(seed)
+    from collections import OrderedDict
+
+    feats = OrderedDict()
+    for i in range(levels):
+        f = torch.randn(2, channels, 100 // 2**i, 136 // 2**i, generator=g, dtype=torch.float64).to(dtype)
+        feats[f"p{i}"] = f.to(memory_format=torch.channels_last) if channels_last else f
+    image_shapes = [(400, 544), (380, 500)]
+    k = 120
+    xy = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([500.0, 380.0], dtype=torch.float64)
+    wh = torch.rand(k, 2, generator=g, dtype=torch.float64) ** 2 * 400 + 1  # every level gets boxes
+    b = torch.cat([xy, xy + wh], 1).to(dtype)
+    return feats, [b[:70], b[70:]], image_shapes
+
+
+def run_multi_scale(module_cls, feats, boxes, image_shapes, upstream_seed=1):
+    names = list(feats)
+    module = module_cls(names, (7, 5), 2)
+    inputs = {k: v.detach().clone().requires_grad_(True) for k, v in feats.items()}
+    out = module(inputs, boxes, image_shapes)
+    g = torch.Generator().manual_seed(upstream_seed)
+    (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum().backward()
+    return out.detach(), [inputs[k].grad for k in names]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("levels", [1, 2, 4])
+def test_multi_scale_matches_torchvision(channels_last, levels):
+    feats, boxes, shapes = pyramid(channels_last=channels_last, levels=levels)
+    out, grads = run_multi_scale(fnn.MultiScaleRoIAlign, feats, boxes, shapes)
+    ref, ref_grads = run_multi_scale(torchvision.ops.MultiScaleRoIAlign, feats, boxes, shapes)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_multi_scale_float32_and_degenerate_boxes():
+    feats, boxes, shapes = pyramid(dtype=torch.float32, seed=3)
+    boxes[0][:3] = torch.tensor([[50.0, 50, 40, 60], [10, 10, 10, 10], [0, 0, 2000, 2000]])  # inverted, empty, huge
+    out, grads = run_multi_scale(fnn.MultiScaleRoIAlign, feats, boxes, shapes)
+    ref, ref_grads = run_multi_scale(torchvision.ops.MultiScaleRoIAlign, feats, boxes, shapes)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_scale_gradcheck_and_opcheck():
+    feats, boxes, shapes = pyramid(levels=3, channels=2, seed=4)
+    feats = [f[:, :, :12, :16].detach().clone().requires_grad_(True) for f in feats.values()]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=torch.float64), b], 1)
+                      for i, b in enumerate(boxes)])[:8] / 8
+    scales = [0.25, 0.125, 0.0625]
+    fn = lambda *f: ops.multi_scale_roi_align(list(f), rois, 2, 2, scales=scales, canonical_scale=8.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(feats))
+    torch.library.opcheck(torch.ops.fastcv.multi_scale_roi_align.default,
+                          (feats, rois, scales, 2, 2, 2, False, 8.0, 4))
+
+
+def test_multi_scale_compile_fullgraph():
+    feats, boxes, shapes = pyramid(dtype=torch.float32, levels=3, seed=5)
+    features = list(feats.values())
+
+    def pool(features, boxes):
+        return ops.multi_scale_roi_align(features, boxes, 7, 2, scales=[0.25, 0.125, 0.0625]).mean(dim=(2, 3))
+
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(features, boxes), pool(features, boxes))
+
+
+def test_multi_scale_bad_input():
+    feats, boxes, shapes = pyramid(dtype=torch.float32, levels=2)
+    f = list(feats.values())
+    with pytest.raises(ValueError, match="one scale per feature map"):
+        ops.multi_scale_roi_align(f, boxes, 7, scales=[0.25])
+    with pytest.raises(ValueError, match="image_shapes must list"):
+        ops.multi_scale_roi_align(f, boxes, 7)
+    with pytest.raises(ValueError, match=r"features\[1\] must match features\[0\]"):
+        ops.multi_scale_roi_align([f[0], f[1][:, :3]], boxes, 7, scales=[0.25, 0.125])

@@ -1,4 +1,4 @@
 """nn.Module wrappers around fastcv.ops, with torch/torchvision's constructors and state_dict names."""
-from fastcv.nn.roi_align import RoIAlign
+from fastcv.nn.roi_align import MultiScaleRoIAlign, RoIAlign
 
-__all__ = ["RoIAlign"]
+__all__ = ["RoIAlign", "MultiScaleRoIAlign"]

@@ -3,6 +3,6 @@
 Importing this package registers every op as torch.ops.fastcv.<name>.
 """
 from fastcv.ops.nms import Detections, batched_nms, batched_nms_padded, nms
-from fastcv.ops.roi_align import roi_align
+from fastcv.ops.roi_align import multi_scale_roi_align, roi_align
 
-__all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections", "roi_align"]
+__all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections", "roi_align", "multi_scale_roi_align"]

@@ -8,7 +8,8 @@ channels_last input without a layout copy (the output follows the input's memory
 deterministic backward, and clear errors where torchvision reads out of bounds (a batch index outside
 the batch) or never finishes (a non-finite box with adaptive sampling).
 
-Backends so far: CPU C++. The CUDA and Triton kernels and multi_scale_roi_align are not written yet.
+multi_scale_roi_align pools every box from its FPN level in one call (torchvision's MultiScaleRoIAlign
+semantics). Backends so far: CPU C++; the CUDA and Triton kernels are not written yet.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fastcv import _C
 from fastcv._backend import FLOATING, num_threads, view
 from fastcv._library import define
 
-__all__ = ["roi_align"]
+__all__ = ["roi_align", "multi_scale_roi_align"]
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -151,3 +152,126 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     ph, pw = _pair(output_size)
     return torch.ops.fastcv.roi_align(input, _rois(boxes, input), float(spatial_scale), ph, pw,
                                       int(sampling_ratio), bool(aligned))
+
+
+# ---------------------------------------------------------------- multi_scale_roi_align
+
+
+def _k_min(scales) -> int:
+    return int(round(-math.log2(scales[0])))
+
+
+def _check_levels(features, rois, scales, pooled_height, pooled_width) -> None:
+    if not isinstance(features, (list, tuple)) or not features:
+        raise ValueError("features must be a non-empty list of Tensor[N, C, H, W], one per pyramid level")
+    if len(scales) != len(features):
+        raise ValueError(f"one scale per feature map is required: {len(features)} maps, {len(scales)} scales")
+    first = features[0]
+    for level, f in enumerate(features):
+        _check(f, rois, scales[level], pooled_height, pooled_width)
+        if f.shape[:2] != first.shape[:2] or f.dtype != first.dtype or f.device != first.device:
+            raise ValueError(f"features[{level}] must match features[0] in batch, channels, dtype and device")
+
+
+def _ms_forward_impl(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
+                     canonical_level):
+    _check_levels(features, rois, scales, pooled_height, pooled_width)
+    fmt = _format(features[0])
+    maps = [f.contiguous(memory_format=fmt) for f in features]
+    out = torch.empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width), dtype=features[0].dtype,
+                      memory_format=fmt)
+    if out.numel() == 0:
+        return out
+    _C.multi_scale_roi_align_forward_cpu([view(m) for m in maps], list(scales), view(rois.contiguous()),
+                                         canonical_scale, canonical_level, _k_min(scales), sampling_ratio, aligned,
+                                         view(out), num_threads())
+    return out
+
+
+def _ms_forward_fake(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
+                     canonical_level):
+    _check_levels(features, rois, scales, pooled_height, pooled_width)
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width)).contiguous(
+        memory_format=_format(features[0]))
+
+
+def _ms_backward_impl(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
+                      canonical_scale, canonical_level):
+    fmt = _format(grad)
+    g = grad.contiguous(memory_format=fmt)
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grads = [torch.zeros((batch_size, channels, h, w), dtype=acc_dtype).contiguous(memory_format=fmt)
+             for h, w in zip(heights, widths)]
+    if g.numel() and all(x.numel() for x in grads):
+        _C.multi_scale_roi_align_backward_cpu(view(g), list(scales), view(rois.contiguous()), canonical_scale,
+                                              canonical_level, _k_min(scales), sampling_ratio, aligned,
+                                              [view(x) for x in grads], num_threads())
+    return [x.to(grad.dtype) for x in grads]
+
+
+def _ms_backward_fake(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
+                      canonical_scale, canonical_level):
+    return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=_format(grad))
+            for h, w in zip(heights, widths)]
+
+
+define(
+    "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, int pooled_height, int pooled_width, "
+    "int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) -> Tensor",
+    cpu=_ms_forward_impl,
+    fake=_ms_forward_fake,
+)
+define(
+    "multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, int[] heights, int[] widths, "
+    "int batch_size, int channels, int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) "
+    "-> Tensor[]",
+    cpu=_ms_backward_impl,
+    fake=_ms_backward_fake,
+)
+
+
+def _ms_setup_context(ctx, inputs, output):
+    features, rois, scales, _, _, sampling_ratio, aligned, canonical_scale, canonical_level = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (list(scales), [f.shape[2] for f in features], [f.shape[3] for f in features], features[0].shape[0],
+                features[0].shape[1], sampling_ratio, aligned, canonical_scale, canonical_level)
+
+
+def _ms_backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    grads = torch.ops.fastcv.multi_scale_roi_align_backward(grad, rois, *ctx.args)
+    return list(grads), None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastcv::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup_context)
+
+
+def infer_scales(features, image_shapes) -> list[float]:
+    """torchvision's MultiScaleRoIAlign rule: each map's scale is the power of two nearest to its size
+    over the largest image size (heights decide; widths are assumed to agree)."""
+    if not image_shapes:
+        raise ValueError("image_shapes must list each image's (height, width) to infer the levels' scales")
+    max_h = max(s[0] for s in image_shapes)
+    return [2.0 ** round(math.log2(f.shape[2] / max_h)) for f in features]
+
+
+def multi_scale_roi_align(features, boxes, output_size, sampling_ratio: int = -1, image_shapes=None, *,
+                          scales=None, canonical_scale: float = 224.0, canonical_level: int = 4,
+                          aligned: bool = False) -> Tensor:
+    """torchvision.ops.MultiScaleRoIAlign as one call: each box pooled from the FPN level its size picks
+    (floor(canonical_level + log2(sqrt(area) / canonical_scale)), clamped to the levels given), the level
+    decided per box in the kernel, with no per-level Python loop and no host sync.
+
+    features: the levels, finest first (Tensor[N, C, H_l, W_l] each); boxes: Tensor[K, 5] or a list of
+    Tensor[L, 4]; scales: each level's spatial scale, or inferred from image_shapes as torchvision does.
+    Returns Tensor[K, C, PH, PW]."""
+    features = list(features)
+    if scales is None:
+        scales = infer_scales(features, image_shapes)
+    ph, pw = _pair(output_size)
+    rois = _rois(boxes, features[0])
+    if len(features) == 1:  # torchvision pools a single level without the level rule
+        return roi_align(features[0], rois, (ph, pw), scales[0], sampling_ratio, aligned)
+    return torch.ops.fastcv.multi_scale_roi_align(features, rois, [float(s) for s in scales], ph, pw,
+                                                  int(sampling_ratio), bool(aligned), float(canonical_scale),
+                                                  int(canonical_level))

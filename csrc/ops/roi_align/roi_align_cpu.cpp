@@ -1,8 +1,11 @@
-// CPU RoI Align. Per box, the bilinear weights of every sampling point are computed once and reused
-// across channels. NCHW walks one channel plane at a time; channels_last runs the channel loop
-// innermost, contiguous, where the compiler vectorises it. Forward: threads over boxes. Backward:
-// threads over channel blocks, so no two threads write the same gradient element.
+// CPU RoI Align over one feature map (roi_align) or several FPN levels (multi_scale_roi_align, each
+// box pooled from the level its size selects, decided here). Per box, the bilinear weights of every
+// sampling point are computed once and reused across channels. NCHW runs channels outermost, four at a
+// time, so each plane stays in cache while every box reads (or, backward, writes) it; channels_last
+// keeps the contiguous channel loop innermost, where the compiler vectorises it. The backward gives
+// threads disjoint channels: no atomics, and bit-identical results for any thread count.
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -18,51 +21,105 @@ namespace {
 using roi_align::Bilinear;
 using roi_align::Geometry;
 
-struct Shape {
-  int64_t n, c, h, w, ph, pw;
-  bool channels_last;
+// The maps boxes are pooled from: one, or the levels of a feature pyramid.
+struct Levels {
+  std::vector<const TensorView*> maps;  // [N, C, H_l, W_l]
+  std::vector<double> scales;
+  int64_t n = 0, c = 0, ph = 0, pw = 0;
+  bool channels_last = false;
+  const LevelMapping* mapping = nullptr;  // null: a single map
+
+  int64_t h(int64_t l) const { return maps[size_t(l)]->size(2); }
+  int64_t w(int64_t l) const { return maps[size_t(l)]->size(3); }
 };
 
-// One box: its image, the divisor of each bin, and the sampling points of every bin, bin-major.
+// torchvision's LevelMapper, with its float operations: floor(level0 + log2(sqrt(area) / scale0) + eps),
+// clamped to the pyramid. -1 when the area is negative or NaN (torchvision then pools nothing: zeros).
+template <class T>
+int64_t box_level(T x1, T y1, T x2, T y2, const LevelMapping& m, int64_t levels) {
+  const T s = std::sqrt((x2 - x1) * (y2 - y1));
+  const T v = std::floor(T(m.canonical_level) + std::log2(s / T(m.canonical_scale)) + T(1e-6));
+  if (!(v == v)) return -1;
+  const T low = T(m.k_min), high = T(m.k_min + levels - 1);
+  return int64_t(std::min(std::max(v, low), high)) - m.k_min;
+}
+
+// One box: its level (-1: none), image, bin divisor, and the sampling points of every bin, bin-major.
 template <class T>
 struct BoxSamples {
-  int64_t image = 0;
+  int64_t level = 0, image = 0;
   T count = T(1);
   int64_t per_bin = 0;
   std::vector<Bilinear<T>> points;
 };
 
 template <class S>
-void box_samples(const S* roi, int64_t k, const Shape& s, double spatial_scale, int64_t sampling_ratio,
-                 bool aligned, BoxSamples<compute_t<S>>& out) {
+void box_samples(const S* roi, int64_t k, const Levels& lv, int64_t sampling_ratio, bool aligned,
+                 BoxSamples<compute_t<S>>& out) {
   using T = compute_t<S>;
   const T index = to_float(roi[0]);
-  if (!(index >= T(0) && index < T(s.n)))
+  if (!(index >= T(0) && index < T(lv.n)))
     throw ArgError("rois[" + std::to_string(k) + ", 0] (the batch index) is " + std::to_string(double(index)) +
-                   ", outside [0, " + std::to_string(s.n) + ")");
+                   ", outside [0, " + std::to_string(lv.n) + ")");
+  const T x1 = to_float(roi[1]), y1 = to_float(roi[2]), x2 = to_float(roi[3]), y2 = to_float(roi[4]);
+  out.image = int64_t(index);
+  out.level = lv.mapping ? box_level(x1, y1, x2, y2, *lv.mapping, int64_t(lv.maps.size())) : 0;
+  out.count = T(1);
+  out.per_bin = 0;
+  out.points.clear();
+  if (out.level < 0) return;
   Geometry<T> g;
-  if (!roi_align::geometry(to_float(roi[1]), to_float(roi[2]), to_float(roi[3]), to_float(roi[4]), spatial_scale,
-                           s.ph, s.pw, sampling_ratio, aligned, g))
+  if (!roi_align::geometry(x1, y1, x2, y2, lv.scales[size_t(out.level)], lv.ph, lv.pw, sampling_ratio, aligned, g))
     throw ArgError("rois[" + std::to_string(k) + "] is not finite or too large for adaptive sampling "
                    "(more than 65,536 points per bin side); pass a sampling_ratio > 0 or fix the box");
-  out.image = int64_t(index);
+  const int64_t h = lv.h(out.level), w = lv.w(out.level);
   out.count = g.count;
+  if (h == 0 || w == 0) return;  // an empty map: nothing to sample
   out.per_bin = g.grid_h * g.grid_w;
-  out.points.resize(size_t(s.ph * s.pw * out.per_bin));
+  out.points.resize(size_t(lv.ph * lv.pw * out.per_bin));
   Bilinear<T>* p = out.points.data();
-  for (int64_t ph = 0; ph < s.ph; ++ph)
-    for (int64_t pw = 0; pw < s.pw; ++pw)
+  for (int64_t ph = 0; ph < lv.ph; ++ph)
+    for (int64_t pw = 0; pw < lv.pw; ++pw)
       for (int64_t iy = 0; iy < g.grid_h; ++iy) {
         const T y = roi_align::sample_y(g, ph, iy);
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) *p++ = roi_align::bilinear(y, roi_align::sample_x(g, pw, ix), s.h, s.w);
+        for (int64_t ix = 0; ix < g.grid_w; ++ix) *p++ = roi_align::bilinear(y, roi_align::sample_x(g, pw, ix), h, w);
       }
+}
+
+// The sampling points of boxes [k0, k1), computed once (in parallel) and shared by every channel.
+// Groups are cut so that the points stay within kGroupPoints (a few tens of MB).
+constexpr int64_t kGroupPoints = int64_t(1) << 19;
+
+template <class S>
+int64_t sample_group(const TensorView& rois, int64_t k0, const Levels& lv, int64_t sampling_ratio, bool aligned,
+                     std::vector<BoxSamples<compute_t<S>>>& group, int nthreads) {
+  const int64_t k = rois.size(0);
+  const int64_t box_points = lv.ph * lv.pw * (sampling_ratio > 0 ? sampling_ratio * sampling_ratio : 4);
+  const int64_t k1 = std::min(k, k0 + std::max<int64_t>(1, kGroupPoints / box_points));
+  group.resize(size_t(k1 - k0));
+  parallel_for(k0, k1, 8, nthreads, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) box_samples(rois.ptr<S>() + i * 5, i, lv, sampling_ratio, aligned, group[i - k0]);
+  });
+  return k1;
+}
+
+// The boxes of a group ordered by level and image, then index: the channel-outer loops then touch one
+// map's planes at a time (a working set that fits L2), in an order fixed by the input alone.
+template <class T>
+std::vector<int64_t> by_plane(const std::vector<BoxSamples<T>>& group) {
+  std::vector<int64_t> order(group.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return group[a].level != group[b].level ? group[a].level < group[b].level : group[a].image < group[b].image;
+  });
+  return order;
 }
 
 // ---- forward
 
-// G channels of one box: the bins' sums of G planes (the box's image, channels c..c+G-1, `stride`
-// apart) into out (channel j at out + j * bins). Several channels per pass over the sampling points
-// read each point once for all of them; each channel's sum runs in the same order as alone.
+// G channels of one box: the bins' sums of G planes (`stride` apart) into out (channel j at
+// out + j * bins). Several channels per pass read each point once for all; each channel's sum runs in
+// the same order as alone.
 template <int G, class S>
 void forward_planes(const S* plane, int64_t stride, const BoxSamples<compute_t<S>>& b, int64_t bins, S* out) {
   using T = compute_t<S>;
@@ -79,15 +136,15 @@ void forward_planes(const S* plane, int64_t stride, const BoxSamples<compute_t<S
   }
 }
 
+// All channels of one box, channels_last: image [H, W, C] -> out [PH, PW, C].
 template <class S>
-void forward_nhwc(const S* in, const BoxSamples<compute_t<S>>& b, const Shape& s, S* out, std::vector<compute_t<S>>& acc) {
+void forward_nhwc(const S* image, const BoxSamples<compute_t<S>>& b, int64_t bins, int64_t C, S* out,
+                  std::vector<compute_t<S>>& acc) {
   using T = compute_t<S>;
-  const int64_t bins = s.ph * s.pw, C = s.c;
-  const S* image = in + b.image * s.h * s.w * C;
   acc.resize(size_t(C));
+  const Bilinear<T>* p = b.points.data();
   for (int64_t bin = 0; bin < bins; ++bin) {
     std::fill(acc.begin(), acc.end(), T(0));
-    const Bilinear<T>* p = b.points.data() + bin * b.per_bin;
     for (int64_t i = 0; i < b.per_bin; ++i, ++p) {
       const S *x1 = image + p->p1 * C, *x2 = image + p->p2 * C, *x3 = image + p->p3 * C, *x4 = image + p->p4 * C;
       for (int64_t c = 0; c < C; ++c)
@@ -122,12 +179,11 @@ void backward_planes(const S* grad, const BoxSamples<compute_t<S>>& b, int64_t b
   }
 }
 
+// Channels [c0, c1) of one box, channels_last: grad [PH, PW, C] into image [H, W, C].
 template <class S>
-void backward_nhwc(const S* grad, const BoxSamples<compute_t<S>>& b, const Shape& s, int64_t c0, int64_t c1,
-                   compute_t<S>* grad_in, std::vector<compute_t<S>>& scaled) {
+void backward_nhwc(const S* grad, const BoxSamples<compute_t<S>>& b, int64_t bins, int64_t C, int64_t c0, int64_t c1,
+                   compute_t<S>* image, std::vector<compute_t<S>>& scaled) {
   using T = compute_t<S>;
-  const int64_t bins = s.ph * s.pw, C = s.c;
-  T* image = grad_in + b.image * s.h * s.w * C;
   scaled.resize(size_t(c1 - c0));
   T* g = scaled.data() - c0;  // indexed by channel
   const Bilinear<T>* p = b.points.data();
@@ -148,88 +204,82 @@ void backward_nhwc(const S* grad, const BoxSamples<compute_t<S>>& b, const Shape
 
 // ---- argument checks
 
-// map: the input (forward) or its gradient (backward); pooled: the output or its gradient; rois must
-// have the dtype of the data (input, grad_output).
-Shape check_args(const TensorView& map, const TensorView& rois, const TensorView& pooled, const char* pooled_name) {
-  const TensorView& input = map;
-  check_shape(input, "input", {-1, -1, -1, -1});
+bool is_nhwc(const TensorView& t) {
+  return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
+}
+
+// maps: the inputs (forward) or their gradients (backward); pooled: the output or its gradient. rois
+// must have the dtype of the data (pooled).
+Levels check_args(const std::vector<TensorView>& maps, const std::vector<double>& scales, const TensorView& rois,
+                  const TensorView& pooled, const char* pooled_name) {
+  check_arg(!maps.empty() && maps.size() == scales.size(), "one spatial scale per feature map is required");
+  Levels lv;
+  const TensorView& first = maps[0];
+  check_shape(first, "input", {-1, -1, -1, -1});
+  lv.n = first.size(0), lv.c = first.size(1);
   check_shape(rois, "rois", {-1, 5});
   check_dtype(rois, "rois", pooled.dtype);
   check_contiguous(rois, "rois");
-  check_shape(pooled, pooled_name, {rois.size(0), input.size(1), -1, -1});
-  for (const TensorView* t : {&input, &rois, &pooled}) check_device(*t, "tensors", DeviceType::CPU);
-  Shape s{input.size(0), input.size(1), input.size(2), input.size(3), pooled.size(2), pooled.size(3), false};
-  // Contiguous NCHW, or channels_last (strides C*H*W*... with C innermost).
-  const bool nchw = input.is_contiguous() && pooled.is_contiguous();
-  const bool nhwc = input.stride(1) == 1 && input.stride(3) == s.c && input.stride(2) == s.w * s.c &&
-                    pooled.stride(1) == 1 && pooled.stride(3) == s.c && pooled.stride(2) == s.pw * s.c;
-  check_arg(nchw || nhwc || s.c == 1, "input and output must both be contiguous NCHW or both channels_last");
-  s.channels_last = !nchw && nhwc;
-  check_arg(s.ph > 0 && s.pw > 0, "output_size must be positive");
-  return s;
+  check_shape(pooled, pooled_name, {rois.size(0), lv.c, -1, -1});
+  lv.ph = pooled.size(2), lv.pw = pooled.size(3);
+  check_arg(lv.ph > 0 && lv.pw > 0, "output_size must be positive");
+  // The first map decides the layout (a tensor with C == 1 or 1x1 planes counts as NCHW).
+  lv.channels_last = !first.is_contiguous() && is_nhwc(first);
+  check_arg(lv.channels_last ? is_nhwc(pooled) : pooled.is_contiguous(),
+            std::string(pooled_name) + " must have the memory format of the input (contiguous NCHW or channels_last)");
+  for (const TensorView& m : maps) {
+    check_shape(m, "input", {lv.n, lv.c, -1, -1});
+    check_dtype(m, "input", first.dtype);
+    check_device(m, "input", DeviceType::CPU);
+    check_arg(lv.channels_last ? is_nhwc(m) : m.is_contiguous(),
+              "every feature map must have the memory format of the output (contiguous NCHW or channels_last)");
+    lv.maps.push_back(&m);
+  }
+  lv.scales = scales;
+  for (const TensorView* t : {&rois, &pooled}) check_device(*t, "tensors", DeviceType::CPU);
+  return lv;
 }
 
-// The sampling points of boxes [k0, k1), computed once (in parallel) and shared by every channel.
-// Groups are cut so the points stay within kGroupPoints (a few tens of MB).
-constexpr int64_t kGroupPoints = int64_t(1) << 19;
-
-// The boxes of a group ordered by image, then index: the channel-outer loops then touch one image's
-// planes at a time (a working set that fits L2), in an order fixed by the input alone.
-template <class T>
-std::vector<int64_t> by_image(const std::vector<BoxSamples<T>>& group) {
-  std::vector<int64_t> order(group.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return group[a].image < group[b].image; });
-  return order;
-}
-
-template <class S>
-int64_t sample_group(const TensorView& rois, int64_t k0, const Shape& s, double spatial_scale, int64_t sampling_ratio,
-                     bool aligned, std::vector<BoxSamples<compute_t<S>>>& group, int nthreads) {
-  const int64_t k = rois.size(0);
-  const int64_t box_points = s.ph * s.pw * (sampling_ratio > 0 ? sampling_ratio * sampling_ratio : 4);
-  const int64_t k1 = std::min(k, k0 + std::max<int64_t>(1, kGroupPoints / box_points));
-  group.resize(size_t(k1 - k0));
-  parallel_for(k0, k1, 8, nthreads, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i)
-      box_samples(rois.ptr<S>() + i * 5, i, s, spatial_scale, sampling_ratio, aligned, group[i - k0]);
-  });
-  return k1;
-}
-
-}  // namespace
-
-void roi_align_forward_cpu(const TensorView& input, const TensorView& rois, double spatial_scale,
-                           int64_t sampling_ratio, bool aligned, const TensorView& output, int nthreads) {
-  const Shape s = check_args(input, rois, output, "output");
-  check_dtype(output, "output", input.dtype);
-  const int64_t k = rois.size(0), bins = s.ph * s.pw, box_out = s.c * bins;
-  dispatch_floating(input.dtype, "input", [&](auto tag) {
+void forward(const std::vector<TensorView>& inputs, const std::vector<double>& scales, const TensorView& rois,
+             const LevelMapping* mapping, int64_t sampling_ratio, bool aligned, const TensorView& output, int nthreads) {
+  Levels lv = check_args(inputs, scales, rois, output, "output");
+  lv.mapping = mapping;
+  check_dtype(output, "output", inputs[0].dtype);
+  const int64_t k = rois.size(0), bins = lv.ph * lv.pw, box_out = lv.c * bins;
+  dispatch_floating(output.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
+    const auto image_of = [&](const BoxSamples<compute_t<S>>& b) {  // the box's [C, H, W] or [H, W, C]
+      return lv.maps[size_t(b.level)]->template ptr<S>() + b.image * lv.c * lv.h(b.level) * lv.w(b.level);
+    };
     std::vector<BoxSamples<compute_t<S>>> group;
     for (int64_t k0 = 0; k0 < k;) {
-      const int64_t k1 = sample_group<S>(rois, k0, s, spatial_scale, sampling_ratio, aligned, group, nthreads);
-      if (s.h == 0 || s.w == 0) {  // nothing to sample
-        std::fill(output.ptr<S>() + k0 * box_out, output.ptr<S>() + k1 * box_out, from_compute<S>(0.0f));
-      } else if (s.channels_last) {  // boxes in parallel, channels innermost
-        parallel_for(k0, k1, 1, nthreads, [&](int64_t a, int64_t b) {
+      const int64_t k1 = sample_group<S>(rois, k0, lv, sampling_ratio, aligned, group, nthreads);
+      // Boxes with no level or an empty map: zeros.
+      for (int64_t i = k0; i < k1; ++i)
+        if (group[i - k0].per_bin == 0)
+          std::fill(output.ptr<S>() + i * box_out, output.ptr<S>() + (i + 1) * box_out, from_compute<S>(0.0f));
+      const std::vector<int64_t> order = by_plane(group);
+      if (lv.channels_last) {  // boxes in parallel, channels innermost
+        parallel_for(0, k1 - k0, 1, nthreads, [&](int64_t a, int64_t b) {
           std::vector<compute_t<S>> acc;
-          for (int64_t i = a; i < b; ++i) forward_nhwc(input.ptr<S>(), group[i - k0], s, output.ptr<S>() + i * box_out, acc);
+          for (int64_t j = a; j < b; ++j) {
+            const auto& box = group[order[j]];
+            if (box.per_bin) forward_nhwc(image_of(box), box, bins, lv.c, output.ptr<S>() + (k0 + order[j]) * box_out, acc);
+          }
         });
-      } else {  // channels in parallel (4 at a time): the planes stay in cache while every box reads them
+      } else {  // channels in parallel, four at a time: planes stay in cache while every box reads them
         constexpr int64_t kGroup = 4;
-        const int64_t plane = s.h * s.w;
-        const std::vector<int64_t> order = by_image(group);
-        parallel_for(0, s.c, kGroup, nthreads, [&](int64_t c0, int64_t c1) {
+        parallel_for(0, lv.c, kGroup, nthreads, [&](int64_t c0, int64_t c1) {
           for (int64_t j : order) {
-            const int64_t i = k0 + j;
-            const auto& b = group[j];
-            const S* in = input.ptr<S>() + (b.image * s.c + c0) * plane;
-            S* out = output.ptr<S>() + i * box_out + c0 * bins;
+            const auto& box = group[j];
+            if (!box.per_bin) continue;
+            const int64_t plane = lv.h(box.level) * lv.w(box.level);
+            const S* in = image_of(box) + c0 * plane;
+            S* out = output.ptr<S>() + (k0 + j) * box_out + c0 * bins;
             if (c1 - c0 == kGroup)
-              forward_planes<kGroup>(in, plane, b, bins, out);
+              forward_planes<kGroup>(in, plane, box, bins, out);
             else
-              for (int64_t c = 0; c < c1 - c0; ++c) forward_planes<1>(in + c * plane, plane, b, bins, out + c * bins);
+              for (int64_t c = 0; c < c1 - c0; ++c) forward_planes<1>(in + c * plane, plane, box, bins, out + c * bins);
           }
         });
       }
@@ -238,44 +288,72 @@ void roi_align_forward_cpu(const TensorView& input, const TensorView& rois, doub
   });
 }
 
-void roi_align_backward_cpu(const TensorView& grad_output, const TensorView& rois, double spatial_scale,
-                            int64_t sampling_ratio, bool aligned, const TensorView& grad_input, int nthreads) {
-  const Shape s = check_args(grad_input, rois, grad_output, "grad_output");
-  check_dtype(grad_input, "grad_input", grad_output.dtype == DType::Float64 ? DType::Float64 : DType::Float32);
-  if (s.h == 0 || s.w == 0) return;
-  const int64_t k = rois.size(0), bins = s.ph * s.pw, box_out = s.c * bins;
+void backward(const TensorView& grad_output, const std::vector<double>& scales, const TensorView& rois,
+              const LevelMapping* mapping, int64_t sampling_ratio, bool aligned,
+              const std::vector<TensorView>& grad_inputs, int nthreads) {
+  Levels lv = check_args(grad_inputs, scales, rois, grad_output, "grad_output");
+  lv.mapping = mapping;
+  check_dtype(grad_inputs[0], "grad_input", grad_output.dtype == DType::Float64 ? DType::Float64 : DType::Float32);
+  const int64_t k = rois.size(0), bins = lv.ph * lv.pw, box_out = lv.c * bins;
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
     using T = compute_t<S>;
-    std::vector<BoxSamples<T>> group;
-    // Threads own disjoint channels, and each channel adds its boxes in index order: deterministic.
-    // channels_last: blocks wide enough to vectorise, few enough to balance the threads.
+    const auto image_of = [&](const BoxSamples<T>& b) {
+      return lv.maps[size_t(b.level)]->template ptr<T>() + b.image * lv.c * lv.h(b.level) * lv.w(b.level);
+    };
     constexpr int64_t kGroup = 4;  // NCHW: channels per pass over a box's points
-    const int64_t block = s.channels_last ? std::max<int64_t>(16, (s.c + 2 * nthreads - 1) / (2 * nthreads)) : kGroup;
-    const int64_t plane = s.h * s.w;
+    // channels_last: blocks wide enough to vectorise, few enough to balance the threads.
+    const int64_t block = lv.channels_last ? std::max<int64_t>(16, (lv.c + 2 * nthreads - 1) / (2 * nthreads)) : kGroup;
+    std::vector<BoxSamples<T>> group;
     for (int64_t k0 = 0; k0 < k;) {
-      const int64_t k1 = sample_group<S>(rois, k0, s, spatial_scale, sampling_ratio, aligned, group, nthreads);
-      const std::vector<int64_t> order = by_image(group);
-      parallel_for(0, s.c, block, nthreads, [&](int64_t c0, int64_t c1) {
+      const int64_t k1 = sample_group<S>(rois, k0, lv, sampling_ratio, aligned, group, nthreads);
+      const std::vector<int64_t> order = by_plane(group);
+      // Threads own disjoint channels, and each channel adds its boxes in `order`: deterministic.
+      parallel_for(0, lv.c, block, nthreads, [&](int64_t c0, int64_t c1) {
         std::vector<T> scaled;
         for (int64_t j : order) {
-          const int64_t i = k0 + j;
-          const auto& b = group[j];
-          const S* grad = grad_output.ptr<S>() + i * box_out;
-          if (s.channels_last) {
-            backward_nhwc(grad, b, s, c0, c1, grad_input.ptr<T>(), scaled);
-          } else {
-            T* gx = grad_input.ptr<T>() + (b.image * s.c + c0) * plane;
-            if (c1 - c0 == kGroup)
-              backward_planes<kGroup>(grad + c0 * bins, b, bins, gx, plane);
-            else
-              for (int64_t c = 0; c < c1 - c0; ++c) backward_planes<1>(grad + (c0 + c) * bins, b, bins, gx + c * plane, plane);
+          const auto& box = group[j];
+          if (!box.per_bin) continue;
+          const S* grad = grad_output.ptr<S>() + (k0 + j) * box_out;
+          if (lv.channels_last) {
+            backward_nhwc(grad, box, bins, lv.c, c0, c1, image_of(box), scaled);
+            continue;
           }
+          const int64_t plane = lv.h(box.level) * lv.w(box.level);
+          T* gx = image_of(box) + c0 * plane;
+          if (c1 - c0 == kGroup)
+            backward_planes<kGroup>(grad + c0 * bins, box, bins, gx, plane);
+          else
+            for (int64_t c = 0; c < c1 - c0; ++c) backward_planes<1>(grad + (c0 + c) * bins, box, bins, gx + c * plane, plane);
         }
       });
       k0 = k1;
     }
   });
+}
+
+}  // namespace
+
+void roi_align_forward_cpu(const TensorView& input, const TensorView& rois, double spatial_scale,
+                           int64_t sampling_ratio, bool aligned, const TensorView& output, int nthreads) {
+  forward({input}, {spatial_scale}, rois, nullptr, sampling_ratio, aligned, output, nthreads);
+}
+
+void roi_align_backward_cpu(const TensorView& grad_output, const TensorView& rois, double spatial_scale,
+                            int64_t sampling_ratio, bool aligned, const TensorView& grad_input, int nthreads) {
+  backward(grad_output, {spatial_scale}, rois, nullptr, sampling_ratio, aligned, {grad_input}, nthreads);
+}
+
+void multi_scale_roi_align_forward_cpu(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
+                                       const TensorView& rois, const LevelMapping& mapping, int64_t sampling_ratio,
+                                       bool aligned, const TensorView& output, int nthreads) {
+  forward(inputs, scales, rois, &mapping, sampling_ratio, aligned, output, nthreads);
+}
+
+void multi_scale_roi_align_backward_cpu(const TensorView& grad_output, const std::vector<double>& scales,
+                                        const TensorView& rois, const LevelMapping& mapping, int64_t sampling_ratio,
+                                        bool aligned, const std::vector<TensorView>& grad_inputs, int nthreads) {
+  backward(grad_output, scales, rois, &mapping, sampling_ratio, aligned, grad_inputs, nthreads);
 }
 
 }  // namespace fastcv

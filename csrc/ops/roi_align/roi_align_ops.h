@@ -1,8 +1,18 @@
 #pragma once
 // Entry points of roi_align, called from roi_align_bind.cpp.
+#include <vector>
+
 #include "common/tensor_view.h"
 
 namespace fastcv {
+
+// torchvision's MultiScaleRoIAlign level rule: a box of area A goes to level
+// floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6), clamped to the pyramid, whose first
+// level is k_min (a map of stride 2^k_min).
+struct LevelMapping {
+  double canonical_scale;
+  int64_t canonical_level, k_min;
+};
 
 // input [N,C,H,W] contiguous in NCHW or channels_last memory (channels_last: the view's strides say
 // so), rois [K,5] (batch index, x1, y1, x2, y2) of input's dtype; output [K,C,PH,PW] in input's memory
@@ -15,5 +25,16 @@ void roi_align_forward_cpu(const TensorView& input, const TensorView& rois, doub
 // disjoint channel blocks: no atomics, and the result is bit-identical for any thread count.
 void roi_align_backward_cpu(const TensorView& grad_output, const TensorView& rois, double spatial_scale,
                             int64_t sampling_ratio, bool aligned, const TensorView& grad_input, int nthreads);
+
+// multi_scale_roi_align: inputs are the pyramid's levels [N,C,H_l,W_l] (finest first, one memory
+// format) with their spatial scales; each box is pooled from the level the mapping picks for it, in
+// one call. Boxes with a negative or NaN area get zeros, as in torchvision. grad_inputs: one per level,
+// compute type, zero-filled by the caller.
+void multi_scale_roi_align_forward_cpu(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
+                                       const TensorView& rois, const LevelMapping& mapping, int64_t sampling_ratio,
+                                       bool aligned, const TensorView& output, int nthreads);
+void multi_scale_roi_align_backward_cpu(const TensorView& grad_output, const std::vector<double>& scales,
+                                        const TensorView& rois, const LevelMapping& mapping, int64_t sampling_ratio,
+                                        bool aligned, const std::vector<TensorView>& grad_inputs, int nthreads);
 
 }  // namespace fastcv
