@@ -66,4 +66,48 @@ def cases(device: str) -> list[Case]:
             fastcv=_forward_backward(ops.roi_align), reference=_forward_backward(torchvision.ops.roi_align),
             reference_name="torchvision.ops.roi_align", check=_close, work=_bytes, quick=False,
         ))
-    return out
+    return out + multi_scale_cases(device)
+
+
+def make_pyramid(device: str, requires_grad: bool, boxes: int = 1000):
+    """A 4-level FPN (strides 4..32) of an 800x1088 batch of 2, and proposals of every size."""
+    g = torch.Generator().manual_seed(1)
+    feats = {f"p{i}": torch.randn(2, 256, 200 // 2**i, 272 // 2**i, generator=g).to(device).requires_grad_(requires_grad)
+             for i in range(4)}
+    xy = torch.rand(boxes, 2, generator=g) * torch.tensor([1000.0, 760.0])
+    wh = torch.rand(boxes, 2, generator=g) ** 2 * 600 + 8
+    b = torch.cat([xy, xy + wh], dim=1).to(device)
+    return feats, [b[: boxes // 2], b[boxes // 2:]], [(800, 1088), (800, 1088)]
+
+
+def _ms(module_cls, backward: bool):
+    def run(feats, boxes, shapes):
+        module = module_cls(list(feats), 7, 2)
+        out = module(feats, boxes, shapes)
+        if not backward:
+            return out
+        return torch.autograd.grad(out, list(feats.values()), torch.ones_like(out))
+
+    return run
+
+
+def _close_all(a, b):
+    if isinstance(a, torch.Tensor):
+        a, b = [a], [b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def multi_scale_cases(device: str) -> list[Case]:
+    import torchvision
+
+    from fastcv import nn as fnn
+
+    name = "4-level FPN [2,256,200..25,272..34], 1,000 boxes, 7x7, sampling 2"
+    return [
+        Case("multi_scale_roi_align", f"{kind}, {name}",
+             make=lambda bw=backward: make_pyramid(device, bw),
+             fastcv=_ms(fnn.MultiScaleRoIAlign, backward), reference=_ms(torchvision.ops.MultiScaleRoIAlign, backward),
+             reference_name="torchvision.ops.MultiScaleRoIAlign", check=_close_all, quick=not backward)
+        for kind, backward in (("forward", False), ("forward+backward", True))
+    ]

@@ -37,8 +37,9 @@ FASTCV_HD bool geometry(T x1, T y1, T x2, T y2, double spatial_scale, int64_t po
   }
   g.bin_h = roi_h / T(pooled_h);
   g.bin_w = roi_w / T(pooled_w);
-  const double grid_h = sampling_ratio > 0 ? double(sampling_ratio) : ceil(double(roi_h / T(pooled_h)));
-  const double grid_w = sampling_ratio > 0 ? double(sampling_ratio) : ceil(double(roi_w / T(pooled_w)));
+  // torchvision takes ceil of the T quotient; ceil is exact, so doing it in double changes nothing.
+  const double grid_h = sampling_ratio > 0 ? double(sampling_ratio) : ::ceil(double(roi_h / T(pooled_h)));
+  const double grid_w = sampling_ratio > 0 ? double(sampling_ratio) : ::ceil(double(roi_w / T(pooled_w)));
   if (!(grid_h <= kMaxGrid && grid_w <= kMaxGrid)) return false;  // also NaN
   g.grid_h = int64_t(grid_h);
   g.grid_w = int64_t(grid_w);
@@ -90,6 +91,23 @@ FASTCV_HD Bilinear<T> bilinear(T y, T x, int64_t height, int64_t width) {
   b.p1 = y_low * width + x_low, b.p2 = y_low * width + x_high;
   b.p3 = y_high * width + x_low, b.p4 = y_high * width + x_high;
   return b;
+}
+
+// torchvision's MultiScaleRoIAlign level rule with its float operations:
+// floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to levels [k_min,
+// k_min + levels); returned relative to k_min. -1 when the area is negative or NaN (torchvision then
+// pools nothing for the box: zeros).
+template <class T>
+FASTCV_HD int64_t box_level(T x1, T y1, T x2, T y2, double canonical_scale, int64_t canonical_level, int64_t k_min,
+                            int64_t levels) {
+#if !defined(__CUDA_ARCH__)
+  using std::floor, std::log2, std::sqrt;  // the float overloads on the host (CUDA has its own)
+#endif
+  const T s = sqrt((x2 - x1) * (y2 - y1));
+  const T v = floor(T(canonical_level) + log2(s / T(canonical_scale)) + T(1e-6));
+  if (!(v == v)) return -1;
+  const T low = T(k_min), high = T(k_min + levels - 1);
+  return int64_t(v < low ? low : (v > high ? high : v)) - k_min;
 }
 
 }  // namespace roi_align

@@ -33,17 +33,6 @@ struct Levels {
   int64_t w(int64_t l) const { return maps[size_t(l)]->size(3); }
 };
 
-// torchvision's LevelMapper, with its float operations: floor(level0 + log2(sqrt(area) / scale0) + eps),
-// clamped to the pyramid. -1 when the area is negative or NaN (torchvision then pools nothing: zeros).
-template <class T>
-int64_t box_level(T x1, T y1, T x2, T y2, const LevelMapping& m, int64_t levels) {
-  const T s = std::sqrt((x2 - x1) * (y2 - y1));
-  const T v = std::floor(T(m.canonical_level) + std::log2(s / T(m.canonical_scale)) + T(1e-6));
-  if (!(v == v)) return -1;
-  const T low = T(m.k_min), high = T(m.k_min + levels - 1);
-  return int64_t(std::min(std::max(v, low), high)) - m.k_min;
-}
-
 // One box: its level (-1: none), image, bin divisor, and the sampling points of every bin, bin-major.
 template <class T>
 struct BoxSamples {
@@ -63,7 +52,10 @@ void box_samples(const S* roi, int64_t k, const Levels& lv, int64_t sampling_rat
                    ", outside [0, " + std::to_string(lv.n) + ")");
   const T x1 = to_float(roi[1]), y1 = to_float(roi[2]), x2 = to_float(roi[3]), y2 = to_float(roi[4]);
   out.image = int64_t(index);
-  out.level = lv.mapping ? box_level(x1, y1, x2, y2, *lv.mapping, int64_t(lv.maps.size())) : 0;
+  out.level = lv.mapping ? roi_align::box_level(x1, y1, x2, y2, lv.mapping->canonical_scale,
+                                                  lv.mapping->canonical_level, lv.mapping->k_min,
+                                                  int64_t(lv.maps.size()))
+                        : 0;
   out.count = T(1);
   out.per_bin = 0;
   out.points.clear();
