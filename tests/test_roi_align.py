@@ -253,3 +253,55 @@ def test_multi_scale_bad_input():
         ops.multi_scale_roi_align(f, boxes, 7)
     with pytest.raises(ValueError, match=r"features\[1\] must match features\[0\]"):
         ops.multi_scale_roi_align([f[0], f[1][:, :3]], boxes, 7, scales=[0.25, 0.125])
+
+
+# ---------------------------------------------------------------- CUDA (run by bench/device_check.sh on a GPU)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("aligned,sampling_ratio", [(True, 2), (False, -1), (True, 0)])
+def test_cuda_matches_cpu(dtype, channels_last, aligned, sampling_ratio):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 16, 25, 31, generator=g, dtype=torch.float64)
+    rois = make_rois(40, 2, 25, 31, 0.5, g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for device, dt in (("cpu", torch.float64), ("cuda", dtype)):
+        xi = x.to(device=device, dtype=dt).detach().requires_grad_(True)
+        out = ops.roi_align(xi, rois.to(device=device, dtype=dt), (7, 6), 0.5, sampling_ratio, aligned)
+        out.float().sum().backward()
+        outs.append(out.detach().double().cpu())
+        grads.append(xi.grad.double().cpu())
+    tol = TOL[dtype] if dtype != torch.float64 else 1e-10
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[1], grads[0], rtol=tol, atol=tol)
+
+
+@needs_cuda
+def test_cuda_multi_scale_matches_torchvision():
+    feats, boxes, shapes = pyramid(dtype=torch.float32, seed=8)
+    cuda_feats = type(feats)((k, v.cuda()) for k, v in feats.items())
+    out, grads = run_multi_scale(fnn.MultiScaleRoIAlign, cuda_feats, [b.cuda() for b in boxes], shapes)
+    ref, ref_grads = run_multi_scale(torchvision.ops.MultiScaleRoIAlign, feats, boxes, shapes)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    for gr, r in zip(grads, ref_grads):
+        torch.testing.assert_close(gr.cpu(), r, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_backward_refuses_deterministic_mode():
+    x = torch.randn(1, 4, 8, 8, device="cuda", requires_grad=True)
+    rois = torch.tensor([[0.0, 1, 1, 6, 6]], device="cuda")
+    out = ops.roi_align(x, rois, 2, 1.0, 2, True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -9,17 +9,20 @@ deterministic backward, and clear errors where torchvision reads out of bounds (
 the batch) or never finishes (a non-finite box with adaptive sampling).
 
 multi_scale_roi_align pools every box from its FPN level in one call (torchvision's MultiScaleRoIAlign
-semantics). Backends so far: CPU C++; the CUDA and Triton kernels are not written yet.
+semantics). Backends: CPU C++ (deterministic backward), CUDA C++ (forward; backward with atomicAdd, so
+it refuses to run under torch.use_deterministic_algorithms). Not written yet: a deterministic CUDA
+backward and a Triton forward.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, num_threads, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
 from fastcv._library import define
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
@@ -50,17 +53,59 @@ def _check(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int
         raise ValueError(f"output_size must be positive, got ({pooled_height}, {pooled_width})")
 
 
-def _forward_impl(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-    _check(input, rois, spatial_scale, pooled_height, pooled_width)
-    fmt = _format(input)
-    x = input.contiguous(memory_format=fmt)
-    out = torch.empty((rois.shape[0], input.shape[1], pooled_height, pooled_width), dtype=input.dtype,
-                      memory_format=fmt)
+def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, sampling_ratio, aligned):
+    """Both ops' forward on any backend; mapping: (canonical_scale, canonical_level, k_min) or None."""
+    first = features[0]
+    fmt = _format(first)
+    maps = [f.contiguous(memory_format=fmt) for f in features]
+    out = torch.empty((rois.shape[0], first.shape[1], pooled_height, pooled_width), dtype=first.dtype,
+                      device=first.device).contiguous(memory_format=fmt)
     if out.numel() == 0:  # no boxes or no channels (torch reports any strides as contiguous then)
         return out
-    _C.roi_align_forward_cpu(view(x), view(rois.contiguous()), spatial_scale, sampling_ratio, aligned, view(out),
-                             num_threads())
+    rois = rois.contiguous()
+    if first.is_cuda:
+        gpu_backend(first.device)  # raises if the build has no CUDA kernels for this GPU
+        _C.roi_align_forward_cuda([view(m) for m in maps], list(scales), view(rois), mapping, sampling_ratio, aligned,
+                                  view(out), cuda_stream(out))
+    elif mapping is None:
+        _C.roi_align_forward_cpu(view(maps[0]), view(rois), scales[0], sampling_ratio, aligned, view(out),
+                                 num_threads())
+    else:
+        _C.multi_scale_roi_align_forward_cpu([view(m) for m in maps], list(scales), view(rois), *mapping,
+                                             sampling_ratio, aligned, view(out), num_threads())
     return out
+
+
+def _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned):
+    """Both ops' backward on any backend: one gradient per map of shape `shapes[l]` ([N, C, H, W])."""
+    fmt = _format(grad)
+    g = grad.contiguous(memory_format=fmt)
+    # Reduced precision accumulates in float32, then rounds once.
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grads = [torch.zeros(shape, dtype=acc_dtype, device=grad.device).contiguous(memory_format=fmt) for shape in shapes]
+    if g.numel() and all(x.numel() for x in grads):
+        rois = rois.contiguous()
+        if grad.is_cuda:
+            if torch.are_deterministic_algorithms_enabled():
+                message = ("fastcv's CUDA roi_align backward uses atomicAdd and is not deterministic; a "
+                           "deterministic CUDA backward is not written yet (the CPU backward is deterministic)")
+                if not torch.is_deterministic_algorithms_warn_only_enabled():
+                    raise RuntimeError(message)
+                warnings.warn(message)
+            _C.roi_align_backward_cuda(view(g), list(scales), view(rois), mapping, sampling_ratio, aligned,
+                                       [view(x) for x in grads], cuda_stream(g))
+        elif mapping is None:
+            _C.roi_align_backward_cpu(view(g), view(rois), scales[0], sampling_ratio, aligned, view(grads[0]),
+                                      num_threads())
+        else:
+            _C.multi_scale_roi_align_backward_cpu(view(g), list(scales), view(rois), *mapping, sampling_ratio,
+                                                  aligned, [view(x) for x in grads], num_threads())
+    return [x.to(grad.dtype) for x in grads]
+
+
+def _forward_impl(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    _check(input, rois, spatial_scale, pooled_height, pooled_width)
+    return _run_forward([input], rois, [spatial_scale], None, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
 def _forward_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
@@ -71,16 +116,8 @@ def _forward_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampl
 
 def _backward_impl(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
                    sampling_ratio, aligned):
-    fmt = _format(grad)
-    g = grad.contiguous(memory_format=fmt)
-    # Reduced precision accumulates in float32, then rounds once.
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    grad_input = torch.zeros((batch_size, channels, height, width), dtype=acc_dtype).contiguous(memory_format=fmt)
-    if g.numel() == 0 or grad_input.numel() == 0:
-        return grad_input.to(grad.dtype)
-    _C.roi_align_backward_cpu(view(g), view(rois.contiguous()), spatial_scale, sampling_ratio, aligned,
-                              view(grad_input), num_threads())
-    return grad_input.to(grad.dtype)
+    shape = (batch_size, channels, height, width)
+    return _run_backward(grad, rois, [spatial_scale], None, [shape], sampling_ratio, aligned)[0]
 
 
 def _backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
@@ -92,6 +129,7 @@ define(
     "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
     "int sampling_ratio, bool aligned) -> Tensor",
     cpu=_forward_impl,
+    cuda=_forward_impl,
     fake=_forward_fake,
     autocast_to=torch.float32,
 )
@@ -99,6 +137,7 @@ define(
     "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
     "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor",
     cpu=_backward_impl,
+    cuda=_backward_impl,
     fake=_backward_fake,
 )
 
@@ -176,16 +215,8 @@ def _check_levels(features, rois, scales, pooled_height, pooled_width) -> None:
 def _ms_forward_impl(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
                      canonical_level):
     _check_levels(features, rois, scales, pooled_height, pooled_width)
-    fmt = _format(features[0])
-    maps = [f.contiguous(memory_format=fmt) for f in features]
-    out = torch.empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width), dtype=features[0].dtype,
-                      memory_format=fmt)
-    if out.numel() == 0:
-        return out
-    _C.multi_scale_roi_align_forward_cpu([view(m) for m in maps], list(scales), view(rois.contiguous()),
-                                         canonical_scale, canonical_level, _k_min(scales), sampling_ratio, aligned,
-                                         view(out), num_threads())
-    return out
+    mapping = (canonical_scale, canonical_level, _k_min(scales))
+    return _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
 def _ms_forward_fake(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
@@ -197,16 +228,9 @@ def _ms_forward_fake(features, rois, scales, pooled_height, pooled_width, sampli
 
 def _ms_backward_impl(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
                       canonical_scale, canonical_level):
-    fmt = _format(grad)
-    g = grad.contiguous(memory_format=fmt)
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    grads = [torch.zeros((batch_size, channels, h, w), dtype=acc_dtype).contiguous(memory_format=fmt)
-             for h, w in zip(heights, widths)]
-    if g.numel() and all(x.numel() for x in grads):
-        _C.multi_scale_roi_align_backward_cpu(view(g), list(scales), view(rois.contiguous()), canonical_scale,
-                                              canonical_level, _k_min(scales), sampling_ratio, aligned,
-                                              [view(x) for x in grads], num_threads())
-    return [x.to(grad.dtype) for x in grads]
+    mapping = (canonical_scale, canonical_level, _k_min(scales))
+    shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
+    return _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned)
 
 
 def _ms_backward_fake(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
@@ -219,6 +243,7 @@ define(
     "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, int pooled_height, int pooled_width, "
     "int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) -> Tensor",
     cpu=_ms_forward_impl,
+    cuda=_ms_forward_impl,
     fake=_ms_forward_fake,
 )
 define(
@@ -226,6 +251,7 @@ define(
     "int batch_size, int channels, int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) "
     "-> Tensor[]",
     cpu=_ms_backward_impl,
+    cuda=_ms_backward_impl,
     fake=_ms_backward_fake,
 )
 

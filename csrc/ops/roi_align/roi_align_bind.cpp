@@ -1,6 +1,9 @@
 // Python bindings of roi_align. Arguments are converted with the GIL held; kernels run without it.
 #include <pybind11/stl.h>
 
+#include <optional>
+#include <tuple>
+
 #include "common/pyview.h"
 #include "ops/roi_align/roi_align_ops.h"
 
@@ -30,6 +33,29 @@ void bind_roi_align(py::module_& m) {
                                            sampling_ratio, aligned, grad_inputs, nthreads);
       },
       nogil);
+#ifdef FASTCV_WITH_CUDA
+  using Mapping = std::optional<std::tuple<double, int64_t, int64_t>>;  // canonical scale, level, k_min
+  const auto level_mapping = [](const Mapping& m) {
+    return m ? LevelMapping{std::get<0>(*m), std::get<1>(*m), std::get<2>(*m)} : LevelMapping{};
+  };
+  m.def(
+      "roi_align_forward_cuda",
+      [=](std::vector<TensorView> inputs, std::vector<double> scales, TensorView rois, Mapping mapping,
+          int64_t sampling_ratio, bool aligned, TensorView output, uintptr_t stream) {
+        const LevelMapping lm = level_mapping(mapping);
+        roi_align_forward_cuda(inputs, scales, rois, mapping ? &lm : nullptr, sampling_ratio, aligned, output, stream);
+      },
+      nogil);
+  m.def(
+      "roi_align_backward_cuda",
+      [=](TensorView grad_output, std::vector<double> scales, TensorView rois, Mapping mapping, int64_t sampling_ratio,
+          bool aligned, std::vector<TensorView> grad_inputs, uintptr_t stream) {
+        const LevelMapping lm = level_mapping(mapping);
+        roi_align_backward_cuda(grad_output, scales, rois, mapping ? &lm : nullptr, sampling_ratio, aligned,
+                                grad_inputs, stream);
+      },
+      nogil);
+#endif
 }
 
 }  // namespace fastcv

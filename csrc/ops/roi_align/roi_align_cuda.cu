@@ -1,0 +1,197 @@
+// CUDA RoI Align over one map or the levels of a feature pyramid: one thread per output element (in
+// the output's memory order, so writes coalesce), the box's level and sampling points computed by the
+// thread with the arithmetic the CPU kernels use. Backward: the same threads scatter with atomicAdd
+// into a float32/float64 gradient. A box that cannot be pooled (batch index out of range, non-finite
+// or absurd box) gives zeros here: the GPU cannot raise without a host sync, and never reads outside.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cuda_utils.cuh"
+#include "common/dtype.h"
+#include "ops/roi_align/roi_align.h"
+#include "ops/roi_align/roi_align_ops.h"
+
+namespace fastcv {
+namespace {
+
+constexpr int kMaxLevels = 8;
+constexpr int kThreads = 256;
+
+struct LevelsArg {
+  const void* data[kMaxLevels];  // the maps (forward) or their gradients (backward)
+  int64_t h[kMaxLevels], w[kMaxLevels];
+  double scale[kMaxLevels];
+  int levels;
+  int64_t n, c, ph, pw;
+  bool channels_last, multi;
+  double canonical_scale;
+  int64_t canonical_level, k_min;
+};
+
+// Output element idx -> (box, channel, bin), in the output's memory order.
+__device__ inline void decompose(int64_t idx, const LevelsArg& a, int64_t& k, int64_t& c, int64_t& ph, int64_t& pw) {
+  if (a.channels_last) {
+    c = idx % a.c, idx /= a.c;
+    pw = idx % a.pw, idx /= a.pw;
+    ph = idx % a.ph, k = idx / a.ph;
+  } else {
+    pw = idx % a.pw, idx /= a.pw;
+    ph = idx % a.ph, idx /= a.ph;
+    c = idx % a.c, k = idx / a.c;
+  }
+}
+
+// The box's level, image and geometry; false when it pools nothing.
+template <class T, class S>
+__device__ bool box_setup(const S* roi, const LevelsArg& a, int64_t sampling_ratio, bool aligned, int& level,
+                          int64_t& image, roi_align::Geometry<T>& g) {
+  const T index = to_float(roi[0]);
+  if (!(index >= T(0) && index < T(a.n))) return false;
+  const T x1 = to_float(roi[1]), y1 = to_float(roi[2]), x2 = to_float(roi[3]), y2 = to_float(roi[4]);
+  const int64_t l = a.multi ? roi_align::box_level(x1, y1, x2, y2, a.canonical_scale, a.canonical_level, a.k_min,
+                                                   int64_t(a.levels))
+                            : 0;
+  if (l < 0) return false;
+  level = int(l);
+  image = int64_t(index);
+  if (a.h[level] == 0 || a.w[level] == 0) return false;
+  return roi_align::geometry(x1, y1, x2, y2, a.scale[level], a.ph, a.pw, sampling_ratio, aligned, g);
+}
+
+template <class S>
+__global__ void forward_kernel(LevelsArg a, const S* __restrict__ rois, int64_t total, int64_t sampling_ratio,
+                               bool aligned, S* __restrict__ out) {
+  using T = compute_t<S>;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    int64_t k, c, ph, pw, image;
+    decompose(idx, a, k, c, ph, pw);
+    int level;
+    roi_align::Geometry<T> g;
+    T sum = T(0), count = T(1);
+    if (box_setup<T>(rois + k * 5, a, sampling_ratio, aligned, level, image, g)) {
+      const int64_t h = a.h[level], w = a.w[level];
+      const S* map = static_cast<const S*>(a.data[level]);
+      // Element p of this (image, channel) plane is at x[p * step].
+      const S* x = a.channels_last ? map + image * h * w * a.c + c : map + (image * a.c + c) * h * w;
+      const int64_t step = a.channels_last ? a.c : 1;
+      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+        const T y = roi_align::sample_y(g, ph, iy);
+        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+          const auto b = roi_align::bilinear(y, roi_align::sample_x(g, pw, ix), h, w);
+          sum += b.w1 * to_float(x[b.p1 * step]) + b.w2 * to_float(x[b.p2 * step]) + b.w3 * to_float(x[b.p3 * step]) +
+                 b.w4 * to_float(x[b.p4 * step]);
+        }
+      }
+      count = g.count;
+    }
+    out[idx] = from_compute<S>(sum / count);
+  }
+}
+
+template <class S>
+__global__ void backward_kernel(LevelsArg a, const S* __restrict__ rois, const S* __restrict__ grad, int64_t total,
+                                int64_t sampling_ratio, bool aligned) {
+  using T = compute_t<S>;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    int64_t k, c, ph, pw, image;
+    decompose(idx, a, k, c, ph, pw);
+    int level;
+    roi_align::Geometry<T> g;
+    if (!box_setup<T>(rois + k * 5, a, sampling_ratio, aligned, level, image, g)) continue;
+    const int64_t h = a.h[level], w = a.w[level];
+    T* map = static_cast<T*>(const_cast<void*>(a.data[level]));
+    T* x = a.channels_last ? map + image * h * w * a.c + c : map + (image * a.c + c) * h * w;
+    const int64_t step = a.channels_last ? a.c : 1;
+    const T gb = to_float(grad[idx]) / g.count;  // as the CPU kernel: one division per bin
+    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+      const T y = roi_align::sample_y(g, ph, iy);
+      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+        const auto b = roi_align::bilinear(y, roi_align::sample_x(g, pw, ix), h, w);
+        if (b.w1 == T(0) && b.w2 == T(0) && b.w3 == T(0) && b.w4 == T(0)) continue;
+        atomicAdd(x + b.p1 * step, gb * b.w1);
+        atomicAdd(x + b.p2 * step, gb * b.w2);
+        atomicAdd(x + b.p3 * step, gb * b.w3);
+        atomicAdd(x + b.p4 * step, gb * b.w4);
+      }
+    }
+  }
+}
+
+bool is_nhwc(const TensorView& t) {
+  return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
+}
+
+LevelsArg make_args(const std::vector<TensorView>& maps, const std::vector<double>& scales, const TensorView& rois,
+                    const TensorView& pooled, const LevelMapping* mapping) {
+  check_arg(!maps.empty() && maps.size() == scales.size(), "one spatial scale per feature map is required");
+  check_arg(maps.size() <= size_t(kMaxLevels), "at most 8 feature maps");
+  LevelsArg a{};
+  const TensorView& first = maps[0];
+  check_shape(first, "input", {-1, -1, -1, -1});
+  a.n = first.size(0), a.c = first.size(1);
+  check_shape(rois, "rois", {-1, 5});
+  check_dtype(rois, "rois", pooled.dtype);
+  check_contiguous(rois, "rois");
+  check_shape(pooled, "output", {rois.size(0), a.c, -1, -1});
+  a.ph = pooled.size(2), a.pw = pooled.size(3);
+  check_arg(a.ph > 0 && a.pw > 0, "output_size must be positive");
+  a.channels_last = !first.is_contiguous() && is_nhwc(first);
+  check_arg(a.channels_last ? is_nhwc(pooled) : pooled.is_contiguous(), "output must have the memory format of the input");
+  for (const TensorView* t : {&rois, &pooled}) {
+    check_device(*t, "tensors", DeviceType::CUDA);
+    check_arg(t->device_index == first.device_index, "all tensors must be on one CUDA device");
+  }
+  a.levels = int(maps.size());
+  for (int l = 0; l < a.levels; ++l) {
+    const TensorView& m = maps[size_t(l)];
+    check_shape(m, "input", {a.n, a.c, -1, -1});
+    check_device(m, "input", DeviceType::CUDA);
+    check_arg(m.device_index == first.device_index, "all tensors must be on one CUDA device");
+    check_arg(a.channels_last ? is_nhwc(m) : m.is_contiguous(), "every feature map must have one memory format");
+    a.data[l] = m.data, a.h[l] = m.size(2), a.w[l] = m.size(3), a.scale[l] = scales[size_t(l)];
+  }
+  a.multi = mapping != nullptr;
+  if (mapping) a.canonical_scale = mapping->canonical_scale, a.canonical_level = mapping->canonical_level, a.k_min = mapping->k_min;
+  return a;
+}
+
+unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
+
+}  // namespace
+
+void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
+                            const TensorView& rois, const LevelMapping* mapping, int64_t sampling_ratio, bool aligned,
+                            const TensorView& output, uintptr_t stream) {
+  const LevelsArg a = make_args(inputs, scales, rois, output, mapping);
+  for (const TensorView& m : inputs) check_dtype(m, "input", output.dtype);
+  const int64_t total = output.numel();
+  if (total == 0) return;
+  DeviceGuard guard(output);
+  dispatch_floating(output.dtype, "input", [&](auto tag) {
+    using S = decltype(tag);
+    forward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), total, sampling_ratio,
+                                                                              aligned, output.ptr<S>());
+  });
+  FASTCV_CUDA_CHECK_LAUNCH("roi_align forward_kernel");
+}
+
+void roi_align_backward_cuda(const TensorView& grad_output, const std::vector<double>& scales, const TensorView& rois,
+                             const LevelMapping* mapping, int64_t sampling_ratio, bool aligned,
+                             const std::vector<TensorView>& grad_inputs, uintptr_t stream) {
+  const LevelsArg a = make_args(grad_inputs, scales, rois, grad_output, mapping);
+  const DType acc = grad_output.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+  for (const TensorView& g : grad_inputs) check_dtype(g, "grad_input", acc);
+  const int64_t total = grad_output.numel();
+  if (total == 0) return;
+  DeviceGuard guard(grad_output);
+  dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
+    using S = decltype(tag);
+    backward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), grad_output.ptr<S>(),
+                                                                               total, sampling_ratio, aligned);
+  });
+  FASTCV_CUDA_CHECK_LAUNCH("roi_align backward_kernel");
+}
+
+}  // namespace fastcv
