@@ -9,9 +9,9 @@ deterministic backward, and clear errors where torchvision reads out of bounds (
 the batch) or never finishes (a non-finite box with adaptive sampling).
 
 multi_scale_roi_align pools every box from its FPN level in one call (torchvision's MultiScaleRoIAlign
-semantics). Backends: CPU C++ (deterministic backward), CUDA C++ (forward; backward with atomicAdd, so
-it refuses to run under torch.use_deterministic_algorithms). Not written yet: a deterministic CUDA
-backward and a Triton forward.
+semantics). Backends: CPU C++ (deterministic backward); CUDA C++ (forward; backward with atomicAdd, so
+it refuses to run under torch.use_deterministic_algorithms); Triton (single-level forward, used on GPUs
+when the CUDA kernels are not built). Not written yet: a deterministic CUDA backward, a Triton backward.
 """
 from __future__ import annotations
 
@@ -63,8 +63,15 @@ def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, s
     if out.numel() == 0:  # no boxes or no channels (torch reports any strides as contiguous then)
         return out
     rois = rois.contiguous()
-    if first.is_cuda:
-        gpu_backend(first.device)  # raises if the build has no CUDA kernels for this GPU
+    if first.is_cuda and gpu_backend(first.device) == "triton":
+        if mapping is not None or first.dtype == torch.float64:
+            raise RuntimeError("fastcv's Triton roi_align (used when the CUDA kernels are not built) covers "
+                               "single-level float32/float16/bfloat16 only; rebuild with nvcc for the rest")
+        from fastcv.kernels import roi_align as triton_roi_align
+
+        triton_roi_align.roi_align_forward(maps[0], rois, scales[0], pooled_height, pooled_width, sampling_ratio,
+                                           aligned, out)
+    elif first.is_cuda:
         _C.roi_align_forward_cuda([view(m) for m in maps], list(scales), view(rois), mapping, sampling_ratio, aligned,
                                   view(out), cuda_stream(out))
     elif mapping is None:
@@ -85,6 +92,9 @@ def _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned):
     grads = [torch.zeros(shape, dtype=acc_dtype, device=grad.device).contiguous(memory_format=fmt) for shape in shapes]
     if g.numel() and all(x.numel() for x in grads):
         rois = rois.contiguous()
+        if grad.is_cuda and gpu_backend(grad.device) == "triton":
+            raise RuntimeError("fastcv's roi_align backward on the GPU needs the CUDA kernels (no Triton "
+                               "backward yet); rebuild fastcv with nvcc available")
         if grad.is_cuda:
             if torch.are_deterministic_algorithms_enabled():
                 message = ("fastcv's CUDA roi_align backward uses atomicAdd and is not deterministic; a "
