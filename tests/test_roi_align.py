@@ -294,14 +294,33 @@ def test_cuda_multi_scale_matches_torchvision():
 
 
 @needs_cuda
-def test_cuda_backward_refuses_deterministic_mode():
-    x = torch.randn(1, 4, 8, 8, device="cuda", requires_grad=True)
-    rois = torch.tensor([[0.0, 1, 1, 6, 6]], device="cuda")
-    out = ops.roi_align(x, rois, 2, 1.0, 2, True)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(RuntimeError, match="not deterministic"):
-            out.sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(before)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_deterministic_backward(channels_last):
+    # torch.use_deterministic_algorithms(True) selects the atomic-free backward: bit-identical across
+    # runs, and equal to the atomic one within rounding; multi-level too.
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 32, 40, 52, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x = x.cuda()
+    rois = make_rois(300, 2, 40, 52, 0.5, g, dtype=torch.float32).cuda()
+    rois[:5, 1:] = rois[:5, [3, 4, 1, 2]]  # inverted boxes too
+
+    def grad_of(deterministic):
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            xi = x.clone().requires_grad_(True)
+            out = ops.roi_align(xi, rois, 7, 0.5, -1, True)
+            out.backward(torch.linspace(-1, 1, out.numel(), device="cuda").reshape(out.shape))
+            return xi.grad
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    first, second, atomic = grad_of(True), grad_of(True), grad_of(False)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, atomic, rtol=1e-5, atol=1e-5)
+    cpu = x.cpu().requires_grad_(True)
+    out = ops.roi_align(cpu, rois.cpu(), 7, 0.5, -1, True)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    torch.testing.assert_close(first.cpu(), cpu.grad, rtol=1e-5, atol=1e-5)

@@ -9,14 +9,14 @@ deterministic backward, and clear errors where torchvision reads out of bounds (
 the batch) or never finishes (a non-finite box with adaptive sampling).
 
 multi_scale_roi_align pools every box from its FPN level in one call (torchvision's MultiScaleRoIAlign
-semantics). Backends: CPU C++ (deterministic backward); CUDA C++ (forward; backward with atomicAdd, so
-it refuses to run under torch.use_deterministic_algorithms); Triton (single-level forward, used on GPUs
-when the CUDA kernels are not built). Not written yet: a deterministic CUDA backward, a Triton backward.
+semantics). Backends: CPU C++ (deterministic backward); CUDA C++ (forward; backward with atomicAdd, or,
+under torch.use_deterministic_algorithms(True), a kernel whose threads own row tiles of the gradient
+and add in a fixed order: no atomics, no extra memory); Triton (single-level forward, used on GPUs
+when the CUDA kernels are not built). Not written yet: a Triton backward.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -96,14 +96,10 @@ def _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned):
             raise RuntimeError("fastcv's roi_align backward on the GPU needs the CUDA kernels (no Triton "
                                "backward yet); rebuild fastcv with nvcc available")
         if grad.is_cuda:
-            if torch.are_deterministic_algorithms_enabled():
-                message = ("fastcv's CUDA roi_align backward uses atomicAdd and is not deterministic; a "
-                           "deterministic CUDA backward is not written yet (the CPU backward is deterministic)")
-                if not torch.is_deterministic_algorithms_warn_only_enabled():
-                    raise RuntimeError(message)
-                warnings.warn(message)
+            # torch.use_deterministic_algorithms(True): threads own row tiles of the gradient, no atomics.
             _C.roi_align_backward_cuda(view(g), list(scales), view(rois), mapping, sampling_ratio, aligned,
-                                       [view(x) for x in grads], cuda_stream(g))
+                                       torch.are_deterministic_algorithms_enabled(), [view(x) for x in grads],
+                                       cuda_stream(g))
         elif mapping is None:
             _C.roi_align_backward_cpu(view(g), view(rois), scales[0], sampling_ratio, aligned, view(grads[0]),
                                       num_threads())

@@ -49,10 +49,10 @@ void bind_roi_align(py::module_& m) {
   m.def(
       "roi_align_backward_cuda",
       [=](TensorView grad_output, std::vector<double> scales, TensorView rois, Mapping mapping, int64_t sampling_ratio,
-          bool aligned, std::vector<TensorView> grad_inputs, uintptr_t stream) {
+          bool aligned, bool deterministic, std::vector<TensorView> grad_inputs, uintptr_t stream) {
         const LevelMapping lm = level_mapping(mapping);
         roi_align_backward_cuda(grad_output, scales, rois, mapping ? &lm : nullptr, sampling_ratio, aligned,
-                                grad_inputs, stream);
+                                deterministic, grad_inputs, stream);
       },
       nogil);
 #endif

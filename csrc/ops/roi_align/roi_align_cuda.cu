@@ -1,7 +1,7 @@
 // CUDA RoI Align over one map or the levels of a feature pyramid: one thread per output element (in
 // the output's memory order, so writes coalesce), the box's level and sampling points computed by the
 // thread with the arithmetic the CPU kernels use. Backward: the same threads scatter with atomicAdd
-// into a float32/float64 gradient. A box that cannot be pooled (batch index out of range, non-finite
+// into a float32/float64 gradient; or, deterministic, threads own row tiles of the gradient (below). A box that cannot be pooled (batch index out of range, non-finite
 // or absurd box) gives zeros here: the GPU cannot raise without a host sync, and never reads outside.
 #include <cuda_runtime.h>
 
@@ -28,7 +28,10 @@ struct LevelsArg {
   bool channels_last, multi;
   double canonical_scale;
   int64_t canonical_level, k_min;
+  int64_t tile_base[kMaxLevels + 1];  // deterministic backward: first work item of each level
 };
+
+constexpr int64_t kTileRows = 8;  // deterministic backward: rows of a plane one thread owns
 
 // Output element idx -> (box, channel, bin), in the output's memory order.
 __device__ inline void decompose(int64_t idx, const LevelsArg& a, int64_t& k, int64_t& c, int64_t& ph, int64_t& pw) {
@@ -119,6 +122,64 @@ __global__ void backward_kernel(LevelsArg a, const S* __restrict__ rois, const S
   }
 }
 
+// Deterministic backward: work item = (level, image, channel, tile of kTileRows rows). The thread owns
+// those gradient elements, walks every box in index order (then bins and sampling points in order)
+// and adds the contributions that land in its rows: one writer per element, a fixed order, no atomics
+// and no memory beyond the gradient itself.
+template <class S>
+__global__ void backward_deterministic_kernel(LevelsArg a, const S* __restrict__ rois, int64_t boxes,
+                                              const S* __restrict__ grad, int64_t sampling_ratio, bool aligned) {
+  using T = compute_t<S>;
+  const int64_t total = a.tile_base[a.levels];
+  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < total;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    int level = 0;
+    while (item >= a.tile_base[level + 1]) ++level;
+    const int64_t h = a.h[level], w = a.w[level], tiles = (h + kTileRows - 1) / kTileRows;
+    int64_t rest = item - a.tile_base[level];
+    const int64_t tile = rest % tiles;
+    rest /= tiles;
+    const int64_t c = rest % a.c, image = rest / a.c;
+    const int64_t row0 = tile * kTileRows, row1 = row0 + kTileRows < h ? row0 + kTileRows : h;
+    T* map = static_cast<T*>(const_cast<void*>(a.data[level]));
+    T* x = a.channels_last ? map + image * h * w * a.c + c : map + (image * a.c + c) * h * w;
+    const int64_t step = a.channels_last ? a.c : 1;
+    for (int64_t k = 0; k < boxes; ++k) {
+      int box_level;
+      int64_t box_image;
+      roi_align::Geometry<T> g;
+      if (!box_setup<T>(rois + k * 5, a, sampling_ratio, aligned, box_level, box_image, g)) continue;
+      if (box_level != level || box_image != image) continue;
+      // Samples lie between start_h and start_h + PH * bin_h (bin_h < 0 for an inverted aligned box);
+      // their rows within one of that (clamping included).
+      const T y_end = g.start_h + T(a.ph) * g.bin_h;
+      const T y_lo = g.start_h < y_end ? g.start_h : y_end, y_hi = g.start_h < y_end ? y_end : g.start_h;
+      if (y_hi < T(row0 - 2) || y_lo > T(row1 + 1)) continue;
+      for (int64_t ph = 0; ph < a.ph; ++ph)
+        for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+          const T y = roi_align::sample_y(g, ph, iy);
+          if (!(y >= T(row0 - 2) && y <= T(row1 + 1))) continue;
+          for (int64_t pw = 0; pw < a.pw; ++pw) {
+            const T gb = to_float(grad[a.channels_last ? ((k * a.ph + ph) * a.pw + pw) * a.c + c
+                                                       : ((k * a.c + c) * a.ph + ph) * a.pw + pw]) / g.count;
+            for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+              const auto b = roi_align::bilinear(y, roi_align::sample_x(g, pw, ix), h, w);
+              const int64_t top = b.p1 / w, bottom = b.p3 / w;
+              if (top >= row0 && top < row1) {
+                x[b.p1 * step] += gb * b.w1;
+                x[b.p2 * step] += gb * b.w2;
+              }
+              if (bottom >= row0 && bottom < row1) {
+                x[b.p3 * step] += gb * b.w3;
+                x[b.p4 * step] += gb * b.w4;
+              }
+            }
+          }
+        }
+    }
+  }
+}
+
 bool is_nhwc(const TensorView& t) {
   return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
 }
@@ -152,6 +213,9 @@ LevelsArg make_args(const std::vector<TensorView>& maps, const std::vector<doubl
     check_arg(a.channels_last ? is_nhwc(m) : m.is_contiguous(), "every feature map must have one memory format");
     a.data[l] = m.data, a.h[l] = m.size(2), a.w[l] = m.size(3), a.scale[l] = scales[size_t(l)];
   }
+  a.tile_base[0] = 0;
+  for (int l = 0; l < a.levels; ++l)
+    a.tile_base[l + 1] = a.tile_base[l] + a.n * a.c * ((a.h[l] + kTileRows - 1) / kTileRows);
   a.multi = mapping != nullptr;
   if (mapping) a.canonical_scale = mapping->canonical_scale, a.canonical_level = mapping->canonical_level, a.k_min = mapping->k_min;
   return a;
@@ -178,7 +242,7 @@ void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::ve
 }
 
 void roi_align_backward_cuda(const TensorView& grad_output, const std::vector<double>& scales, const TensorView& rois,
-                             const LevelMapping* mapping, int64_t sampling_ratio, bool aligned,
+                             const LevelMapping* mapping, int64_t sampling_ratio, bool aligned, bool deterministic,
                              const std::vector<TensorView>& grad_inputs, uintptr_t stream) {
   const LevelsArg a = make_args(grad_inputs, scales, rois, grad_output, mapping);
   const DType acc = grad_output.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
@@ -188,8 +252,15 @@ void roi_align_backward_cuda(const TensorView& grad_output, const std::vector<do
   DeviceGuard guard(grad_output);
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
-    backward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), grad_output.ptr<S>(),
-                                                                               total, sampling_ratio, aligned);
+    if (deterministic) {
+      const int64_t items = a.tile_base[a.levels];
+      if (items > 0)
+        backward_deterministic_kernel<S><<<blocks_for(items), 128, 0, as_stream(stream)>>>(
+            a, rois.ptr<S>(), rois.size(0), grad_output.ptr<S>(), sampling_ratio, aligned);
+    } else {
+      backward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), grad_output.ptr<S>(),
+                                                                                 total, sampling_ratio, aligned);
+    }
   });
   FASTCV_CUDA_CHECK_LAUNCH("roi_align backward_kernel");
 }

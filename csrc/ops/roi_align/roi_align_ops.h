@@ -38,13 +38,14 @@ void multi_scale_roi_align_backward_cpu(const TensorView& grad_output, const std
                                         bool aligned, const std::vector<TensorView>& grad_inputs, int nthreads);
 
 #ifdef FASTCV_WITH_CUDA
-// CUDA, for one map (mapping null) or a pyramid: forward, and a backward that scatters with atomicAdd
-// into float32/float64 gradients (zero-filled by the caller). Not deterministic.
+// CUDA, for one map (mapping null) or a pyramid: forward, and a backward into float32/float64
+// gradients (zero-filled by the caller): atomicAdd scatter, or, deterministic, threads that own row
+// tiles of the gradient and add contributions in a fixed order.
 void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
                             const TensorView& rois, const LevelMapping* mapping, int64_t sampling_ratio, bool aligned,
                             const TensorView& output, uintptr_t stream);
 void roi_align_backward_cuda(const TensorView& grad_output, const std::vector<double>& scales, const TensorView& rois,
-                             const LevelMapping* mapping, int64_t sampling_ratio, bool aligned,
+                             const LevelMapping* mapping, int64_t sampling_ratio, bool aligned, bool deterministic,
                              const std::vector<TensorView>& grad_inputs, uintptr_t stream);
 #endif
 
