@@ -1,38 +1,9 @@
-"""pytest-benchmark: fastcv against torchvision on the cases of `python -m fastcv bench` (nms family).
+"""pytest-benchmark: fastcv against torchvision on the nms family's cases (`python -m fastcv bench`)."""
+from conftest import parametrize_cases, run_case
 
-    pytest bench/bench_nms.py --benchmark-group-by=param:case_id
-"""
-import pytest
-import torch
-
-from fastcv.benchmarks import nms as nms_cases
-from conftest import DEVICES
-
-CASES = {device: nms_cases.cases(device) for device in DEVICES}
-IDS = [(device, i) for device in DEVICES for i in range(len(CASES[device]))]
+from fastcv.benchmarks import nms
 
 
-def _synced(fn, device):
-    if device != "cuda":
-        return fn
-
-    def run(*args):
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-@pytest.mark.parametrize("provider", ["fastcv", "torchvision"])
-@pytest.mark.parametrize("case_id", IDS, ids=[f"{d}-{CASES[d][i].op}-{CASES[d][i].name}" for d, i in IDS])
-def test_nms(benchmark, case_id, provider):
-    device, index = case_id
-    case = CASES[device][index]
-    args = case.make()
-    fn = case.fastcv if provider == "fastcv" else case.reference
-    benchmark.group = f"{device} {case.op}: {case.name}"
-    benchmark.extra_info.update(op=case.op, case=case.name, device=device, provider=provider)
-    result = benchmark(_synced(fn, device), *args)
-    if provider == "fastcv":
-        case.check(result, case.reference(*args))
+@parametrize_cases(nms.cases)
+def test_nms(benchmark, case, provider):
+    run_case(benchmark, case, provider)

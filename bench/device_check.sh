@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run on a lent GPU machine (see the README): builds fastcv for the GPU it finds, runs
 # the test suite (CUDA tests included; Triton compiled for real, not interpreted), a compute-sanitizer
-# pass over the CUDA NMS kernels, and the GPU benchmarks (CUDA kernels, then the Triton ones). Everything goes under $OUT (default
+# pass over the CUDA NMS and RoI Align kernels, and the GPU benchmarks (CUDA kernels, then the Triton ones). Everything goes under $OUT (default
 # ./device_out): logs, bench JSON, and a summary printed last.
 #   bash bench/device_check.sh            # full
 #   QUICK=1 bash bench/device_check.sh    # bench --quick
@@ -31,7 +31,7 @@ step tests python -m pytest -q -x --junitxml="$OUT/tests.xml"
 tail -3 "$OUT/tests.log"
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python -m pytest -q -x tests/test_nms.py -k "cuda and (matches or empty or padded)"
+    python -m pytest -q -x tests/test_nms.py tests/test_roi_align.py -k "cuda and (matches or empty or padded or deterministic)"
   tail -3 "$OUT/sanitizer.log"
 fi
 quick=${QUICK:+--quick}

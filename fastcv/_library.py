@@ -15,22 +15,20 @@ lib = torch.library.Library("fastcv", "DEF")
 def define(
     schema: str,
     *,
-    cpu: Callable | None = None,
-    cuda: Callable | None = None,
+    impl: Callable,
     fake: Callable,
     autocast_to: torch.dtype | None = None,
 ) -> None:
-    """Defines torch.ops.fastcv.<name> with its kernels, fake (meta) impl and autocast behaviour.
+    """Defines torch.ops.fastcv.<name> with its implementation (one Python function for the CPU and
+    CUDA dispatch keys: it picks the kernels by device), fake (meta) impl and autocast behaviour.
 
     autocast_to: under autocast, floating inputs are cast to this dtype first (as torchvision does for
     nms and roi_align); None leaves the op out of autocast.
     """
     name = schema.split("(", 1)[0]
     lib.define(schema)
-    if cpu is not None:
-        lib.impl(name, cpu, "CPU")
-    if cuda is not None:
-        lib.impl(name, cuda, "CUDA")
+    lib.impl(name, impl, "CPU")
+    lib.impl(name, impl, "CUDA")
     torch.library.register_fake(f"fastcv::{name}", fake, lib=lib)
     if autocast_to is not None:
         for device_type in ("cpu", "cuda"):

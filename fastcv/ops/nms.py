@@ -165,8 +165,7 @@ def _nms_fake(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 define(
     "nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor",
-    cpu=_nms_impl,
-    cuda=_nms_impl,
+    impl=_nms_impl,
     fake=_nms_fake,
     autocast_to=torch.float32,
 )
@@ -188,8 +187,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 define(
     "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor",
-    cpu=_kept,
-    cuda=_kept,
+    impl=_kept,
     fake=_kept_fake,
     autocast_to=torch.float32,
 )
@@ -259,8 +257,7 @@ def _padded_fake(boxes, scores, iou_threshold, score_threshold, max_detections, 
 define(
     "batched_nms_padded(Tensor boxes, Tensor scores, float iou_threshold, float score_threshold, "
     "int max_detections, int pre_nms_top_k) -> (Tensor, Tensor, Tensor)",
-    cpu=_padded_impl,
-    cuda=_padded_impl,
+    impl=_padded_impl,
     fake=_padded_fake,
     autocast_to=torch.float32,
 )

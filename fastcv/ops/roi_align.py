@@ -134,16 +134,14 @@ def _backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch
 define(
     "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
     "int sampling_ratio, bool aligned) -> Tensor",
-    cpu=_forward_impl,
-    cuda=_forward_impl,
+    impl=_forward_impl,
     fake=_forward_fake,
     autocast_to=torch.float32,
 )
 define(
     "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
     "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor",
-    cpu=_backward_impl,
-    cuda=_backward_impl,
+    impl=_backward_impl,
     fake=_backward_fake,
 )
 
@@ -248,16 +246,14 @@ def _ms_backward_fake(grad, rois, scales, heights, widths, batch_size, channels,
 define(
     "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, int pooled_height, int pooled_width, "
     "int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) -> Tensor",
-    cpu=_ms_forward_impl,
-    cuda=_ms_forward_impl,
+    impl=_ms_forward_impl,
     fake=_ms_forward_fake,
 )
 define(
     "multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, int[] heights, int[] widths, "
     "int batch_size, int channels, int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) "
     "-> Tensor[]",
-    cpu=_ms_backward_impl,
-    cuda=_ms_backward_impl,
+    impl=_ms_backward_impl,
     fake=_ms_backward_fake,
 )
 

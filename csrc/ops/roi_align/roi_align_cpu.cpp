@@ -196,39 +196,13 @@ void backward_nhwc(const S* grad, const BoxSamples<compute_t<S>>& b, int64_t bin
 
 // ---- argument checks
 
-bool is_nhwc(const TensorView& t) {
-  return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
-}
-
-// maps: the inputs (forward) or their gradients (backward); pooled: the output or its gradient. rois
-// must have the dtype of the data (pooled).
 Levels check_args(const std::vector<TensorView>& maps, const std::vector<double>& scales, const TensorView& rois,
                   const TensorView& pooled, const char* pooled_name) {
-  check_arg(!maps.empty() && maps.size() == scales.size(), "one spatial scale per feature map is required");
+  const PoolShape shape = check_roi_align_args(maps, scales, rois, pooled, pooled_name, DeviceType::CPU);
   Levels lv;
-  const TensorView& first = maps[0];
-  check_shape(first, "input", {-1, -1, -1, -1});
-  lv.n = first.size(0), lv.c = first.size(1);
-  check_shape(rois, "rois", {-1, 5});
-  check_dtype(rois, "rois", pooled.dtype);
-  check_contiguous(rois, "rois");
-  check_shape(pooled, pooled_name, {rois.size(0), lv.c, -1, -1});
-  lv.ph = pooled.size(2), lv.pw = pooled.size(3);
-  check_arg(lv.ph > 0 && lv.pw > 0, "output_size must be positive");
-  // The first map decides the layout (a tensor with C == 1 or 1x1 planes counts as NCHW).
-  lv.channels_last = !first.is_contiguous() && is_nhwc(first);
-  check_arg(lv.channels_last ? is_nhwc(pooled) : pooled.is_contiguous(),
-            std::string(pooled_name) + " must have the memory format of the input (contiguous NCHW or channels_last)");
-  for (const TensorView& m : maps) {
-    check_shape(m, "input", {lv.n, lv.c, -1, -1});
-    check_dtype(m, "input", first.dtype);
-    check_device(m, "input", DeviceType::CPU);
-    check_arg(lv.channels_last ? is_nhwc(m) : m.is_contiguous(),
-              "every feature map must have the memory format of the output (contiguous NCHW or channels_last)");
-    lv.maps.push_back(&m);
-  }
+  lv.n = shape.n, lv.c = shape.c, lv.ph = shape.ph, lv.pw = shape.pw, lv.channels_last = shape.channels_last;
+  for (const TensorView& m : maps) lv.maps.push_back(&m);
   lv.scales = scales;
-  for (const TensorView* t : {&rois, &pooled}) check_device(*t, "tensors", DeviceType::CPU);
   return lv;
 }
 

@@ -180,42 +180,19 @@ __global__ void backward_deterministic_kernel(LevelsArg a, const S* __restrict__
   }
 }
 
-bool is_nhwc(const TensorView& t) {
-  return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
-}
-
 LevelsArg make_args(const std::vector<TensorView>& maps, const std::vector<double>& scales, const TensorView& rois,
                     const TensorView& pooled, const LevelMapping* mapping) {
-  check_arg(!maps.empty() && maps.size() == scales.size(), "one spatial scale per feature map is required");
   check_arg(maps.size() <= size_t(kMaxLevels), "at most 8 feature maps");
+  const PoolShape shape = check_roi_align_args(maps, scales, rois, pooled, "output", DeviceType::CUDA);
   LevelsArg a{};
-  const TensorView& first = maps[0];
-  check_shape(first, "input", {-1, -1, -1, -1});
-  a.n = first.size(0), a.c = first.size(1);
-  check_shape(rois, "rois", {-1, 5});
-  check_dtype(rois, "rois", pooled.dtype);
-  check_contiguous(rois, "rois");
-  check_shape(pooled, "output", {rois.size(0), a.c, -1, -1});
-  a.ph = pooled.size(2), a.pw = pooled.size(3);
-  check_arg(a.ph > 0 && a.pw > 0, "output_size must be positive");
-  a.channels_last = !first.is_contiguous() && is_nhwc(first);
-  check_arg(a.channels_last ? is_nhwc(pooled) : pooled.is_contiguous(), "output must have the memory format of the input");
-  for (const TensorView* t : {&rois, &pooled}) {
-    check_device(*t, "tensors", DeviceType::CUDA);
-    check_arg(t->device_index == first.device_index, "all tensors must be on one CUDA device");
-  }
+  a.n = shape.n, a.c = shape.c, a.ph = shape.ph, a.pw = shape.pw, a.channels_last = shape.channels_last;
   a.levels = int(maps.size());
+  a.tile_base[0] = 0;
   for (int l = 0; l < a.levels; ++l) {
     const TensorView& m = maps[size_t(l)];
-    check_shape(m, "input", {a.n, a.c, -1, -1});
-    check_device(m, "input", DeviceType::CUDA);
-    check_arg(m.device_index == first.device_index, "all tensors must be on one CUDA device");
-    check_arg(a.channels_last ? is_nhwc(m) : m.is_contiguous(), "every feature map must have one memory format");
     a.data[l] = m.data, a.h[l] = m.size(2), a.w[l] = m.size(3), a.scale[l] = scales[size_t(l)];
-  }
-  a.tile_base[0] = 0;
-  for (int l = 0; l < a.levels; ++l)
     a.tile_base[l + 1] = a.tile_base[l] + a.n * a.c * ((a.h[l] + kTileRows - 1) / kTileRows);
+  }
   a.multi = mapping != nullptr;
   if (mapping) a.canonical_scale = mapping->canonical_scale, a.canonical_level = mapping->canonical_level, a.k_min = mapping->k_min;
   return a;

@@ -14,6 +14,18 @@ struct LevelMapping {
   int64_t canonical_level, k_min;
 };
 
+// The checked shape of a pooling call (roi_align_args.cpp, shared by both backends).
+struct PoolShape {
+  int64_t n, c, ph, pw;
+  bool channels_last;
+};
+bool is_channels_last(const TensorView& t);
+// maps: the inputs (forward) or their gradients (backward), all of one shape but H, W, one memory
+// format, on `device`; pooled: the output or its gradient, whose dtype rois must have.
+PoolShape check_roi_align_args(const std::vector<TensorView>& maps, const std::vector<double>& scales,
+                               const TensorView& rois, const TensorView& pooled, const char* pooled_name,
+                               DeviceType device);
+
 // input [N,C,H,W] contiguous in NCHW or channels_last memory (channels_last: the view's strides say
 // so), rois [K,5] (batch index, x1, y1, x2, y2) of input's dtype; output [K,C,PH,PW] in input's memory
 // format. Raises ArgError for a batch index out of range or a box whose sampling grid is absurd.
