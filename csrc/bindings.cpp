@@ -24,6 +24,7 @@ namespace py = pybind11;
 namespace fastcv {
 void bind_nms(py::module_& m);
 void bind_roi_align(py::module_& m);
+void bind_im2col(py::module_& m);
 }  // namespace fastcv
 
 #ifdef FASTCV_WITH_CUDA
@@ -83,4 +84,5 @@ PYBIND11_MODULE(_C, m) {
 
   fastcv::bind_nms(m);
   fastcv::bind_roi_align(m);
+  fastcv::bind_im2col(m);
 }

@@ -31,7 +31,8 @@ CUDA_ARCHS: str = _C.build_info["cuda_archs"]
 
 
 def view(t: torch.Tensor) -> tuple:
-    """The tuple C++ turns into a TensorView (csrc/common/pyview.cpp). `t` must outlive the call."""
+    """The tuple C++ turns into a TensorView (csrc/common/pyview.cpp). The tensor itself rides along
+    as the last element: the call's arguments then keep it alive, so `view(x.contiguous())` is safe."""
     device = t.device
     index = device.index
     return (
@@ -41,6 +42,7 @@ def view(t: torch.Tensor) -> tuple:
         _DTYPE_CODES[t.dtype],
         _DEVICE_CODES[device.type],
         -1 if index is None else index,
+        t,
     )
 
 

@@ -33,9 +33,20 @@ def test_arch_covers(archs, capability, covered):
 
 def test_view_describes_the_tensor():
     t = torch.zeros(3, 5, dtype=torch.float64)[:, 1:4]
-    ptr, sizes, strides, dtype, device_type, index = _backend.view(t)
+    ptr, sizes, strides, dtype, device_type, index, owner = _backend.view(t)
     assert (ptr, tuple(sizes), tuple(strides)) == (t.data_ptr(), (3, 3), (5, 1))
     assert (dtype, device_type, index) == (1, 0, -1)
+    assert owner is t  # keeps a temporary alive for the call
+
+
+def test_view_of_a_temporary_stays_valid_during_the_call():
+    # view(x.contiguous()) passes a tensor nothing else holds: the view itself must keep it alive.
+    from fastcv import ops
+    import torch.nn.functional as F
+
+    x = torch.randn(8, 24, 20).transpose(1, 2)  # not contiguous: im2col copies it
+    for _ in range(20):
+        assert torch.equal(ops.im2col(x, 3, padding=1), F.unfold(x, 3, padding=1))
 
 
 def test_compiled_module_errors_are_value_errors():

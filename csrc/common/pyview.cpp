@@ -6,7 +6,9 @@ namespace fastcv {
 
 TensorView view_from_tuple(py::handle obj) {
   auto t = py::reinterpret_borrow<py::tuple>(obj);
-  check_arg(t.size() == 6, "tensor view must be (data_ptr, sizes, strides, dtype, device_type, device_index)");
+  // A 7th element, the tensor itself, only keeps the memory alive for the call.
+  check_arg(t.size() == 6 || t.size() == 7,
+            "tensor view must be (data_ptr, sizes, strides, dtype, device_type, device_index[, tensor])");
   TensorView v;
   v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
   auto sizes = t[1].cast<py::tuple>();

@@ -1,7 +1,8 @@
 #pragma once
 // The one place a Python tensor description becomes a TensorView. Python (fastcv/_backend.py, view())
-// passes (data_ptr, sizes, strides, dtype_code, device_type, device_index); plain tuples cost a fraction
-// of a DLPack capsule per tensor, and tiny calls are where per-call overhead shows.
+// passes (data_ptr, sizes, strides, dtype_code, device_type, device_index, tensor); the tensor keeps
+// the memory alive for the call. Plain tuples cost a fraction of a DLPack capsule per tensor, and tiny
+// calls are where per-call overhead shows.
 #include <pybind11/pybind11.h>
 
 #include "common/check.h"

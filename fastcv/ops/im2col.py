@@ -1,0 +1,149 @@
+"""im2col and col2im: F.unfold and F.fold, each the other's gradient, for a whole batch in one call.
+
+Semantics are F.unfold's and F.fold's (tested against them): input [N, C, H, W] or unbatched
+[C, H, W]; kernel_size, dilation, padding and stride as ints or pairs; columns [N, C*kh*kw, L] with
+row (c * kh + i) * kw + j and column oh * out_w + ow. col2im sums overlapping blocks.
+
+Backends so far: CPU C++ (threads over image planes; col2im owns planes, so it is deterministic).
+The CUDA kernels are not written yet.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastcv import _C
+from fastcv._backend import FLOATING, num_threads, view
+from fastcv._library import define
+
+__all__ = ["im2col", "col2im"]
+
+
+def _pair(value, arg: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{arg} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _geometry(channels, height, width, kernel_size, dilation, padding, stride):
+    """The 13 integers the C++ side takes, validated (F.unfold's rules)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, stride
+    for name, pair, low in (("kernel_size", (kh, kw), 1), ("dilation", (dh, dw), 1), ("stride", (sh, sw), 1),
+                            ("padding", (ph, pw), 0)):
+        if min(pair) < low:
+            raise ValueError(f"{name} must be {'positive' if low else 'non-negative'}, got {pair}")
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"the dilated kernel ({dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the padded input "
+            f"({height + 2 * ph}x{width + 2 * pw})")
+    return [channels, height, width, kh, kw, dh, dw, ph, pw, sh, sw, out_h, out_w]
+
+
+def _check_floating(t: Tensor, arg: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATING:
+        raise TypeError(f"{arg} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
+# ---------------------------------------------------------------- registered ops (4-D / 3-D only)
+
+
+def _im2col_geometry(input, kernel_size, dilation, padding, stride):
+    _check_floating(input, "input")
+    if input.dim() != 4:
+        raise ValueError(f"input must be a Tensor[N, C, H, W] (or [C, H, W]), got {list(input.shape)}")
+    return _geometry(*input.shape[1:], kernel_size, dilation, padding, stride)
+
+
+def _im2col_impl(input, kernel_size, dilation, padding, stride):
+    g = _im2col_geometry(input, kernel_size, dilation, padding, stride)
+    c, kh, kw, out_h, out_w = g[0], g[3], g[4], g[11], g[12]
+    out = torch.empty((input.shape[0], c * kh * kw, out_h * out_w), dtype=input.dtype, device=input.device)
+    if out.numel():
+        _C.im2col_cpu(view(input.contiguous()), g, view(out), num_threads())
+    return out
+
+
+def _im2col_fake(input, kernel_size, dilation, padding, stride):
+    g = _im2col_geometry(input, kernel_size, dilation, padding, stride)
+    return input.new_empty((input.shape[0], g[0] * g[3] * g[4], g[11] * g[12]))
+
+
+def _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride):
+    _check_floating(input, "input")
+    if input.dim() != 3:
+        raise ValueError(f"input must be a Tensor[N, C*kh*kw, L] (or [C*kh*kw, L]), got {list(input.shape)}")
+    kh, kw = kernel_size
+    if input.shape[1] % (kh * kw):
+        raise ValueError(f"input.shape[1] ({input.shape[1]}) must be divisible by the kernel's {kh}x{kw} = {kh * kw}")
+    g = _geometry(input.shape[1] // (kh * kw), *output_size, kernel_size, dilation, padding, stride)
+    if input.shape[2] != g[11] * g[12]:
+        raise ValueError(f"input.shape[2] must be the number of blocks, {g[11]}x{g[12]} = {g[11] * g[12]} for "
+                         f"output_size {tuple(output_size)}, got {input.shape[2]}")
+    return g
+
+
+def _col2im_impl(input, output_size, kernel_size, dilation, padding, stride):
+    g = _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
+    out = torch.empty((input.shape[0], g[0], g[1], g[2]), dtype=input.dtype, device=input.device)
+    if out.numel():
+        _C.col2im_cpu(view(input.contiguous()), g, view(out), num_threads())
+    return out
+
+
+def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
+    g = _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
+    return input.new_empty((input.shape[0], g[0], g[1], g[2]))
+
+
+define("im2col(Tensor input, int[2] kernel_size, int[2] dilation, int[2] padding, int[2] stride) -> Tensor",
+       impl=_im2col_impl, fake=_im2col_fake)
+define("col2im(Tensor input, int[2] output_size, int[2] kernel_size, int[2] dilation, int[2] padding, "
+       "int[2] stride) -> Tensor", impl=_col2im_impl, fake=_col2im_fake)
+
+
+# Each is the other's gradient (both are linear), so double backward works too.
+def _im2col_setup(ctx, inputs, output):
+    input, *ctx.args = inputs
+    ctx.size = list(input.shape[2:])
+
+
+def _im2col_backward(ctx, grad):
+    return torch.ops.fastcv.col2im(grad, ctx.size, *ctx.args), None, None, None, None
+
+
+def _col2im_setup(ctx, inputs, output):
+    _, _, *ctx.args = inputs
+
+
+def _col2im_backward(ctx, grad):
+    return torch.ops.fastcv.im2col(grad, *ctx.args), None, None, None, None, None
+
+
+torch.library.register_autograd("fastcv::im2col", _im2col_backward, setup_context=_im2col_setup)
+torch.library.register_autograd("fastcv::col2im", _col2im_backward, setup_context=_col2im_setup)
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def im2col(input: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
+    """F.unfold: input [N, C, H, W] or [C, H, W] -> [N, C*kh*kw, L] (or [C*kh*kw, L])."""
+    args = [_pair(v, a) for v, a in ((kernel_size, "kernel_size"), (dilation, "dilation"), (padding, "padding"),
+                                     (stride, "stride"))]
+    if isinstance(input, Tensor) and input.dim() == 3:
+        return torch.ops.fastcv.im2col(input.unsqueeze(0), *args).squeeze(0)
+    return torch.ops.fastcv.im2col(input, *args)
+
+
+def col2im(input: Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
+    """F.fold: input [N, C*kh*kw, L] or [C*kh*kw, L] -> [N, C, H, W] (or [C, H, W]), overlaps summed."""
+    args = [_pair(v, a) for v, a in ((output_size, "output_size"), (kernel_size, "kernel_size"),
+                                     (dilation, "dilation"), (padding, "padding"), (stride, "stride"))]
+    if isinstance(input, Tensor) and input.dim() == 2:
+        return torch.ops.fastcv.col2im(input.unsqueeze(0), *args).squeeze(0)
+    return torch.ops.fastcv.col2im(input, *args)
