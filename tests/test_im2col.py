@@ -86,3 +86,18 @@ def test_opcheck_and_compile():
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call(torch.randn(1, 2, 8, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_unfold_and_fold(geometry, dtype):
+    k, d, p, s = geometry
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 17, 19, generator=g, dtype=torch.float64)
+    expected = F.unfold(x, k, d, p, s)
+    assert torch.equal(ops.im2col(x.to("cuda", dtype), k, d, p, s).cpu(), expected.to(dtype))
+    cols = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    out = ops.col2im(cols.to("cuda", dtype), (17, 19), k, d, p, s)
+    torch.testing.assert_close(out.cpu().double(), F.fold(cols, (17, 19), k, d, p, s), rtol=tol, atol=tol)

@@ -4,8 +4,9 @@ Semantics are F.unfold's and F.fold's (tested against them): input [N, C, H, W] 
 [C, H, W]; kernel_size, dilation, padding and stride as ints or pairs; columns [N, C*kh*kw, L] with
 row (c * kh + i) * kw + j and column oh * out_w + ow. col2im sums overlapping blocks.
 
-Backends so far: CPU C++ (threads over image planes; col2im owns planes, so it is deterministic).
-The CUDA kernels are not written yet.
+Backends: CPU C++ (threads over image planes; col2im owns planes, so it is deterministic) and CUDA
+C++ (one launch for the whole batch; col2im gathers per image element, also deterministic; compiles,
+untested on a GPU). No Triton kernel: the Triton convolution of issue 4 will not need a column buffer.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, num_threads, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
 from fastcv._library import define
 
 __all__ = ["im2col", "col2im"]
@@ -63,7 +64,12 @@ def _im2col_impl(input, kernel_size, dilation, padding, stride):
     g = _im2col_geometry(input, kernel_size, dilation, padding, stride)
     c, kh, kw, out_h, out_w = g[0], g[3], g[4], g[11], g[12]
     out = torch.empty((input.shape[0], c * kh * kw, out_h * out_w), dtype=input.dtype, device=input.device)
-    if out.numel():
+    if out.numel() == 0:
+        pass
+    elif input.is_cuda:
+        gpu_backend(input.device)  # raises if the build has no CUDA kernels for this GPU
+        _C.im2col_cuda(view(input.contiguous()), g, view(out), cuda_stream(out))
+    else:
         _C.im2col_cpu(view(input.contiguous()), g, view(out), num_threads())
     return out
 
@@ -90,7 +96,12 @@ def _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
 def _col2im_impl(input, output_size, kernel_size, dilation, padding, stride):
     g = _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
     out = torch.empty((input.shape[0], g[0], g[1], g[2]), dtype=input.dtype, device=input.device)
-    if out.numel():
+    if out.numel() == 0:
+        pass
+    elif input.is_cuda:
+        gpu_backend(input.device)
+        _C.col2im_cuda(view(input.contiguous()), g, view(out), cuda_stream(out))
+    else:
         _C.col2im_cpu(view(input.contiguous()), g, view(out), num_threads())
     return out
 

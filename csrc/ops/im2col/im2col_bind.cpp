@@ -27,6 +27,14 @@ void bind_im2col(py::module_& m) {
   m.def("col2im_cpu", [](TensorView columns, Dims d, TensorView image, int nthreads) {
     col2im_cpu(columns, geometry(d), image, nthreads);
   }, nogil);
+#ifdef FASTCV_WITH_CUDA
+  m.def("im2col_cuda", [](TensorView image, Dims d, TensorView columns, uintptr_t stream) {
+    im2col_cuda(image, geometry(d), columns, stream);
+  }, nogil);
+  m.def("col2im_cuda", [](TensorView columns, Dims d, TensorView image, uintptr_t stream) {
+    col2im_cuda(columns, geometry(d), image, stream);
+  }, nogil);
+#endif
 }
 
 }  // namespace fastcv

@@ -12,4 +12,10 @@ void im2col_cpu(const TensorView& image, const im2col::Geometry& g, const Tensor
 // (F.fold). Threads own whole image planes: no atomics, the same sums in the same order every time.
 void col2im_cpu(const TensorView& columns, const im2col::Geometry& g, const TensorView& image, int nthreads);
 
+#ifdef FASTCV_WITH_CUDA
+// The same on CUDA, the whole batch in one launch; col2im gathers per image element (deterministic).
+void im2col_cuda(const TensorView& image, const im2col::Geometry& g, const TensorView& columns, uintptr_t stream);
+void col2im_cuda(const TensorView& columns, const im2col::Geometry& g, const TensorView& image, uintptr_t stream);
+#endif
+
 }  // namespace fastcv
