@@ -16,15 +16,9 @@ from torch import Tensor
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
 from fastcv._library import define
+from fastcv.ops._args import pair
 
 __all__ = ["im2col", "col2im"]
-
-
-def _pair(value, arg: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{arg} must be an int or a pair of ints, got {value!r}")
-    return pair
 
 
 def _geometry(channels, height, width, kernel_size, dilation, padding, stride):
@@ -144,7 +138,7 @@ torch.library.register_autograd("fastcv::col2im", _col2im_backward, setup_contex
 
 def im2col(input: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
     """F.unfold: input [N, C, H, W] or [C, H, W] -> [N, C*kh*kw, L] (or [C*kh*kw, L])."""
-    args = [_pair(v, a) for v, a in ((kernel_size, "kernel_size"), (dilation, "dilation"), (padding, "padding"),
+    args = [pair(v, a) for v, a in ((kernel_size, "kernel_size"), (dilation, "dilation"), (padding, "padding"),
                                      (stride, "stride"))]
     if isinstance(input, Tensor) and input.dim() == 3:
         return torch.ops.fastcv.im2col(input.unsqueeze(0), *args).squeeze(0)
@@ -153,7 +147,7 @@ def im2col(input: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> Tenso
 
 def col2im(input: Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
     """F.fold: input [N, C*kh*kw, L] or [C*kh*kw, L] -> [N, C, H, W] (or [C, H, W]), overlaps summed."""
-    args = [_pair(v, a) for v, a in ((output_size, "output_size"), (kernel_size, "kernel_size"),
+    args = [pair(v, a) for v, a in ((output_size, "output_size"), (kernel_size, "kernel_size"),
                                      (dilation, "dilation"), (padding, "padding"), (stride, "stride"))]
     if isinstance(input, Tensor) and input.dim() == 2:
         return torch.ops.fastcv.col2im(input.unsqueeze(0), *args).squeeze(0)

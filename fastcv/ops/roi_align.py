@@ -24,6 +24,7 @@ from torch import Tensor
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
 from fastcv._library import define
+from fastcv.ops._args import pair
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
 
@@ -177,22 +178,10 @@ def _rois(boxes, input: Tensor) -> Tensor:
     return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
 
 
-def _pair(output_size) -> tuple[int, int]:
-    if isinstance(output_size, int):
-        size = (output_size, output_size)
-    elif isinstance(output_size, (tuple, list)):
-        size = tuple(output_size)
-    else:
-        size = ()
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
-        raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
-    return size
-
-
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
               aligned: bool = False) -> Tensor:
     """Drop-in for torchvision.ops.roi_align (see the module notes). Returns Tensor[K, C, PH, PW]."""
-    ph, pw = _pair(output_size)
+    ph, pw = pair(output_size, "output_size")
     return torch.ops.fastcv.roi_align(input, _rois(boxes, input), float(spatial_scale), ph, pw,
                                       int(sampling_ratio), bool(aligned))
 
@@ -296,7 +285,7 @@ def multi_scale_roi_align(features, boxes, output_size, sampling_ratio: int = -1
     features = list(features)
     if scales is None:
         scales = infer_scales(features, image_shapes)
-    ph, pw = _pair(output_size)
+    ph, pw = pair(output_size, "output_size")
     rois = _rois(boxes, features[0])
     if len(features) == 1:  # torchvision pools a single level without the level rule
         return roi_align(features[0], rois, (ph, pw), scales[0], sampling_ratio, aligned)
