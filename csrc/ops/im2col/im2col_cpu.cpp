@@ -75,25 +75,10 @@ void col2im_plane(const S* rows, const Geometry& g, S* plane, std::vector<comput
   for (int64_t p = 0; p < g.height * g.width; ++p) plane[p] = from_compute<S>(acc[size_t(p)]);
 }
 
-void check_geometry(const TensorView& image, const Geometry& g, const TensorView& columns) {
-  check_shape(image, "image", {-1, g.channels, g.height, g.width});
-  check_shape(columns, "columns", {image.size(0), g.channels * g.kh * g.kw, g.out_h * g.out_w});
-  check_dtype(columns, "columns", image.dtype);
-  for (const TensorView* t : {&image, &columns}) {
-    check_contiguous(*t, "tensors");
-    check_device(*t, "tensors", DeviceType::CPU);
-  }
-  check_arg(g.kh > 0 && g.kw > 0 && g.dh > 0 && g.dw > 0 && g.sh > 0 && g.sw > 0 && g.ph >= 0 && g.pw >= 0,
-            "kernel_size, dilation and stride must be positive, padding non-negative");
-  check_arg(g.out_h == im2col::blocks(g.height, g.kh, g.dh, g.ph, g.sh) &&
-                g.out_w == im2col::blocks(g.width, g.kw, g.dw, g.pw, g.sw) && g.out_h > 0 && g.out_w > 0,
-            "the block counts do not match the image size, kernel, dilation, padding and stride");
-}
-
 }  // namespace
 
 void im2col_cpu(const TensorView& image, const Geometry& g, const TensorView& columns, int nthreads) {
-  check_geometry(image, g, columns);
+  check_im2col_args(image, g, columns, DeviceType::CPU);
   const int64_t planes = image.size(0) * g.channels, plane = g.height * g.width;
   const int64_t rows = g.kh * g.kw * g.out_h * g.out_w;
   advise_huge_pages(columns.data, size_t(columns.numel() * dtype_size(columns.dtype)));  // kh*kw x the input
@@ -106,7 +91,7 @@ void im2col_cpu(const TensorView& image, const Geometry& g, const TensorView& co
 }
 
 void col2im_cpu(const TensorView& columns, const Geometry& g, const TensorView& image, int nthreads) {
-  check_geometry(image, g, columns);
+  check_im2col_args(image, g, columns, DeviceType::CPU);
   const int64_t planes = image.size(0) * g.channels, plane = g.height * g.width;
   const int64_t rows = g.kh * g.kw * g.out_h * g.out_w;
   dispatch_floating(image.dtype, "input", [&](auto tag) {

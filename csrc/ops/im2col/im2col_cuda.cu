@@ -50,27 +50,12 @@ __global__ void col2im_kernel(const S* __restrict__ columns, Geometry g, int64_t
   }
 }
 
-void check_cuda(const TensorView& image, const Geometry& g, const TensorView& columns) {
-  check_shape(image, "image", {-1, g.channels, g.height, g.width});
-  check_shape(columns, "columns", {image.size(0), g.channels * g.kh * g.kw, g.out_h * g.out_w});
-  check_dtype(columns, "columns", image.dtype);
-  for (const TensorView* t : {&image, &columns}) {
-    check_contiguous(*t, "tensors");
-    check_device(*t, "tensors", DeviceType::CUDA);
-  }
-  check_arg(image.device_index == columns.device_index, "image and columns must be on one CUDA device");
-  check_arg(g.kh > 0 && g.kw > 0 && g.dh > 0 && g.dw > 0 && g.sh > 0 && g.sw > 0 && g.ph >= 0 && g.pw >= 0 &&
-                g.out_h == im2col::blocks(g.height, g.kh, g.dh, g.ph, g.sh) &&
-                g.out_w == im2col::blocks(g.width, g.kw, g.dw, g.pw, g.sw),
-            "inconsistent im2col geometry");
-}
-
 unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
 
 }  // namespace
 
 void im2col_cuda(const TensorView& image, const Geometry& g, const TensorView& columns, uintptr_t stream) {
-  check_cuda(image, g, columns);
+  check_im2col_args(image, g, columns, DeviceType::CUDA);
   const int64_t total = columns.numel();
   if (total == 0) return;
   DeviceGuard guard(columns);
@@ -82,7 +67,7 @@ void im2col_cuda(const TensorView& image, const Geometry& g, const TensorView& c
 }
 
 void col2im_cuda(const TensorView& columns, const Geometry& g, const TensorView& image, uintptr_t stream) {
-  check_cuda(image, g, columns);
+  check_im2col_args(image, g, columns, DeviceType::CUDA);
   const int64_t total = image.numel();
   if (total == 0) return;
   DeviceGuard guard(image);

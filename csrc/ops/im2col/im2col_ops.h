@@ -5,6 +5,10 @@
 
 namespace fastcv {
 
+// Shapes, dtypes, layout, device and geometry of a call (im2col_args.cpp, shared by both backends).
+void check_im2col_args(const TensorView& image, const im2col::Geometry& g, const TensorView& columns,
+                       DeviceType device);
+
 // image [N, C, H, W] contiguous -> columns [N, C*kh*kw, out_h*out_w] contiguous (F.unfold).
 void im2col_cpu(const TensorView& image, const im2col::Geometry& g, const TensorView& columns, int nthreads);
 
