@@ -46,6 +46,14 @@ __device__ inline void decompose(int64_t idx, const LevelsArg& a, int64_t& k, in
   }
 }
 
+// Element p of the (level, image, channel) plane of `map` is at plane[p * step].
+template <class P>
+__device__ inline P* plane_of(P* map, const LevelsArg& a, int level, int64_t image, int64_t c, int64_t& step) {
+  const int64_t hw = a.h[level] * a.w[level];
+  step = a.channels_last ? a.c : 1;
+  return a.channels_last ? map + image * hw * a.c + c : map + (image * a.c + c) * hw;
+}
+
 // The box's level, image and geometry; false when it pools nothing.
 template <class T, class S>
 __device__ bool box_setup(const S* roi, const LevelsArg& a, int64_t sampling_ratio, bool aligned, int& level,
@@ -75,10 +83,8 @@ __global__ void forward_kernel(LevelsArg a, const S* __restrict__ rois, int64_t 
     T sum = T(0), count = T(1);
     if (box_setup<T>(rois + k * 5, a, sampling_ratio, aligned, level, image, g)) {
       const int64_t h = a.h[level], w = a.w[level];
-      const S* map = static_cast<const S*>(a.data[level]);
-      // Element p of this (image, channel) plane is at x[p * step].
-      const S* x = a.channels_last ? map + image * h * w * a.c + c : map + (image * a.c + c) * h * w;
-      const int64_t step = a.channels_last ? a.c : 1;
+      int64_t step;
+      const S* x = plane_of(static_cast<const S*>(a.data[level]), a, level, image, c, step);
       for (int64_t iy = 0; iy < g.grid_h; ++iy) {
         const T y = roi_align::sample_y(g, ph, iy);
         for (int64_t ix = 0; ix < g.grid_w; ++ix) {
@@ -104,9 +110,8 @@ __global__ void backward_kernel(LevelsArg a, const S* __restrict__ rois, const S
     roi_align::Geometry<T> g;
     if (!box_setup<T>(rois + k * 5, a, sampling_ratio, aligned, level, image, g)) continue;
     const int64_t h = a.h[level], w = a.w[level];
-    T* map = static_cast<T*>(const_cast<void*>(a.data[level]));
-    T* x = a.channels_last ? map + image * h * w * a.c + c : map + (image * a.c + c) * h * w;
-    const int64_t step = a.channels_last ? a.c : 1;
+    int64_t step;
+    T* x = plane_of(static_cast<T*>(const_cast<void*>(a.data[level])), a, level, image, c, step);
     const T gb = to_float(grad[idx]) / g.count;  // as the CPU kernel: one division per bin
     for (int64_t iy = 0; iy < g.grid_h; ++iy) {
       const T y = roi_align::sample_y(g, ph, iy);
@@ -141,9 +146,8 @@ __global__ void backward_deterministic_kernel(LevelsArg a, const S* __restrict__
     rest /= tiles;
     const int64_t c = rest % a.c, image = rest / a.c;
     const int64_t row0 = tile * kTileRows, row1 = row0 + kTileRows < h ? row0 + kTileRows : h;
-    T* map = static_cast<T*>(const_cast<void*>(a.data[level]));
-    T* x = a.channels_last ? map + image * h * w * a.c + c : map + (image * a.c + c) * h * w;
-    const int64_t step = a.channels_last ? a.c : 1;
+    int64_t step;
+    T* x = plane_of(static_cast<T*>(const_cast<void*>(a.data[level])), a, level, image, c, step);
     for (int64_t k = 0; k < boxes; ++k) {
       int box_level;
       int64_t box_image;
