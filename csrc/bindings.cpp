@@ -25,6 +25,7 @@ namespace fastcv {
 void bind_nms(py::module_& m);
 void bind_roi_align(py::module_& m);
 void bind_im2col(py::module_& m);
+void bind_conv2d(py::module_& m);
 }  // namespace fastcv
 
 #ifdef FASTCV_WITH_CUDA
@@ -85,4 +86,5 @@ PYBIND11_MODULE(_C, m) {
   fastcv::bind_nms(m);
   fastcv::bind_roi_align(m);
   fastcv::bind_im2col(m);
+  fastcv::bind_conv2d(m);
 }

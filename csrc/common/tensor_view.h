@@ -45,6 +45,13 @@ struct TensorView {
     }
     return true;
   }
+  // Dense NHWC strides of a 4-D tensor (torch's channels_last), ignoring the strides of size-1 dims.
+  bool is_channels_last() const {
+    if (ndim != 4) return false;
+    const int64_t n = sizes[0], c = sizes[1], h = sizes[2], w = sizes[3];
+    return (c == 1 || strides[1] == 1) && (w == 1 || strides[3] == c) && (h == 1 || strides[2] == w * c) &&
+           (n == 1 || strides[0] == h * w * c);
+  }
   template <class T>
   T* ptr() const { return static_cast<T*>(data); }
 

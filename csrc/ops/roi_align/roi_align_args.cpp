@@ -6,10 +6,6 @@
 
 namespace fastcv {
 
-bool is_channels_last(const TensorView& t) {
-  return t.stride(1) == 1 && t.stride(3) == t.size(1) && t.stride(2) == t.size(3) * t.size(1);
-}
-
 PoolShape check_roi_align_args(const std::vector<TensorView>& maps, const std::vector<double>& scales,
                                const TensorView& rois, const TensorView& pooled, const char* pooled_name,
                                DeviceType device) {
@@ -24,8 +20,8 @@ PoolShape check_roi_align_args(const std::vector<TensorView>& maps, const std::v
   s.ph = pooled.size(2), s.pw = pooled.size(3);
   check_arg(s.ph > 0 && s.pw > 0, "output_size must be positive");
   // The first map decides the layout (a tensor with C == 1 or 1x1 planes counts as NCHW).
-  s.channels_last = !first.is_contiguous() && is_channels_last(first);
-  check_arg(s.channels_last ? is_channels_last(pooled) : pooled.is_contiguous(),
+  s.channels_last = !first.is_contiguous() && first.is_channels_last();
+  check_arg(s.channels_last ? pooled.is_channels_last() : pooled.is_contiguous(),
             std::string(pooled_name) + " must have the memory format of the input (contiguous NCHW or channels_last)");
   for (const TensorView* t : {&rois, &pooled}) {
     check_device(*t, "tensors", device);
@@ -36,7 +32,7 @@ PoolShape check_roi_align_args(const std::vector<TensorView>& maps, const std::v
     check_dtype(m, "input", first.dtype);
     check_device(m, "input", device);
     check_arg(m.device_index == first.device_index, "all tensors must be on one device");
-    check_arg(s.channels_last ? is_channels_last(m) : m.is_contiguous(),
+    check_arg(s.channels_last ? m.is_channels_last() : m.is_contiguous(),
               "every feature map must have one memory format (contiguous NCHW or channels_last)");
   }
   return s;

@@ -19,7 +19,6 @@ struct PoolShape {
   int64_t n, c, ph, pw;
   bool channels_last;
 };
-bool is_channels_last(const TensorView& t);
 // maps: the inputs (forward) or their gradients (backward), all of one shape but H, W, one memory
 // format, on `device`; pooled: the output or its gradient, whose dtype rois must have.
 PoolShape check_roi_align_args(const std::vector<TensorView>& maps, const std::vector<double>& scales,

@@ -1,0 +1,105 @@
+#pragma once
+// A blocked GEMM for the CPU convolution: C = A * B with both operands packed into panels by the caller's
+// packers, so a convolution can build its panels straight from the image (implicit im2col: the column
+// matrix only ever exists one cache-sized block at a time).
+//
+// Panels: A in row panels of MR rows stored k-major (panel[k * MR + i]); B in column panels of NR columns
+// stored k-major (panel[k * NR + j]). Rows and columns past the matrix edge are packed as zeros, so the
+// micro-kernel always computes whole MR x NR tiles into a padded C block.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/gemm_kernel.h"
+
+namespace fastcv {
+namespace gemm {
+
+// The kernel for this CPU's best instruction set (AVX-512, AVX2+FMA, or baseline x86-64 SSE2).
+const Kernel<float>& kernel(float);
+const Kernel<double>& kernel(double);
+
+// Depth of one packed block: a B panel of KC x NR floats (32 KB at NR = 32) stays in L1 while the
+// micro-kernel streams it, and an A panel of MR x KC stays there too.
+constexpr int64_t kKC = 256;
+
+// Per-thread scratch: B panels of a block, one A panel, the C block.
+template <class T>
+struct Workspace {
+  std::vector<T> a, b, c;
+  std::vector<const T*> b_panels;
+};
+
+// The calling thread's workspace (kernels run on persistent pool or OpenMP threads, so it is reused).
+template <class T>
+Workspace<T>& workspace() {
+  thread_local Workspace<T> ws;
+  return ws;
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// C block [round_up(m, MR) x ldc] = A[m x K] * B[K x n], ldc >= round_up(n, NR).
+//   pack_a(i, k0, kc, dst) -> const T*: the MR x kc panel of rows [i, i + MR), written to dst (MR * kc
+//   values) or pointing into storage packed ahead of time.
+//   pack_b(j, k0, kc, dst) -> const T*: the kc x NR panel of columns [j, j + NR), likewise.
+// The whole row range reuses each packed B block, and each A panel is reused across all B panels.
+// `accumulate` adds to what c holds (a sum over several calls, as the weight gradient's over images).
+template <class T, class PackA, class PackB>
+void multiply(const Kernel<T>& kern, int64_t m, int64_t n, int64_t K, const PackA& pack_a,
+              const PackB& pack_b, Workspace<T>& ws, T* c, int64_t ldc, bool accumulate = false) {
+  const int64_t MR = kern.mr, NR = kern.nr;
+  const int64_t m_panels = (m + MR - 1) / MR, n_panels = (n + NR - 1) / NR;
+  const int64_t kc_max = std::min<int64_t>(kKC, std::max<int64_t>(K, 1));
+  ws.a.resize(size_t(MR * kc_max));
+  ws.b.resize(size_t(n_panels * NR * kc_max));
+  ws.b_panels.resize(size_t(n_panels));
+  if (K == 0) {  // an empty sum: zeros
+    if (accumulate) return;
+    for (int64_t i = 0; i < m_panels * MR; ++i) std::fill(c + i * ldc, c + i * ldc + n_panels * NR, T(0));
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, K - k0);
+    for (int64_t jp = 0; jp < n_panels; ++jp)
+      ws.b_panels[size_t(jp)] = pack_b(jp * NR, k0, kc, ws.b.data() + jp * NR * kc);
+    for (int64_t ip = 0; ip < m_panels; ++ip) {
+      const T* a = pack_a(ip * MR, k0, kc, ws.a.data());
+      T* c_row = c + ip * MR * ldc;
+      for (int64_t jp = 0; jp < n_panels; ++jp) kern.tile(kc, a, ws.b_panels[size_t(jp)], c_row + jp * NR, ldc, accumulate || k0 > 0);
+    }
+  }
+}
+
+// An operand packed once per call (a convolution's weights): `count` rows (or columns) of a matrix with
+// K entries each, in panels of `width`, laid out so panel(r, k0, kc) is exactly what multiply() wants
+// for rows [r, r + width) and depth [k0, k0 + kc) (K blocked by kKC). Element (r, k) is
+// src[r_offset[r] + k_offset[k]]: the offset tables describe any weight layout or transposition
+// without a division per element.
+template <class T>
+struct Packed {
+  int64_t width = 1, padded = 0, K = 0;
+  std::vector<T> data;
+
+  template <class S, class Convert>
+  void pack(const S* src, const std::vector<int64_t>& r_offset, const std::vector<int64_t>& k_offset,
+            int64_t panel_width, const Convert& convert) {
+    width = panel_width;
+    K = int64_t(k_offset.size());
+    const int64_t count = int64_t(r_offset.size());
+    padded = round_up(count, width);
+    data.assign(size_t(padded * K), T(0));
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+      for (int64_t r = 0; r < count; ++r) {
+        T* dst = data.data() + k0 * padded + (r / width) * width * kc + r % width;
+        const S* row = src + r_offset[size_t(r)];
+        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * width] = convert(row[k_offset[size_t(k0 + kk)]]);
+      }
+    }
+  }
+  const T* panel(int64_t r, int64_t k0, int64_t kc) const { return data.data() + k0 * padded + r * kc; }
+};
+
+}  // namespace gemm
+}  // namespace fastcv

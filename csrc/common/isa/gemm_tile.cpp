@@ -1,0 +1,73 @@
+// The GEMM micro-kernels, compiled once per instruction set by CMakeLists.txt (-march=x86-64-v4, -v3
+// and the baseline, each with its own FASTCV_ISA namespace) and chosen at run time by gemm.cpp.
+// Written with GCC vector extensions so one source serves every width; this file alone is compiled
+// with -ffp-contract=fast, because the fused multiply-add is the GEMM's speed (no bit-exactness with
+// PyTorch is promised for a matrix product, whose summation order differs anyway).
+//
+// Nothing here may be an inline function or template shared with other translation units: the linker
+// would keep one copy, possibly the AVX-512 one, for every caller. Everything is static or in the
+// ISA's own namespace.
+#include <cstdint>
+
+#include "common/gemm_kernel.h"
+
+#ifndef FASTCV_ISA
+#error "compile with -DFASTCV_ISA=<name> (see CMakeLists.txt)"
+#endif
+
+namespace fastcv {
+namespace gemm {
+namespace FASTCV_ISA {
+namespace {
+
+template <class T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T))));  // unaligned loads
+};
+
+// MR x (NV * W) tile; the MR * NV accumulators must fit the register file with room for NV B vectors.
+template <class T, int W, int MR, int NV>
+void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate) {
+  using V = typename Vec<T, W>::type;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? *reinterpret_cast<const V*>(c + i * ldc + v * W) : V{};
+  for (int64_t k = 0; k < kc; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * W);
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] += a[i] * bv[v];  // a[i] broadcasts; contracted to FMA
+    a += MR;
+    b += NV * W;
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + i * ldc + v * W) = acc[i][v];
+}
+
+}  // namespace
+
+// Register blocking per instruction set: 32 vector registers with AVX-512, 16 otherwise.
+#if defined(__AVX512F__)
+constexpr int kWidthBytes = 64, kMR = 12, kNV = 2;
+#elif defined(__AVX2__)
+constexpr int kWidthBytes = 32, kMR = 6, kNV = 2;
+#else
+constexpr int kWidthBytes = 16, kMR = 6, kNV = 2;
+#endif
+
+#define FASTCV_STR2(x) #x
+#define FASTCV_STR(x) FASTCV_STR2(x)
+
+Kernel<float> kernel_f32() {
+  constexpr int W = kWidthBytes / 4;
+  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, FASTCV_STR(FASTCV_ISA)};
+}
+Kernel<double> kernel_f64() {
+  constexpr int W = kWidthBytes / 8;
+  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, FASTCV_STR(FASTCV_ISA)};
+}
+
+}  // namespace FASTCV_ISA
+}  // namespace gemm
+}  // namespace fastcv

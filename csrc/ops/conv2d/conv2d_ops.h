@@ -1,0 +1,28 @@
+#pragma once
+// Entry points of the 2-D convolution, called from conv2d_bind.cpp. Each takes the input side
+// ([N, C, H, W]) and output side ([N, Cout, out_h, out_w]) in one memory format, NCHW-contiguous or
+// channels_last (NHWC); the weight [Cout, C/groups, kh, kw] may have any strides.
+#include "common/tensor_view.h"
+#include "ops/conv2d/conv2d.h"
+
+namespace fastcv {
+
+// Shapes, dtypes, devices, layouts and geometry of a call (conv2d_args.cpp, shared by the backends).
+// Any of bias / input / output may be null where the entry point has none.
+void check_conv2d_args(const conv2d::Geometry& g, const TensorView* input, const TensorView& weight,
+                       const TensorView* bias, const TensorView* output, DeviceType device);
+// Whether a call runs its NHWC kernels: its tensors are channels_last and not also plain-contiguous
+// (a tensor that is both, as with H = W = 1, suits either kernel).
+bool nhwc_layout(const TensorView& t);
+
+// output = conv2d(input, weight) + bias
+void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const TensorView* bias,
+                        const TensorView& output, const conv2d::Geometry& g, int nthreads);
+// grad_input = the input gradient of conv2d for grad_output (conv_transpose2d's forward)
+void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight,
+                           const TensorView& grad_input, const conv2d::Geometry& g, int nthreads);
+// grad_weight [Cout, C/groups, kh, kw] contiguous = the weight gradient, summed over the batch
+void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& input,
+                            const TensorView& grad_weight, const conv2d::Geometry& g, int nthreads);
+
+}  // namespace fastcv

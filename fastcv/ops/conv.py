@@ -1,0 +1,324 @@
+"""2-D convolution and transposed convolution: F.conv2d and F.conv_transpose2d, with gradients.
+
+Three registered ops, each linear in both of its tensor arguments, so each is the others' gradient
+and derivatives of every order work:
+  conv2d(input, weight, bias)                     F.conv2d
+  conv2d_input_grad(grad_output, weight, size)    its input gradient, which is conv_transpose2d
+  conv2d_weight_grad(grad_output, input, size)    its weight gradient, summed over the batch
+
+Backends: CPU C++ (csrc/ops/conv2d: GEMMs on panels packed straight from the image, so no im2col
+buffer; NCHW and channels_last forward natively, the gradients in NCHW) and, on the GPU, the Triton
+implicit-GEMM kernels of kernels/conv2d.py (forward, input and weight gradient, any layout).
+
+Layout: the output is channels_last when the input or the weight is (PyTorch's rule), else contiguous.
+Autocast: under torch.autocast the public functions cast to the autocast dtype, as F.conv2d does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastcv import _C
+from fastcv._backend import FLOATING, num_threads, view
+from fastcv._library import define
+from fastcv.ops._args import pair
+
+__all__ = ["conv2d", "conv_transpose2d"]
+
+
+def _out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> list[int]:
+    """The 16 integers csrc/ops/conv2d/conv2d_bind.cpp takes, validated with F.conv2d's rules."""
+    n, c, h, w = input_shape
+    cout, cin_g, kh, kw = weight_shape
+    if not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    for name, value, low in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
+        if min(value) < low:
+            raise ValueError(f"{name} must be {'positive' if low else 'non-negative'}, got {tuple(value)}")
+    if cin_g * groups != c:
+        raise ValueError(f"input has {c} channels, but weight {list(weight_shape)} with groups={groups} expects "
+                         f"{cin_g * groups} (weight.shape[1] * groups)")
+    if cout % groups:
+        raise ValueError(f"weight.shape[0] (out channels, {cout}) must be divisible by groups ({groups})")
+    if kh <= 0 or kw <= 0:
+        raise ValueError(f"the kernel size must be positive, got weight of shape {list(weight_shape)}")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    out_h, out_w = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"the dilated kernel ({dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the "
+                         f"padded input ({h + 2 * ph}x{w + 2 * pw})")
+    return [n, c, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w]
+
+
+def _check_tensor(t, arg: str, rank: int, like: Tensor | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATING:
+        raise TypeError(f"{arg} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{arg} must be a {rank}-D tensor, got shape {list(t.shape)}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{arg} is on {t.device}, but the input is on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{arg} has dtype {t.dtype}, but the input has {like.dtype}")
+
+
+def _memory_format(*tensors: Tensor) -> torch.memory_format:
+    """channels_last when any of the tensors is (and is not also plain-contiguous), as PyTorch decides."""
+    for t in tensors:
+        if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty(shape, like: Tensor, fmt: torch.memory_format) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _triton():
+    from fastcv.kernels import conv2d as triton_conv2d
+    return triton_conv2d
+
+
+# ---------------------------------------------------------------- registered ops
+
+
+def _conv2d_checked(input, weight, bias, stride, padding, dilation, groups):
+    _check_tensor(input, "input", 4)
+    _check_tensor(weight, "weight", 4, input)
+    if bias is not None:
+        _check_tensor(bias, "bias", 1, input)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have weight.shape[0] = {weight.shape[0]} elements, got {bias.shape[0]}")
+    return _geometry(input.shape, weight.shape, stride, padding, dilation, groups)
+
+
+def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):
+    g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
+    if input.is_cuda:
+        return _triton().conv2d_forward(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    fmt = _memory_format(input, weight)
+    x = input.contiguous(memory_format=fmt)
+    out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
+    if out.numel():
+        _C.conv2d_forward_cpu(view(x), view(weight), None if bias is None else view(bias.contiguous()), view(out),
+                              g, num_threads())
+    return out
+
+
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
+    g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
+    return _empty((g[0], g[4], g[14], g[15]), input, _memory_format(input, weight))
+
+
+def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups):
+    _check_tensor(grad_output, "grad_output", 4)
+    _check_tensor(weight, "weight", 4, grad_output)
+    h, w = input_size
+    g = _geometry((grad_output.shape[0], weight.shape[1] * groups, h, w), weight.shape, stride, padding, dilation,
+                  groups)
+    if list(grad_output.shape[1:]) != [g[4], g[14], g[15]]:
+        raise ValueError(f"grad_output must have shape [N, {g[4]}, {g[14]}, {g[15]}] for input size {h}x{w}, "
+                         f"got {list(grad_output.shape)}")
+    return g
+
+
+def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation, groups):
+    g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
+    if grad_output.is_cuda:
+        return _triton().conv2d_input_grad(grad_output, weight, tuple(g[:4]), tuple(stride), tuple(padding),
+                                           tuple(dilation), groups)
+    fmt = _memory_format(grad_output, weight)
+    # The CPU gradients run in NCHW (channels_last tensors are converted, and the result converted back).
+    out = _empty(g[:4], grad_output, torch.contiguous_format)
+    if out.numel():
+        _C.conv2d_input_grad_cpu(view(grad_output.contiguous()), view(weight), view(out), g, num_threads())
+    return out.contiguous(memory_format=fmt)
+
+
+def _input_grad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
+    g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
+    return _empty(g[:4], grad_output, _memory_format(grad_output, weight))
+
+
+def _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups):
+    _check_tensor(grad_output, "grad_output", 4)
+    _check_tensor(input, "input", 4, grad_output)
+    g = _geometry(input.shape, weight_size, stride, padding, dilation, groups)
+    if list(grad_output.shape) != [g[0], g[4], g[14], g[15]]:
+        raise ValueError(f"grad_output must have shape {[g[0], g[4], g[14], g[15]]}, got {list(grad_output.shape)}")
+    return g
+
+
+def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation, groups):
+    g = _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
+    if grad_output.is_cuda:
+        return _triton().conv2d_weight_grad(grad_output, input, tuple(weight_size), tuple(stride), tuple(padding),
+                                            tuple(dilation), groups)
+    out = _empty(list(weight_size), grad_output, torch.contiguous_format)
+    _C.conv2d_weight_grad_cpu(view(grad_output.contiguous()), view(input.contiguous()), view(out), g, num_threads())
+    return out
+
+
+def _weight_grad_fake(grad_output, input, weight_size, stride, padding, dilation, groups):
+    _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
+    return _empty(list(weight_size), grad_output, torch.contiguous_format)
+
+
+_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+define(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> Tensor",
+       impl=_conv2d_impl, fake=_conv2d_fake)
+define(f"conv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, {_ARGS}) -> Tensor",
+       impl=_input_grad_impl, fake=_input_grad_fake)
+define(f"conv2d_weight_grad(Tensor grad_output, Tensor input, int[4] weight_size, {_ARGS}) -> Tensor",
+       impl=_weight_grad_impl, fake=_weight_grad_fake)
+
+_ops = torch.ops.fastcv
+
+
+# Every op is bilinear: with y = conv(x, w), <gy, conv(x, w)> = <input_grad(gy, w), x> = <weight_grad(gy, x), w>,
+# so each op's gradients are the other two.
+def _conv2d_setup(ctx, inputs, output):
+    input, weight, bias, *ctx.args = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx = _ops.conv2d_input_grad(grad, weight, list(input.shape[2:]), *ctx.args) if need_x else None
+    gw = _ops.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
+    gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
+    return gx, gw, gb, None, None, None, None
+
+
+def _input_grad_setup(ctx, inputs, output):
+    grad_output, weight, ctx.size, *ctx.args = inputs
+    ctx.save_for_backward(grad_output, weight)
+
+
+def _input_grad_backward(ctx, grad):
+    grad_output, weight = ctx.saved_tensors
+    need_g, need_w = ctx.needs_input_grad[:2]
+    gg = _ops.conv2d(grad, weight, None, *ctx.args) if need_g else None
+    gw = _ops.conv2d_weight_grad(grad_output, grad, list(weight.shape), *ctx.args) if need_w else None
+    return gg, gw, None, None, None, None, None
+
+
+def _weight_grad_setup(ctx, inputs, output):
+    grad_output, input, _, *ctx.args = inputs
+    ctx.save_for_backward(grad_output, input)
+
+
+def _weight_grad_backward(ctx, grad):
+    grad_output, input = ctx.saved_tensors
+    need_g, need_x = ctx.needs_input_grad[:2]
+    gg = _ops.conv2d(input, grad, None, *ctx.args) if need_g else None
+    gx = _ops.conv2d_input_grad(grad_output, grad, list(input.shape[2:]), *ctx.args) if need_x else None
+    return gg, gx, None, None, None, None, None
+
+
+torch.library.register_autograd("fastcv::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+torch.library.register_autograd("fastcv::conv2d_input_grad", _input_grad_backward, setup_context=_input_grad_setup)
+torch.library.register_autograd("fastcv::conv2d_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def _autocast(*tensors):
+    """The tensors cast to the autocast dtype when autocast is on for their device (F.conv2d's policy)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor):
+        return tensors
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _unbatched(input, name: str):
+    """(4-D input, whether it was 3-D): like F.conv2d, an unbatched [C, H, W] input gets a batch of one."""
+    if isinstance(input, Tensor) and input.dim() == 3:
+        return input.unsqueeze(0), True
+    return input, False
+
+
+def _same_padding(input: Tensor, kernel, stride, dilation):
+    """padding='same': the symmetric part as padding, and the odd extra pixel (F.conv2d puts it at the
+    bottom and right) padded into the input. stride must be 1, as for F.conv2d."""
+    if stride != (1, 1):
+        raise ValueError("padding='same' is not supported for strided convolutions (as in F.conv2d)")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    if total[0] % 2 or total[1] % 2:
+        input = torch.nn.functional.pad(input, (0, total[1] % 2, 0, total[0] % 2))
+    return input, (total[0] // 2, total[1] // 2)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """F.conv2d: input [N, C, H, W] or [C, H, W], weight [Cout, C/groups, kh, kw], padding an int, a pair,
+    'same' or 'valid'."""
+    input, weight, bias = _autocast(input, weight, bias)
+    input, unbatched = _unbatched(input, "input")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            _check_tensor(input, "input", 4)
+            _check_tensor(weight, "weight", 4, input)
+            input, padding = _same_padding(input, weight.shape[2:], stride, dilation)
+        else:
+            raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        padding = pair(padding, "padding")
+    out = _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                     output_padding=0, groups: int = 1, dilation=1) -> Tensor:
+    """F.conv_transpose2d: input [N, Cin, H, W] or [Cin, H, W], weight [Cin, Cout/groups, kh, kw]. It is
+    the input gradient of the convolution whose weight this is: a GEMM then a col2im scatter."""
+    input, weight, bias = _autocast(input, weight, bias)
+    input, unbatched = _unbatched(input, "input")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    output_padding = pair(output_padding, "output_padding")
+    _check_tensor(input, "input", 4)
+    _check_tensor(weight, "weight", 4, input)
+    if not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if input.shape[1] != weight.shape[0]:
+        raise ValueError(f"input has {input.shape[1]} channels, but weight {list(weight.shape)} expects "
+                         f"{weight.shape[0]} (weight.shape[0])")
+    for op, s, d in zip(output_padding, stride, dilation):
+        if op < 0 or op >= max(s, d):
+            raise ValueError(f"output_padding must be non-negative and smaller than stride or dilation, got "
+                             f"{output_padding} with stride {stride} and dilation {dilation}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride and dilation must be positive and padding non-negative, got stride {stride}, "
+                         f"dilation {dilation}, padding {padding}")
+    size = [(n - 1) * s - 2 * p + d * (k - 1) + 1
+            for n, s, p, d, k in zip(input.shape[2:], stride, padding, dilation, weight.shape[2:])]
+    if min(size) <= 0:
+        raise ValueError(f"the output would be empty ({size[0]}x{size[1]}): padding {padding} is too large")
+    # Output rows past `reach` (output_padding >= stride, allowed when dilation is larger) get no input.
+    reach = [n + min(op, s - 1) for n, op, s in zip(size, output_padding, stride)]
+    out = _ops.conv2d_input_grad(input, weight, reach, stride, padding, dilation, groups)
+    extra = [n + op - r for n, op, r in zip(size, output_padding, reach)]
+    if extra[0] or extra[1]:
+        out = torch.nn.functional.pad(out, (0, extra[1], 0, extra[0]))
+    if bias is not None:
+        _check_tensor(bias, "bias", 1, input)
+        if bias.shape[0] != out.shape[1]:
+            raise ValueError(f"bias must have {out.shape[1]} elements (the output channels), got {bias.shape[0]}")
+        out = out + bias.view(1, -1, 1, 1)
+    return out.squeeze(0) if unbatched else out
