@@ -26,8 +26,7 @@ constexpr int64_t kKC = 256;
 // Per-thread scratch: B panels of a block, one A panel, the C block.
 template <class T>
 struct Workspace {
-  std::vector<T> a, b, c;
-  std::vector<const T*> b_panels;
+  std::vector<T> a, b, c, row;
 };
 
 // The calling thread's workspace (kernels run on persistent pool or OpenMP threads, so it is reused).
@@ -42,18 +41,25 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // C block [round_up(m, MR) x ldc] = A[m x K] * B[K x n], ldc >= round_up(n, NR).
 //   pack_a(i, k0, kc, dst) -> const T*: the MR x kc panel of rows [i, i + MR), written to dst (MR * kc
 //   values) or pointing into storage packed ahead of time.
-//   pack_b(j, k0, kc, dst) -> const T*: the kc x NR panel of columns [j, j + NR), likewise.
-// The whole row range reuses each packed B block, and each A panel is reused across all B panels.
+//   pack_b(k0, kc, dst) -> const T*: all kc x NR panels of the n columns, one after another (panel jp at
+//   jp * NR * kc), written to dst or pointing into storage. Packing a block at once lets a gather read
+//   each source row as one run instead of NR-wide pieces (measured: 3x faster on a 1x1 convolution).
+// Each A panel is reused across all B panels of the block, and the B block across all A panels.
 // `accumulate` adds to what c holds (a sum over several calls, as the weight gradient's over images).
-template <class T, class PackA, class PackB>
+// `between(k0, ip, m_panels)` runs after each row panel's tiles: a place to prefetch the next block's
+// source while the arithmetic hides the memory latency.
+struct NoHook {
+  void operator()(int64_t, int64_t, int64_t) const {}
+};
+template <class T, class PackA, class PackB, class Hook = NoHook>
 void multiply(const Kernel<T>& kern, int64_t m, int64_t n, int64_t K, const PackA& pack_a,
-              const PackB& pack_b, Workspace<T>& ws, T* c, int64_t ldc, bool accumulate = false) {
+              const PackB& pack_b, Workspace<T>& ws, T* c, int64_t ldc, bool accumulate = false,
+              const Hook& between = Hook{}) {
   const int64_t MR = kern.mr, NR = kern.nr;
   const int64_t m_panels = (m + MR - 1) / MR, n_panels = (n + NR - 1) / NR;
   const int64_t kc_max = std::min<int64_t>(kKC, std::max<int64_t>(K, 1));
   ws.a.resize(size_t(MR * kc_max));
   ws.b.resize(size_t(n_panels * NR * kc_max));
-  ws.b_panels.resize(size_t(n_panels));
   if (K == 0) {  // an empty sum: zeros
     if (accumulate) return;
     for (int64_t i = 0; i < m_panels * MR; ++i) std::fill(c + i * ldc, c + i * ldc + n_panels * NR, T(0));
@@ -61,12 +67,12 @@ void multiply(const Kernel<T>& kern, int64_t m, int64_t n, int64_t K, const Pack
   }
   for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, K - k0);
-    for (int64_t jp = 0; jp < n_panels; ++jp)
-      ws.b_panels[size_t(jp)] = pack_b(jp * NR, k0, kc, ws.b.data() + jp * NR * kc);
+    const T* b = pack_b(k0, kc, ws.b.data());
     for (int64_t ip = 0; ip < m_panels; ++ip) {
       const T* a = pack_a(ip * MR, k0, kc, ws.a.data());
       T* c_row = c + ip * MR * ldc;
-      for (int64_t jp = 0; jp < n_panels; ++jp) kern.tile(kc, a, ws.b_panels[size_t(jp)], c_row + jp * NR, ldc, accumulate || k0 > 0);
+      for (int64_t jp = 0; jp < n_panels; ++jp) kern.tile(kc, a, b + jp * NR * kc, c_row + jp * NR, ldc, accumulate || k0 > 0);
+      between(k0, ip, m_panels);
     }
   }
 }

@@ -49,7 +49,7 @@ void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate
 
 // Register blocking per instruction set: 32 vector registers with AVX-512, 16 otherwise.
 #if defined(__AVX512F__)
-constexpr int kWidthBytes = 64, kMR = 12, kNV = 2;
+constexpr int kWidthBytes = 64, kMR = 8, kNV = 2;  // MR = 8 divides the usual channel counts
 #elif defined(__AVX2__)
 constexpr int kWidthBytes = 32, kMR = 6, kNV = 2;
 #else
