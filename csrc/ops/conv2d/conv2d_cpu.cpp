@@ -41,65 +41,86 @@ void pixel_runs(const Geometry& g, int64_t p0, int64_t n, std::vector<Run>& runs
   }
 }
 
-// Within a run starting at input column x0 = ow * sw - pw + j * dw, the run positions [a, b) whose
-// input column lies in [0, width).
-void valid_span(int64_t x0, int64_t sw, int64_t width, int64_t length, int64_t& a, int64_t& b) {
-  if (sw == 1) {
-    a = std::clamp<int64_t>(-x0, 0, length);
-    b = std::clamp<int64_t>(width - x0, a, length);
+// Zero-padded copies of image planes in the compute type: plane p at base + p * plane, rows of wp =
+// W + 2 pw values. Reading the padding as data removes every bounds test from the packing (and lets a
+// stride-1 layer read its column rows as single runs, see forward_nchw). `slack` zeros follow each
+// plane for reads that run past the last row. When there is no padding and the storage type is the
+// compute type, the input itself serves.
+template <class T>
+struct Padded {
+  const T* base = nullptr;
+  int64_t hp = 0, wp = 0, plane = 0;
+  std::vector<T> storage;
+
+  const T* at(int64_t p) const { return base + p * plane; }
+};
+
+template <class S>
+void make_padded(const S* src, int64_t planes, const Geometry& g, int64_t slack, Padded<compute_t<S>>& pad,
+                 int nthreads) {
+  using T = compute_t<S>;
+  pad.hp = g.height + 2 * g.ph;
+  pad.wp = g.width + 2 * g.pw;
+  if (std::is_same<S, T>::value && g.ph == 0 && g.pw == 0 && slack == 0) {
+    pad.base = reinterpret_cast<const T*>(src);
+    pad.plane = g.height * g.width;
     return;
   }
-  const auto ceil_div = [](int64_t v, int64_t d) { return v >= 0 ? (v + d - 1) / d : -((-v) / d); };
-  a = std::clamp<int64_t>(ceil_div(-x0, sw), 0, length);
-  b = std::clamp<int64_t>(ceil_div(width - x0, sw), a, length);
-}
-
-// The column matrix col[k, p] of one image and group in NCHW, for the pixels `runs` cover (from p0):
-// dst[kk * ld + jj] = col[k0 + kk][p0 + jj] for kk < nk, jj < ld, zero past the n_valid pixels.
-template <class S>
-void gather_columns(const S* image, const Geometry& g, int64_t k0, int64_t nk, const std::vector<Run>& runs,
-                    int64_t n_valid, compute_t<S>* dst, int64_t ld) {
-  using T = compute_t<S>;
-  const int64_t taps = g.taps(), plane = g.height * g.width;
-  for (int64_t kk = 0; kk < nk; ++kk) {
-    const int64_t k = k0 + kk, c = k / taps, i = (k % taps) / g.kw, j = k % g.kw;
-    const S* src = image + c * plane;
-    T* row = dst + kk * ld;
-    for (const Run& r : runs) {
-      T* out = row + r.offset;
-      const int64_t ih = r.oh * g.sh - g.ph + i * g.dh;
-      if (ih < 0 || ih >= g.height) {
-        std::fill(out, out + r.length, T(0));
-        continue;
+  pad.plane = pad.hp * pad.wp + slack;
+  pad.storage.resize(size_t(planes * pad.plane));
+  parallel_for(0, planes, 16, nthreads, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const S* in = src + p * g.height * g.width;
+      T* dst = pad.storage.data() + p * pad.plane;
+      std::fill(dst, dst + g.ph * pad.wp, T(0));
+      for (int64_t h = 0; h < g.height; ++h) {
+        T* row = dst + (g.ph + h) * pad.wp;
+        std::fill(row, row + g.pw, T(0));
+        for (int64_t w = 0; w < g.width; ++w) row[g.pw + w] = load(in[h * g.width + w]);
+        std::fill(row + g.pw + g.width, row + pad.wp, T(0));
       }
-      const int64_t x0 = r.ow * g.sw - g.pw + j * g.dw;
-      int64_t a, b;
-      valid_span(x0, g.sw, g.width, r.length, a, b);
-      const S* in = src + ih * g.width + x0;
-      std::fill(out, out + a, T(0));
-      if (g.sw == 1)
-        for (int64_t t = a; t < b; ++t) out[t] = load(in[t]);
-      else
-        for (int64_t t = a; t < b; ++t) out[t] = load(in[t * g.sw]);
-      std::fill(out + b, out + r.length, T(0));
+      std::fill(dst + (g.ph + g.height) * pad.wp, dst + pad.plane, T(0));
     }
-    std::fill(row + n_valid, row + ld, T(0));
+  });
+  pad.base = pad.storage.data();
+}
+
+// Where column row k = (c, i, j) of output run r starts in padded planes (c from `planes`).
+inline int64_t tap_offset(const Geometry& g, int64_t plane, int64_t wp, int64_t k, const Run& r) {
+  const int64_t taps = g.taps(), c = k / taps, i = k % taps / g.kw, j = k % g.kw;
+  return c * plane + (r.oh * g.sh + i * g.dh) * wp + r.ow * g.sw + j * g.dw;
+}
+
+// Column row k over the pixels of `runs`: dst[jj] = col[k][p0 + jj] (the runs' pixels only).
+template <class T>
+void gather_row(const T* planes, int64_t plane, int64_t wp, const Geometry& g, int64_t k, const std::vector<Run>& runs,
+                T* dst) {
+  for (const Run& r : runs) {
+    const T* src = planes + tap_offset(g, plane, wp, k, r);
+    T* out = dst + r.offset;
+    if (g.sw == 1)
+      std::memcpy(out, src, size_t(r.length) * sizeof(T));
+    else
+      for (int64_t t = 0; t < r.length; ++t) out[t] = src[t * g.sw];
   }
 }
 
-// Packing reads a block's rows from many input planes at once, too many streams for the hardware
-// prefetcher: a 1x1 convolution with 256 channels spent most of its packing time waiting on memory.
-// So while the micro-kernels run on one block, the next block's plane rows are hinted into the cache.
-template <class S>
-void prefetch_planes(const S* image, const Geometry& g, int64_t c0, int64_t c1, const std::vector<Run>& runs) {
-  if (runs.empty()) return;
-  const int64_t first = std::clamp<int64_t>(runs.front().oh * g.sh - g.ph, 0, g.height - 1);
-  const int64_t last = std::clamp<int64_t>(runs.back().oh * g.sh - g.ph + (g.kh - 1) * g.dh, 0, g.height - 1);
-  for (int64_t c = c0; c < c1; ++c) {
-    const char* begin = reinterpret_cast<const char*>(image + c * g.height * g.width + first * g.width);
-    const char* end = reinterpret_cast<const char*>(image + c * g.height * g.width + (last + 1) * g.width);
-    for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p);
-  }
+// Stride-1 layers compute "virtual" pixels on the padded grid instead: out_h rows of wp pixels, pixel
+// v reading padded[c][v + i * dh * wp + j * dw], so a block's column row is one contiguous run. The
+// 2 pw extra pixels per row are computed and dropped. Measured on the ResNet-50 3x3 layers, this beat
+// cutting every row into out_w-long runs even at 14x14, where it adds 14% arithmetic (89 against 85
+// GFLOP/s on one core), and by more at 56x56.
+bool use_virtual_pixels(const Geometry& g) { return g.sh == 1 && g.sw == 1; }
+
+// Packing reads a block's rows from many planes at once, too many streams for the hardware
+// prefetcher (a 1x1 convolution with 256 channels spent most of its packing time waiting on memory),
+// so while the micro-kernels run on one block the next block's source is hinted into the cache:
+// planes [c0, c1), each from `first` for `length` values.
+template <class T>
+void prefetch_planes(const T* planes, int64_t plane, int64_t c0, int64_t c1, int64_t first, int64_t length) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (const T* p = planes + c * plane + first; p < planes + c * plane + first + length; p += 64 / sizeof(T))
+      __builtin_prefetch(p);
 }
 
 // n values at src in the compute type: src itself when it already is, else converted into buf.
@@ -173,45 +194,18 @@ int64_t chunk(int64_t total, int64_t panel, int64_t preferred, int64_t other_tas
 
 // ------------------------------------------------------------------------------------------- forward
 
-// Stride-1 convolutions compute "virtual" output pixels on the zero-padded image's grid: out_h rows of
-// wp = W + 2 pw pixels, pixel v reading padded[c][v + i * dh * wp + j * dw]. Every column row of a block
-// is then one contiguous run of the padded image, with no per-output-row bookkeeping; the 2 pw extra
-// pixels per row are computed and dropped (3.6% more arithmetic at 56x56, 14% at 14x14).
-template <class T>
-struct Shifted {
-  const T* base = nullptr;  // plane (n * C + c) starts at base + (n * C + c) * plane
-  int64_t wp = 0, plane = 0, pixels = 0;
-  std::vector<T> storage;   // the padded copy, in the compute type (none when the input serves as is)
-};
-
-template <class S>
-void make_shifted(const TensorView& x, const Geometry& g, Shifted<compute_t<S>>& sh, int nthreads) {
-  using T = compute_t<S>;
-  const int64_t hp = g.height + 2 * g.ph, slack = (g.kw - 1) * g.dw;  // the last row's dropped pixels read past it
-  sh.wp = g.width + 2 * g.pw;
-  sh.pixels = g.out_h * sh.wp;
-  if (std::is_same<S, T>::value && g.ph == 0 && g.pw == 0 && slack == 0) {  // a 1x1 (or kx1) convolution
-    sh.base = reinterpret_cast<const T*>(x.ptr<S>());
-    sh.plane = g.height * g.width;
+// The source span of pixel block [v0, v1) of a `row_width`-wide grid in a padded plane: where it
+// starts and how many values it covers, for the prefetch.
+void block_span(const Geometry& g, int64_t wp, int64_t row_width, bool virtual_pixels, int64_t v0, int64_t v1,
+                int64_t& first, int64_t& length) {
+  if (virtual_pixels) {
+    first = v0;
+    length = v1 - v0 + (g.kh - 1) * g.dh * wp + (g.kw - 1) * g.dw;
     return;
   }
-  sh.plane = hp * sh.wp + slack;
-  sh.storage.resize(size_t(g.batch * g.channels * sh.plane));
-  parallel_for(0, g.batch * g.channels, 16, nthreads, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const S* src = x.ptr<S>() + p * g.height * g.width;
-      T* dst = sh.storage.data() + p * sh.plane;
-      std::fill(dst, dst + g.ph * sh.wp, T(0));
-      for (int64_t h = 0; h < g.height; ++h) {
-        T* row = dst + (g.ph + h) * sh.wp;
-        std::fill(row, row + g.pw, T(0));
-        for (int64_t w = 0; w < g.width; ++w) row[g.pw + w] = load(src[h * g.width + w]);
-        std::fill(row + g.pw + g.width, row + sh.wp, T(0));
-      }
-      std::fill(dst + (g.ph + g.height) * sh.wp, dst + sh.plane, T(0));
-    }
-  });
-  sh.base = sh.storage.data();
+  const int64_t oh0 = v0 / row_width, oh1 = (v1 - 1) / row_width;
+  first = oh0 * g.sh * wp;
+  length = ((oh1 - oh0) * g.sh + (g.kh - 1) * g.dh + 1) * wp;
 }
 
 template <class S>
@@ -222,52 +216,43 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
   const int64_t M = g.out_per_group(), K = g.in_per_group() * g.taps(), cg = g.in_per_group();
   const auto weights = pack_weights<S>(w, g, kern.mr, false, false);
   advise_huge_pages(out.data, size_t(out.numel() * dtype_size(out.dtype)));
-  Shifted<T> sh;
-  const bool shifted = g.sh == 1 && g.sw == 1;
-  if (shifted) make_shifted<S>(x, g, sh, nthreads);
-  const int64_t P = shifted ? sh.pixels : g.pixels();  // the GEMM's columns: virtual or real pixels
-  // A pixel block's C block (M x cols) stays near 64 KB, so it and the B panels sit in L2.
+  const int64_t wp = g.width + 2 * g.pw;
+  const bool virt = use_virtual_pixels(g);
+  Padded<T> pad;
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, virt ? (g.kw - 1) * g.dw : 0, pad, nthreads);
+  const int64_t row_width = virt ? wp : g.out_w, P = g.out_h * row_width;  // the GEMM's pixel grid
+  // The pixel block's C block (M x cols) stays near 64 KB (measured best between 32 and 256 KB).
   const int64_t cols = chunk(P, kern.nr, std::max<int64_t>(4 * kern.nr, 16384 / std::max<int64_t>(M, 1)), g.batch * g.groups, nthreads);
   const int64_t rows = chunk(M, kern.mr, M, g.batch * g.groups * ((P + cols - 1) / cols), nthreads);
   const int64_t col_tasks = (P + cols - 1) / cols, row_tasks = (M + rows - 1) / rows;
   const int64_t tasks = g.batch * g.groups * col_tasks * row_tasks;
-  const int64_t reach = (g.kh - 1) * g.dh * sh.wp + (g.kw - 1) * g.dw;  // a shifted row's extent past its block
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
-    std::vector<Run> runs, next_runs;
+    std::vector<Run> runs;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t rt = t % row_tasks, ct = t / row_tasks % col_tasks, gi = t / (row_tasks * col_tasks) % g.groups;
       const int64_t n = t / (row_tasks * col_tasks * g.groups);
       const int64_t r0 = rt * rows, m = std::min(rows, M - r0), q0 = ct * cols, q1 = std::min(P, q0 + cols);
-      const int64_t next_q1 = std::min(P, q1 + cols);
-      const S* image = x.ptr<S>() + n * x.stride(0) + gi * cg * x.stride(1);
-      const T* planes = shifted ? sh.base + (n * g.channels + gi * cg) * sh.plane : nullptr;
+      const T* planes = pad.at(n * g.channels + gi * cg);
       const auto& a = weights[size_t(gi)];
       const int64_t ldc = gemm::round_up(q1 - q0, kern.nr);
       ws.c.resize(size_t(gemm::round_up(m, kern.mr) * ldc));
-      if (!shifted) {
-        pixel_runs(g, q0, q1 - q0, runs);
-        pixel_runs(g, q1, next_q1 - q1, next_runs);
-      }
+      if (!virt) pixel_runs(g, q0, q1 - q0, runs);
       const auto row_of = [&](int64_t k, T* buf) -> const T* {
-        const int64_t c = k / g.taps(), i = k % g.taps() / g.kw, j = k % g.kw;
-        if (shifted) return planes + c * sh.plane + q0 + i * g.dh * sh.wp + j * g.dw;
-        gather_columns(image, g, k, 1, runs, q1 - q0, buf, ldc);
+        if (virt) return planes + k / g.taps() * pad.plane + q0 + k % g.taps() / g.kw * g.dh * wp + k % g.kw * g.dw;
+        gather_row(planes, pad.plane, wp, g, k, runs, buf);
         return buf;
       };
-      // While the micro-kernels run, hint the next depth block of these pixels (or the first of the
-      // next pixel block) into the cache: its rows come from many planes, too many streams for the
-      // hardware prefetcher.
+      // While the micro-kernels run: the next depth block of these pixels, or the first of the next
+      // pixel block (of this image; row-split tasks reuse the same pixels).
       const auto prefetch = [&](int64_t k0, int64_t ip, int64_t m_panels) {
         const bool next_depth = k0 + gemm::kKC < K;
         if (!next_depth && (ct + 1 == col_tasks || rt + 1 < row_tasks)) return;
         const int64_t k_lo = next_depth ? k0 + gemm::kKC : 0, k_hi = std::min(K, k_lo + gemm::kKC);
         const int64_t c_lo = k_lo / g.taps(), span = (k_hi - 1) / g.taps() + 1 - c_lo;
-        const int64_t c0 = c_lo + span * ip / m_panels, c1 = c_lo + span * (ip + 1) / m_panels;
-        if (!shifted) return prefetch_planes(image, g, c0, c1, next_depth ? runs : next_runs);
-        const int64_t v0 = next_depth ? q0 : q1, v1 = (next_depth ? q1 : next_q1) + reach;
-        for (int64_t c = c0; c < c1; ++c)
-          for (const T* p = planes + c * sh.plane + v0; p < planes + c * sh.plane + v1; p += 64 / sizeof(T)) __builtin_prefetch(p);
+        int64_t first, length;
+        block_span(g, wp, row_width, virt, next_depth ? q0 : q1, next_depth ? q1 : std::min(P, q1 + cols), first, length);
+        prefetch_planes(planes, pad.plane, c_lo + span * ip / m_panels, c_lo + span * (ip + 1) / m_panels, first, length);
       };
       gemm::multiply(kern, m, q1 - q0, K,
           [&](int64_t i, int64_t k0, int64_t kc, T*) { return a.panel(r0 + i, k0, kc); },
@@ -281,12 +266,8 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
         const T b = bias ? load(bias->ptr<S>()[o]) : T(0);
         const T* c = ws.c.data() + i * ldc;
         S* dst = out.ptr<S>() + n * out.stride(0) + o * out.stride(1);
-        if (!shifted) {
-          for (int64_t q = q0; q < q1; ++q) dst[q] = from_compute<S>(c[q - q0] + b);
-          continue;
-        }
-        for (int64_t v = q0; v < q1;) {  // virtual pixels row by row, dropping those past out_w
-          const int64_t oh = v / sh.wp, ow = v % sh.wp, length = std::min(sh.wp - ow, q1 - v);
+        for (int64_t v = q0; v < q1;) {  // grid row by grid row, dropping virtual pixels past out_w
+          const int64_t oh = v / row_width, ow = v % row_width, length = std::min(row_width - ow, q1 - v);
           for (int64_t x = ow; x < std::min(ow + length, g.out_w); ++x) dst[oh * g.out_w + x] = from_compute<S>(c[v - q0 + x - ow] + b);
           v += length;
         }
@@ -359,31 +340,45 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const TensorView* bi
 
 // ------------------------------------------------------------------------------------ input gradient
 
-// Adds the block gcol[k, p] (rows k = [k0, k0 + nk) of the group, pixels [p0, p0 + np)) into the image
-// planes acc (channel k / taps - c_first): col2im restricted to one block.
+// Adds the block gcol[k, p] (rows [k0, k0 + nk) of the group, pixels [q0, q1) of the grid) into padded
+// accumulator planes (channel k / taps - c_first): col2im restricted to one block. On the virtual grid
+// each row is one contiguous add (its extra pixels carry zeros: grad_output was widened with zeros).
 template <class T>
-void scatter_columns(const T* block, int64_t ld, const Geometry& g, int64_t k0, int64_t nk, int64_t c_first,
-                     int64_t p0, int64_t np, T* acc, std::vector<Run>& runs) {
-  pixel_runs(g, p0, np, runs);
-  const int64_t taps = g.taps(), plane = g.height * g.width;
+void scatter_block(const T* block, int64_t ld, const Geometry& g, int64_t k0, int64_t nk, int64_t c_first, int64_t q0,
+                   int64_t q1, bool virtual_pixels, const std::vector<Run>& runs, T* acc, int64_t plane, int64_t wp) {
   for (int64_t kk = 0; kk < nk; ++kk) {
-    const int64_t k = k0 + kk, c = k / taps - c_first, i = (k % taps) / g.kw, j = k % g.kw;
+    const int64_t k = k0 + kk - c_first * g.taps();
     const T* row = block + kk * ld;
-    T* dst_plane = acc + c * plane;
+    if (virtual_pixels) {
+      T* dst = acc + k / g.taps() * plane + q0 + k % g.taps() / g.kw * g.dh * wp + k % g.kw * g.dw;
+      for (int64_t v = 0; v < q1 - q0; ++v) dst[v] += row[v];
+      continue;
+    }
     for (const Run& r : runs) {
-      const int64_t ih = r.oh * g.sh - g.ph + i * g.dh;
-      if (ih < 0 || ih >= g.height) continue;
-      const int64_t x0 = r.ow * g.sw - g.pw + j * g.dw;
-      int64_t a, b;
-      valid_span(x0, g.sw, g.width, r.length, a, b);
-      T* dst = dst_plane + ih * g.width + x0;
+      T* dst = acc + tap_offset(g, plane, wp, k, r);
       const T* src = row + r.offset;
       if (g.sw == 1)
-        for (int64_t t = a; t < b; ++t) dst[t] += src[t];
+        for (int64_t t = 0; t < r.length; ++t) dst[t] += src[t];
       else
-        for (int64_t t = a; t < b; ++t) dst[t * g.sw] += src[t];
+        for (int64_t t = 0; t < r.length; ++t) dst[t * g.sw] += src[t];
     }
   }
+}
+
+// grad_output planes on the virtual grid: rows widened from out_w to wp with zeros.
+template <class S>
+void widen_rows(const S* src, int64_t planes, const Geometry& g, int64_t wp, std::vector<compute_t<S>>& dst,
+                int nthreads) {
+  using T = compute_t<S>;
+  const int64_t plane = g.out_h * wp;
+  dst.resize(size_t(planes * plane));
+  parallel_for(0, planes * g.out_h, 64, nthreads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = dst.data() + r * wp;
+      for (int64_t x = 0; x < g.out_w; ++x) row[x] = load(src[r * g.out_w + x]);
+      std::fill(row + g.out_w, row + wp, T(0));
+    }
+  });
 }
 
 template <class S>
@@ -391,16 +386,21 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
                      int nthreads) {
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
-  const int64_t Kd = g.out_per_group(), cg = g.in_per_group(), taps = g.taps(), P = g.pixels();
-  const int64_t plane = g.height * g.width;
+  const int64_t Kd = g.out_per_group(), cg = g.in_per_group(), taps = g.taps();
   const auto weights = pack_weights<S>(w, g, kern.mr, false, true);
+  const int64_t wp = g.width + 2 * g.pw, hp = g.height + 2 * g.ph;
+  const bool virt = use_virtual_pixels(g);
+  const int64_t row_width = virt ? wp : g.out_w, P = g.out_h * row_width;
+  const int64_t acc_plane = hp * wp + (virt ? (g.kw - 1) * g.dw : 0);
+  std::vector<T> widened;
+  if (virt) widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, wp, widened, nthreads);
   // A task owns whole input channels of one image (so its scatter needs no atomics) whose rows start
   // on a panel boundary: channel counts are multiples of MR / gcd(MR, taps).
   int64_t step = kern.mr;
   for (int64_t a = kern.mr, b = taps; b;) { const int64_t r = a % b; a = b; b = r; step = kern.mr / a; }
   const int64_t chans = std::min(cg, chunk(cg, step, std::max<int64_t>(step, 256 / taps), g.batch * g.groups, nthreads));
   const int64_t chan_tasks = (cg + chans - 1) / chans, tasks = g.batch * g.groups * chan_tasks;
-  const int64_t cols = std::max<int64_t>(kern.nr, gemm::round_up(std::min<int64_t>(P, 16384 / std::max<int64_t>(chans * taps, 1)), kern.nr));
+  const int64_t cols = std::max<int64_t>(kern.nr, gemm::round_up(std::min<int64_t>(P, 65536 / std::max<int64_t>(chans * taps, 1)), kern.nr));
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     std::vector<Run> runs;
@@ -408,25 +408,32 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ct = t % chan_tasks, gi = t / chan_tasks % g.groups, n = t / (chan_tasks * g.groups);
       const int64_t c0 = ct * chans, c1 = std::min(cg, c0 + chans), m = (c1 - c0) * taps;
-      const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * Kd * gout.stride(1);
+      const int64_t first_plane = n * g.out_channels + gi * Kd;
       const auto& a = weights[size_t(gi)];
-      acc.assign(size_t((c1 - c0) * plane), T(0));
+      acc.assign(size_t((c1 - c0) * acc_plane), T(0));
       for (int64_t q0 = 0; q0 < P; q0 += cols) {
         const int64_t q1 = std::min(P, q0 + cols), ldc = gemm::round_up(q1 - q0, kern.nr);
         ws.c.resize(size_t(gemm::round_up(m, kern.mr) * ldc));
         gemm::multiply(kern, m, q1 - q0, Kd,
             [&](int64_t i, int64_t k0, int64_t kc, T*) { return a.panel(c0 * taps + i, k0, kc); },
             [&](int64_t k0, int64_t kc, T* dst) {
-              pack_rows(kc, q1 - q0, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) {
-                return as_compute(grad + (k0 + kk) * P + q0, q1 - q0, buf);
+              pack_rows(kc, q1 - q0, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
+                const int64_t p = first_plane + k0 + kk;
+                if (virt) return widened.data() + p * P + q0;
+                return as_compute(gout.ptr<S>() + p * P + q0, q1 - q0, buf);
               });
               return static_cast<const T*>(dst);
             },
             ws, ws.c.data(), ldc);
-        scatter_columns(ws.c.data(), ldc, g, c0 * taps, m, c0, q0, q1 - q0, acc.data(), runs);
+        if (!virt) pixel_runs(g, q0, q1 - q0, runs);
+        scatter_block(ws.c.data(), ldc, g, c0 * taps, m, c0, q0, q1, virt, runs, acc.data(), acc_plane, wp);
       }
-      S* dst = gin.ptr<S>() + n * gin.stride(0) + (gi * cg + c0) * plane;
-      for (int64_t e = 0; e < (c1 - c0) * plane; ++e) dst[e] = from_compute<S>(acc[size_t(e)]);
+      for (int64_t c = c0; c < c1; ++c) {  // the interior of each padded plane
+        S* dst = gin.ptr<S>() + n * gin.stride(0) + (gi * cg + c) * g.height * g.width;
+        const T* src = acc.data() + (c - c0) * acc_plane + g.ph * wp + g.pw;
+        for (int64_t h = 0; h < g.height; ++h)
+          for (int64_t x = 0; x < g.width; ++x) dst[h * g.width + x] = from_compute<S>(src[h * wp + x]);
+      }
     }
   });
 }
@@ -443,6 +450,8 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
   // batch itself: no reduction across threads, the same order every run.
   const int64_t cols = chunk(K, kern.nr, K, g.groups, nthreads);
   const int64_t col_tasks = (K + cols - 1) / cols, tasks = g.groups * col_tasks;
+  Padded<T> pad;
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, 0, pad, nthreads);
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     std::vector<Run> runs;
@@ -453,7 +462,7 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
       ws.c.assign(size_t(gemm::round_up(M, kern.mr) * ldc), T(0));
       for (int64_t n = 0; n < g.batch; ++n) {
         const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * M * gout.stride(1);
-        const S* image = x.ptr<S>() + n * x.stride(0) + gi * g.in_per_group() * x.stride(1);
+        const T* planes = pad.at(n * g.channels + gi * g.in_per_group());
         gemm::multiply(kern, M, j1 - j0, P,
             [&](int64_t i, int64_t k0, int64_t kc, T* dst) {  // gout rows, transposed into the panel
               for (int64_t ii = 0; ii < kern.mr; ++ii) {
@@ -469,7 +478,7 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
             [&](int64_t k0, int64_t kc, T* dst) {  // the block's column rows, transposed into panels
               pixel_runs(g, k0, kc, runs);
               tmp.resize(size_t(ldc * kc));
-              gather_columns(image, g, j0, j1 - j0, runs, kc, tmp.data(), kc);
+              for (int64_t k = j0; k < j1; ++k) gather_row(planes, pad.plane, pad.wp, g, k, runs, tmp.data() + (k - j0) * kc);
               std::fill(tmp.begin() + (j1 - j0) * kc, tmp.end(), T(0));
               for (int64_t jp = 0; jp < ldc / kern.nr; ++jp)
                 for (int64_t kk = 0; kk < kc; ++kk)
