@@ -41,11 +41,19 @@ void pixel_runs(const Geometry& g, int64_t p0, int64_t n, std::vector<Run>& runs
   }
 }
 
-// Zero-padded copies of image planes in the compute type: plane p at base + p * plane, rows of wp =
-// W + 2 pw values. Reading the padding as data removes every bounds test from the packing (and lets a
-// stride-1 layer read its column rows as single runs, see forward_nchw). `slack` zeros follow each
-// plane for reads that run past the last row. When there is no padding and the storage type is the
-// compute type, the input itself serves.
+// Zero-padded copies of image planes in the compute type: plane p at base + p * plane, rows of wp
+// values laid out [pw zeros][W values][wp - W - pw zeros], so input (h, w) sits at (h + ph) * wp + pw +
+// w. Neighbouring rows share their padding: a read up to pw past a row's end lands in the next row's
+// leading zeros, so wp = W + pw is enough (padded_width). Reading the padding as data removes every
+// bounds test from packing and scattering. `slack` zeros follow each plane (plane_slack). With no
+// padding, and the storage type the compute type, the input itself serves.
+int64_t padded_width(const Geometry& g, bool virtual_pixels) {
+  return std::max(g.width + g.pw, virtual_pixels ? g.out_w : int64_t(0));
+}
+// The last row has no next row to lend its zeros: up to pw reads past it, and a virtual pixel's
+// (kw - 1) * dw more.
+int64_t plane_slack(const Geometry& g) { return g.pw + (g.kw - 1) * g.dw; }
+
 template <class T>
 struct Padded {
   const T* base = nullptr;
@@ -56,12 +64,12 @@ struct Padded {
 };
 
 template <class S>
-void make_padded(const S* src, int64_t planes, const Geometry& g, int64_t slack, Padded<compute_t<S>>& pad,
-                 int nthreads) {
+void make_padded(const S* src, int64_t planes, const Geometry& g, int64_t wp, int64_t slack,
+                 Padded<compute_t<S>>& pad, int nthreads) {
   using T = compute_t<S>;
   pad.hp = g.height + 2 * g.ph;
-  pad.wp = g.width + 2 * g.pw;
-  if (std::is_same<S, T>::value && g.ph == 0 && g.pw == 0 && slack == 0) {
+  pad.wp = wp;
+  if (std::is_same<S, T>::value && g.ph == 0 && g.pw == 0 && slack == 0 && wp == g.width) {
     pad.base = reinterpret_cast<const T*>(src);
     pad.plane = g.height * g.width;
     return;
@@ -107,9 +115,9 @@ void gather_row(const T* planes, int64_t plane, int64_t wp, const Geometry& g, i
 
 // Stride-1 layers compute "virtual" pixels on the padded grid instead: out_h rows of wp pixels, pixel
 // v reading padded[c][v + i * dh * wp + j * dw], so a block's column row is one contiguous run. The
-// 2 pw extra pixels per row are computed and dropped. Measured on the ResNet-50 3x3 layers, this beat
+// wp - out_w extra pixels per row (pw for a 'same' convolution) are computed and dropped. Measured on the ResNet-50 3x3 layers, this beat
 // cutting every row into out_w-long runs even at 14x14, where it adds 14% arithmetic (89 against 85
-// GFLOP/s on one core), and by more at 56x56.
+// GFLOP/s on one core; then with 2 pw extra pixels per row, now pw), and by more at 56x56.
 bool use_virtual_pixels(const Geometry& g) { return g.sh == 1 && g.sw == 1; }
 
 // Packing reads a block's rows from many planes at once, too many streams for the hardware
@@ -216,10 +224,10 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
   const int64_t M = g.out_per_group(), K = g.in_per_group() * g.taps(), cg = g.in_per_group();
   const auto weights = pack_weights<S>(w, g, kern.mr, false, false);
   advise_huge_pages(out.data, size_t(out.numel() * dtype_size(out.dtype)));
-  const int64_t wp = g.width + 2 * g.pw;
   const bool virt = use_virtual_pixels(g);
+  const int64_t wp = padded_width(g, virt);
   Padded<T> pad;
-  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, virt ? (g.kw - 1) * g.dw : 0, pad, nthreads);
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, wp, plane_slack(g), pad, nthreads);
   const int64_t row_width = virt ? wp : g.out_w, P = g.out_h * row_width;  // the GEMM's pixel grid
   // The pixel block's C block (M x cols) stays near 64 KB (measured best between 32 and 256 KB).
   const int64_t cols = chunk(P, kern.nr, std::max<int64_t>(4 * kern.nr, 16384 / std::max<int64_t>(M, 1)), g.batch * g.groups, nthreads);
@@ -388,10 +396,10 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
   const auto& kern = gemm::kernel(T{});
   const int64_t Kd = g.out_per_group(), cg = g.in_per_group(), taps = g.taps();
   const auto weights = pack_weights<S>(w, g, kern.mr, false, true);
-  const int64_t wp = g.width + 2 * g.pw, hp = g.height + 2 * g.ph;
   const bool virt = use_virtual_pixels(g);
+  const int64_t wp = padded_width(g, virt), hp = g.height + 2 * g.ph;
   const int64_t row_width = virt ? wp : g.out_w, P = g.out_h * row_width;
-  const int64_t acc_plane = hp * wp + (virt ? (g.kw - 1) * g.dw : 0);
+  const int64_t acc_plane = hp * wp + plane_slack(g);
   std::vector<T> widened;
   if (virt) widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, wp, widened, nthreads);
   // A task owns whole input channels of one image (so its scatter needs no atomics) whose rows start
@@ -451,7 +459,7 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
   const int64_t cols = chunk(K, kern.nr, K, g.groups, nthreads);
   const int64_t col_tasks = (K + cols - 1) / cols, tasks = g.groups * col_tasks;
   Padded<T> pad;
-  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, 0, pad, nthreads);
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, padded_width(g, false), plane_slack(g), pad, nthreads);
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     std::vector<Run> runs;
