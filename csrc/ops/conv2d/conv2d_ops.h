@@ -25,4 +25,9 @@ void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weig
 void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& input,
                             const TensorView& grad_weight, const conv2d::Geometry& g, int nthreads);
 
+// Depthwise convolution (groups == channels; out_channels a multiple of channels): direct kernels
+// (depthwise_cpu.cpp, depthwise_cuda.cu), which the conv2d entry points above hand it to. Same
+// tensors and layouts as those.
+bool is_depthwise(const conv2d::Geometry& g);
+
 }  // namespace fastcv

@@ -1,0 +1,200 @@
+"""The Triton implicit-GEMM convolution (kernels/conv2d.py): forward with its fused epilogue, input
+gradient and weight gradient against F.conv2d and its autograd in float64 on the CPU. On the CPU through
+the interpreter (small shapes), on the GPU compiled."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcv.kernels import conv2d as triton_conv
+
+
+@pytest.fixture
+def device():
+    if torch.cuda.is_available():
+        return "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must switch the interpreter on"
+    return "cpu"
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32(monkeypatch):
+    # TF32 is PyTorch's default for cuDNN convolutions, so the kernel would use it on a GPU too; the
+    # float32 tolerances here are for full precision. (The interpreter computes in float32 either way.)
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
+
+
+# (N, C, H, W, Cout, kernel, stride, padding, dilation, groups)
+CASES = {
+    "3x3_odd": (2, 3, 7, 9, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "stride2": (2, 4, 9, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    "stride_gt_kernel": (1, 3, 10, 11, 4, (2, 2), (3, 3), (0, 1), (1, 1), 1),
+    "asymmetric": (2, 4, 9, 8, 6, (3, 2), (2, 3), (1, 0), (2, 1), 2),
+    "dilation2": (2, 4, 9, 9, 4, (3, 3), (1, 1), (2, 2), (2, 2), 1),
+    "groups2": (2, 4, 7, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    "depthwise": (2, 4, 8, 7, 4, (3, 3), (2, 2), (1, 1), (1, 1), 4),
+    "depthwise_x2": (1, 3, 6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 3),
+    "1x1": (2, 5, 6, 7, 3, (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    "1x1_stride2": (1, 6, 7, 7, 4, (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    "stem_7x7_s2": (1, 3, 13, 13, 4, (7, 7), (2, 2), (3, 3), (1, 1), 1),
+    "wide_channels": (1, 20, 5, 5, 18, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # several K and N blocks
+}
+
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def make_case(case, dtype, channels_last, seed=0):
+    """Inputs in `dtype` and float64 references computed from those same (rounded) values, so only the
+    kernel's own arithmetic is measured."""
+    n, c, h, w, cout, k, stride, padding, dilation, groups = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    weight = torch.randn(cout, c // groups, *k, generator=g).to(dtype)
+    bias = torch.randn(cout, generator=g).to(dtype)
+    xr, wr = x.double().requires_grad_(), weight.double().requires_grad_()
+    y = F.conv2d(xr, wr, bias.double(), stride, padding, dilation, groups)
+    grad_out = torch.randn(y.shape, generator=g).to(dtype)
+    grad_x, grad_w = torch.autograd.grad(y, (xr, wr), grad_out.double())
+    if channels_last:
+        x, grad_out = x.to(memory_format=torch.channels_last), grad_out.to(memory_format=torch.channels_last)
+    args = (stride, padding, dilation, groups)
+    return x, weight, bias, grad_out, args, (y.detach(), grad_x, grad_w)
+
+
+def assert_matches(actual, expected, dtype):
+    """Close to the float64 reference, the tolerance relative to the reference's magnitude."""
+    tol = TOLERANCES[dtype]
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.cpu().double(), expected, rtol=tol, atol=tol * scale)
+
+
+def assert_layout(t, channels_last):
+    assert t.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def on(device, *tensors):
+    # .to() keeps the memory format (channels_last stays channels_last)
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_float32(device, name, channels_last):
+    x, weight, bias, _, args, (y, _, _) = make_case(CASES[name], torch.float32, channels_last)
+    x, weight, bias = on(device, x, weight, bias)
+    out = triton_conv.conv2d_forward(x, weight, bias, *args)
+    assert_layout(out, channels_last)
+    assert_matches(out, y, torch.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_input_grad_float32(device, name, channels_last):
+    x, weight, _, grad_out, args, (_, grad_x, _) = make_case(CASES[name], torch.float32, channels_last)
+    weight, grad_out = on(device, weight, grad_out)
+    out = triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args)
+    assert_layout(out, channels_last)
+    assert_matches(out, grad_x, torch.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_weight_grad_float32(device, name, channels_last):
+    x, weight, _, grad_out, args, (_, _, grad_w) = make_case(CASES[name], torch.float32, channels_last)
+    x, grad_out = on(device, x, grad_out)
+    out = triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args)
+    assert out.is_contiguous()
+    assert_matches(out, grad_w, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name,channels_last", [("stride2", True), ("asymmetric", False), ("depthwise", True)])
+def test_other_dtypes(device, dtype, name, channels_last):
+    x, weight, bias, grad_out, args, (y, grad_x, grad_w) = make_case(CASES[name], dtype, channels_last, seed=1)
+    x, weight, bias, grad_out = on(device, x, weight, bias, grad_out)
+    assert_matches(triton_conv.conv2d_forward(x, weight, bias, *args), y, dtype)
+    assert_matches(triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args), grad_x, dtype)
+    assert_matches(triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args), grad_w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("use_bias,use_residual,relu", [(True, True, True), (False, True, False), (True, False, True)])
+def test_fused_epilogue(device, dtype, use_bias, use_residual, relu):
+    """relu(conv + bias + residual) in one pass against the unfused float64 sequence; the residual is a
+    non-contiguous view and the input channels_last, so every operand is read through its strides."""
+    x, weight, bias, _, args, _ = make_case(CASES["stride2"], dtype, True, seed=2)
+    g = torch.Generator().manual_seed(3)
+    y_ref = F.conv2d(x.double(), weight.double(), bias.double() if use_bias else None, *args)
+    residual = torch.randn(y_ref.shape[:2] + y_ref.shape[:1:-1], generator=g).to(dtype).transpose(2, 3)
+    if use_residual:
+        y_ref = y_ref + residual.double()
+    if relu:
+        y_ref = torch.relu(y_ref)
+    x, weight, bias, residual = on(device, x, weight, bias, residual)
+    out = triton_conv.conv2d_forward(x, weight, bias if use_bias else None, *args,
+                                     residual=residual if use_residual else None, relu=relu)
+    assert_layout(out, True)
+    assert_matches(out, y_ref, dtype)
+    if relu:
+        assert (out >= 0).all() and (out == 0).any()  # the clamp really happened
+
+
+def test_arbitrary_strides(device):
+    """Sliced input and a permuted weight: neither NCHW- nor channels_last-contiguous."""
+    n, c, h, w, cout, k, *args = CASES["asymmetric"]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, c, h, 2 * w, generator=g)[..., ::2]
+    weight = torch.randn(k[1], cout, c // args[-1], k[0], generator=g).permute(1, 2, 3, 0)
+    y = F.conv2d(x.double(), weight.double(), None, *args)
+    out = triton_conv.conv2d_forward(*on(device, x, weight), None, *args)
+    assert out.is_contiguous()
+    assert_matches(out, y, torch.float32)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_weight_grad_split_k(device, splits):
+    """Split-K partial sums add up to the same gradient, bit for bit the same on every run."""
+    x, weight, _, grad_out, args, (_, _, grad_w) = make_case(CASES["dilation2"], torch.float32, True, seed=5)
+    x, grad_out = on(device, x, grad_out)
+    first = triton_conv._conv2d_weight_grad(grad_out, x, weight.shape, *args, splits)
+    again = triton_conv._conv2d_weight_grad(grad_out, x, weight.shape, *args, splits)
+    assert first.is_contiguous()
+    assert_matches(first, grad_w, torch.float32)
+    assert torch.equal(first, again)
+
+
+def test_empty_batch(device):
+    x, weight, bias, grad_out, args, _ = make_case(CASES["stride2"], torch.float32, False)
+    x, grad_out = x[:0], grad_out[:0]
+    x, weight, bias, grad_out = on(device, x, weight, bias, grad_out)
+    out = triton_conv.conv2d_forward(x, weight, bias, *args)
+    assert out.shape == (0, 6, 5, 4)
+    assert triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args).shape == x.shape
+    grad_w = triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args)
+    assert torch.equal(grad_w.cpu(), torch.zeros(weight.shape))
+
+
+def test_zero_input_channels(device):
+    """No channels to reduce: the output is the epilogue alone (bias, residual, ReLU), [N, Cout, oh, ow].
+    (F.conv2d itself returns a [N, 0, oh, ow] tensor here.)"""
+    x = torch.randn(2, 0, 5, 4, device=device)
+    weight = torch.randn(3, 0, 3, 3, device=device)
+    bias = torch.tensor([1.0, -2.0, 0.5], device=device)
+    residual = torch.ones(2, 3, 3, 2, device=device)
+    out = triton_conv.conv2d_forward(x, weight, bias, (1, 1), (0, 0), (1, 1), 1, residual=residual, relu=True)
+    expected = torch.tensor([2.0, 0.0, 1.5]).view(1, 3, 1, 1).expand(2, 3, 3, 2)
+    assert torch.equal(out.cpu(), expected)
+    grad_out = torch.randn(2, 3, 3, 2, device=device)
+    assert triton_conv.conv2d_input_grad(grad_out, weight, x.shape, (1, 1), (0, 0), (1, 1), 1).shape == x.shape
+    assert triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, (1, 1), (0, 0), (1, 1), 1).shape == weight.shape
+
+
+def test_tf32_follows_cudnn_conv_switch(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32")
+    assert triton_conv._dot_args(torch.float32)["PRECISION"] == "tf32"
+    assert triton_conv._dot_args(torch.float16)["PRECISION"] == "ieee"  # TF32 is a float32 matter only
+    assert triton_conv._dot_args(torch.float64)["PRECISION"] == "ieee"
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
+    assert triton_conv._dot_args(torch.float32)["PRECISION"] == "ieee"
