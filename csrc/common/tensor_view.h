@@ -37,7 +37,8 @@ struct TensorView {
     for (int d = 0; d < ndim; ++d) n *= sizes[d];
     return n;
   }
-  bool is_contiguous() const {
+  bool is_contiguous() const {  // as torch: an empty tensor is contiguous whatever its strides
+    if (numel() == 0) return true;
     int64_t expected = 1;
     for (int d = ndim - 1; d >= 0; --d) {
       if (sizes[d] != 1 && strides[d] != expected) return false;
@@ -48,6 +49,7 @@ struct TensorView {
   // Dense NHWC strides of a 4-D tensor (torch's channels_last), ignoring the strides of size-1 dims.
   bool is_channels_last() const {
     if (ndim != 4) return false;
+    if (numel() == 0) return true;
     const int64_t n = sizes[0], c = sizes[1], h = sizes[2], w = sizes[3];
     return (c == 1 || strides[1] == 1) && (w == 1 || strides[3] == c) && (h == 1 || strides[2] == w * c) &&
            (n == 1 || strides[0] == h * w * c);

@@ -238,7 +238,7 @@ def _autocast(*tensors):
     if not isinstance(first, Tensor):
         return tensors
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)

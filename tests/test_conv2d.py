@@ -1,0 +1,250 @@
+"""fastcv.ops.conv2d / conv_transpose2d and fastcv.nn.Conv2d / ConvTranspose2d against PyTorch (CPU C++
+kernels; the Triton kernels have tests/test_conv2d_triton.py, depthwise tests/test_conv2d_depthwise.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcv.nn
+from fastcv import ops
+
+# N, C, H, W, Cout, kernel, stride, padding, dilation, groups
+SHAPES = [
+    (2, 6, 9, 11, 4, 3, 1, 1, 1, 1),
+    (2, 6, 9, 11, 4, (3, 2), (1, 1), (1, 0), (1, 2), 2),  # asymmetric, dilated, grouped
+    (1, 16, 13, 13, 32, 1, 1, 0, 1, 1),  # 1x1
+    (2, 16, 13, 13, 8, 1, 2, 0, 1, 1),  # 1x1 stride 2 (ResNet's downsampling shortcut)
+    (3, 3, 20, 17, 7, 7, 2, 3, 1, 1),  # the stem
+    (2, 4, 9, 8, 6, (2, 3), (3, 2), (1, 2), 1, 1),  # stride larger than the kernel
+    (2, 3, 5, 6, 4, 1, 1, 2, 1, 1),  # padding larger than the kernel
+    (2, 3, 7, 6, 4, 3, 1, (2, 3), 2, 1),
+    (1, 40, 7, 9, 300, 3, 1, 1, 1, 1),  # depth > one 256-deep block, rows split across threads
+    (2, 8, 6, 6, 16, 3, 1, 1, 1, 4),  # ResNeXt-like groups
+    (0, 4, 8, 8, 4, 3, 1, 1, 1, 1),  # empty batch
+]
+
+
+def _args(shape):
+    n, c, h, w, cout, k, s, p, d, groups = shape
+    k = (k, k) if isinstance(k, int) else k
+    return (n, c, h, w), (cout, c // groups, *k), dict(stride=s, padding=p, dilation=d, groups=groups)
+
+
+def _inputs(shape, dtype, seed=0):
+    xs, ws, kw = _args(shape)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(xs, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(ws, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(ws[0], generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, kw
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_pytorch_float64(shape, channels_last):
+    x, w, b, kw = _inputs(shape, torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = ops.conv2d(x, w, b, **kw)
+    torch.testing.assert_close(out, F.conv2d(x, w, b, **kw), rtol=0, atol=1e-11)
+    fmt = torch.channels_last if channels_last and x.shape[0] else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[8]])
+def test_forward_dtypes(shape, dtype, tol, channels_last):
+    """Reduced precision computes in float32 and rounds once: compared with the float64 convolution of
+    the same rounded inputs, relative to the output's scale."""
+    x, w, b, kw = _inputs(shape, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = ops.conv2d(x, w, b, **kw)
+    assert out.dtype == dtype
+    ref = F.conv2d(x.double(), w.double(), b.double(), **kw)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_pytorch(shape, channels_last):
+    x, w, b, kw = _inputs(shape, torch.float32, seed=1)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grads = []
+    for conv in (ops.conv2d, F.conv2d):
+        xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        out = conv(xr, wr, br, **kw)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        out.backward(grad)
+        grads.append((xr.grad, wr.grad, br.grad))
+    for ours, theirs in zip(*grads):
+        scale = max(theirs.abs().amax().item() if theirs.numel() else 0.0, 1.0)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[7]])
+def test_gradcheck_and_gradgradcheck(shape):
+    x, w, b, kw = _inputs(shape, torch.float64, seed=2)
+    x, w, b = (t[:1].clone() if t is x else t for t in (x, w, b))
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.conv2d(*a, **kw), inputs)
+    assert torch.autograd.gradgradcheck(lambda *a: ops.conv2d(*a, **kw), inputs)
+
+
+def test_backward_is_deterministic_across_thread_counts():
+    """Threads own output blocks, input channels and weight-gradient columns: the same sums in the same
+    order for any thread count (and no uninitialised reads: this shape reads the padded planes' slack)."""
+    x, w, b, kw = _inputs((3, 24, 15, 13, 40, 3, 1, 2, 2, 1), torch.float32, seed=3)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            out = ops.conv2d(xr, wr, b, **kw)
+            out.backward(torch.ones_like(out))
+            results.append((out, xr.grad, wr.grad))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same.")
+def test_padding_same_valid_and_unbatched():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 10, 9, generator=g, dtype=torch.float64)
+    for k, d in ((3, 1), (4, 1), ((2, 5), (3, 1)), (3, 2)):
+        kk = (k, k) if isinstance(k, int) else k
+        w = torch.randn(5, 3, *kk, generator=g, dtype=torch.float64)
+        for padding in ("same", "valid"):
+            out = ops.conv2d(x, w, padding=padding, dilation=d)
+            torch.testing.assert_close(out, F.conv2d(x, w, padding=padding, dilation=d), rtol=0, atol=1e-11)
+            assert out.dim() == 3
+
+
+def test_noncontiguous_input_and_weight():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 11, 5, 9, generator=g).transpose(1, 3)[:, ::2]  # [2, 5, 5, 11] with odd strides
+    w = torch.randn(5, 3, 4, 3, generator=g).transpose(0, 1)  # [3, 5, 4, 3], a transposed view
+    torch.testing.assert_close(ops.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5)
+
+
+# N, Cin, H, W, Cout, kernel, stride, padding, output_padding, groups, dilation
+TRANSPOSED = [
+    (2, 4, 5, 6, 3, 3, 2, 1, 1, 1, 1),  # FCN-style x2 upsampling
+    (1, 6, 4, 4, 4, 4, 2, 1, 0, 2, 1),
+    (2, 3, 5, 4, 2, (3, 2), (3, 2), (0, 1), (2, 1), 1, (1, 2)),
+    (1, 2, 3, 3, 2, 3, 1, 0, 0, 1, 3),  # dilation 3
+    (1, 2, 3, 3, 2, 2, 2, 0, 2, 1, 3),  # output_padding >= stride (allowed since dilation is larger)
+    (0, 2, 3, 3, 2, 3, 2, 1, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("shape", TRANSPOSED)
+def test_conv_transpose2d_matches_pytorch(shape):
+    n, cin, h, w_, cout, k, s, p, op, groups, d = shape
+    k = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, cin, h, w_, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cin, cout // groups, *k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = dict(stride=s, padding=p, output_padding=op, groups=groups, dilation=d)
+    out = ops.conv_transpose2d(x, w, b, **kw)
+    ref = F.conv_transpose2d(x, w, b, **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-11)
+    if n:
+        assert torch.autograd.gradcheck(lambda *a: ops.conv_transpose2d(*a, **kw), (x, w, b))
+
+
+def _float_nhwc(t):
+    t = t.detach().float()
+    return (t.to(memory_format=torch.channels_last) if t.dim() == 4 else t).requires_grad_()
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    args = ([2, 1], [1, 0], [1, 2], 2)
+    out = torch.ops.fastcv.conv2d(x, w, b, *args)
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    for op, inputs in ((torch.ops.fastcv.conv2d, (x, w, b, *args)),
+                       (torch.ops.fastcv.conv2d_input_grad, (gout, w, [7, 6], *args)),
+                       (torch.ops.fastcv.conv2d_weight_grad, (gout, x, list(w.shape), *args))):
+        torch.library.opcheck(op, inputs)
+        as_float_nhwc = tuple(_float_nhwc(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+        torch.library.opcheck(op, as_float_nhwc)
+
+
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    w = torch.randn(5, 4, 3, 3, generator=g)
+
+    def f(x, w):
+        return ops.conv_transpose2d(torch.relu(ops.conv2d(x, w, padding=1)), w, padding=1)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w), f(x, w))
+
+
+def test_autocast_casts_like_f_conv2d():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ops.conv2d(x, w), F.conv2d(x, w)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_input_raises_clear_errors():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    cases = [
+        (lambda: ops.conv2d(x, torch.randn(6, 3, 3, 3)), ValueError, "input has 4 channels"),
+        (lambda: ops.conv2d(x, torch.randn(6, 2, 3, 3), groups=3), ValueError, "input has 4 channels"),
+        (lambda: ops.conv2d(x, torch.randn(5, 2, 3, 3), groups=2), ValueError, "divisible by groups"),
+        (lambda: ops.conv2d(x, w, groups=0), ValueError, "groups must be a positive"),
+        (lambda: ops.conv2d(x, torch.randn(6, 4, 11, 3)), ValueError, "larger than the padded input"),
+        (lambda: ops.conv2d(x, w, stride=0), ValueError, "stride must be positive"),
+        (lambda: ops.conv2d(x, w, dilation=(1, -1)), ValueError, "dilation must be positive"),
+        (lambda: ops.conv2d(x, w, padding=-1), ValueError, "padding must be non-negative"),
+        (lambda: ops.conv2d(x, w, padding="full"), ValueError, "'same' or 'valid'"),
+        (lambda: ops.conv2d(x, w, stride=2, padding="same"), ValueError, "strided"),
+        (lambda: ops.conv2d(x[0, 0], w), ValueError, "input must be a 4-D"),
+        (lambda: ops.conv2d(x, w[0]), ValueError, "weight must be a 4-D"),
+        (lambda: ops.conv2d(x, w.double()), TypeError, "weight has dtype torch.float64"),
+        (lambda: ops.conv2d(x.int(), w), TypeError, "input must be float32"),
+        (lambda: ops.conv2d(x, w, torch.randn(5)), ValueError, "bias must have weight.shape"),
+        (lambda: ops.conv2d(x, w, stride=(1, 2, 3)), TypeError, "stride must be an int or a pair"),
+        (lambda: ops.conv2d(x.to("meta"), w), ValueError, "weight is on cpu"),
+        (lambda: ops.conv_transpose2d(x, w), ValueError, "expects 6"),
+        (lambda: ops.conv_transpose2d(x, torch.randn(4, 2, 3, 3), stride=2, output_padding=2), ValueError,
+         "output_padding must be"),
+        (lambda: ops.conv_transpose2d(x, torch.randn(4, 2, 3, 3), padding=5), ValueError, "too large"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_modules_are_drop_ins():
+    torch.manual_seed(10)
+    ref = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True)
+    ours = fastcv.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 4, 9, 10)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    for mode in ("reflect", "circular", "replicate"):
+        ref = torch.nn.Conv2d(4, 3, 3, padding=2, padding_mode=mode)
+        ours = fastcv.nn.Conv2d(4, 3, 3, padding=2, padding_mode=mode)
+        ours.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    ref = torch.nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
+    ours = fastcv.nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
+    ours.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x, output_size=(19, 21)), ref(x, output_size=(19, 21)), rtol=1e-5, atol=1e-5)
