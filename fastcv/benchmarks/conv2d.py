@@ -1,0 +1,88 @@
+"""Convolution benchmark cases: the ResNet-50 layers at batch 8, a MobileNetV2 depthwise layer and an
+FCN-style transposed convolution, forward and forward+backward, against F.conv2d / F.conv_transpose2d
+(oneDNN on the CPU, cuDNN on the GPU). Throughput is useful GFLOP/s: 2 * output elements * (C/groups)
+* kh * kw per forward, three times that for forward+backward (the input and weight gradients)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastcv import ops
+from fastcv.benchmarks import Case
+
+# name, input [N, C, H, W], weight [Cout, C/groups, kh, kw], stride, padding, groups, in --quick
+LAYERS = [
+    ("ResNet-50 conv2_x 3x3", (8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, True),
+    ("ResNet-50 conv3_x 3x3", (8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, False),
+    ("ResNet-50 conv4_x 3x3", (8, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, False),
+    ("ResNet-50 conv2_x 1x1 256->64", (8, 256, 56, 56), (64, 256, 1, 1), 1, 0, 1, True),
+    ("ResNet-50 stem 7x7/2", (8, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, False),
+    ("MobileNetV2 depthwise 3x3", (8, 144, 56, 56), (144, 1, 3, 3), 1, 1, 144, True),
+]
+
+
+def _close(a, b):
+    a, b = (a,) if isinstance(a, torch.Tensor) else a, (b,) if isinstance(b, torch.Tensor) else b
+    for x, y in zip(a, b):
+        scale = max(y.abs().amax().item(), 1.0)
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4 * scale)
+
+
+def _flops(weight_shape, backward):
+    def work(args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        _, cin_g, kh, kw = weight_shape
+        return 2 * out.numel() * cin_g * kh * kw * (3 if backward else 1) / 1e9, "GFLOP/s"
+    return work
+
+
+def _forward_backward(conv, **kw):
+    def run(x, w, grad):
+        out = conv(x, w, **kw)
+        return (out, *torch.autograd.grad(out, (x, w), grad))
+    return run
+
+
+def _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_last):
+    kw = dict(stride=stride, padding=padding, groups=groups)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    suffix = ", channels_last" if channels_last else ""
+
+    def forward_inputs():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*xs, generator=g).to(device=device, memory_format=fmt)
+        return x, torch.randn(*ws, generator=g).to(device) / (ws[1] * ws[2] * ws[3]) ** 0.5
+
+    def backward_inputs():
+        x, w = forward_inputs()
+        grad = torch.randn(F.conv2d(x, w, **kw).shape, generator=torch.Generator().manual_seed(1)).to(
+            device=device, memory_format=fmt)
+        return x.requires_grad_(), w.requires_grad_(), grad
+
+    return [
+        Case("conv2d", f"{name}, {list(xs)}{suffix}", make=forward_inputs,
+             fastcv=lambda x, w: ops.conv2d(x, w, **kw), reference=lambda x, w: F.conv2d(x, w, **kw),
+             reference_name="torch.nn.functional.conv2d", check=_close, work=_flops(ws, False),
+             quick=quick and not channels_last),
+        Case("conv2d", f"{name}, {list(xs)}{suffix}, forward+backward", make=backward_inputs,
+             fastcv=_forward_backward(ops.conv2d, **kw), reference=_forward_backward(F.conv2d, **kw),
+             reference_name="torch.nn.functional.conv2d", check=_close, work=_flops(ws, True), quick=False),
+    ]
+
+
+def cases(device: str) -> list[Case]:
+    out = []
+    for name, xs, ws, stride, padding, groups, quick in LAYERS:
+        for channels_last in (False, True):
+            out += _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_last)
+
+    def upsample_inputs():  # FCN-style 2x upsampling of a score map
+        g = torch.Generator().manual_seed(2)
+        return torch.randn(8, 64, 28, 28, generator=g).to(device), torch.randn(64, 32, 4, 4, generator=g).to(device) / 32
+
+    out.append(Case("conv_transpose2d", "[8,64,28,28] -> [8,32,56,56], 4x4 stride 2", make=upsample_inputs,
+                    fastcv=lambda x, w: ops.conv_transpose2d(x, w, stride=2, padding=1),
+                    reference=lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1),
+                    reference_name="torch.nn.functional.conv_transpose2d", check=_close,
+                    work=lambda args, out: (2 * args[0].numel() * 32 * 16 / 1e9, "GFLOP/s")))
+    return out
