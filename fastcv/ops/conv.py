@@ -7,7 +7,7 @@ and derivatives of every order work:
   conv2d_weight_grad(grad_output, input, size)    its weight gradient, summed over the batch
 
 Backends: CPU C++ (csrc/ops/conv2d: GEMMs on panels packed straight from the image, so no im2col
-buffer; NCHW and channels_last forward natively, the gradients in NCHW) and, on the GPU, the Triton
+buffer; NCHW and channels_last natively, forward and gradients) and, on the GPU, the Triton
 implicit-GEMM kernels of kernels/conv2d.py (forward, input and weight gradient, any layout).
 
 Layout: the output is channels_last when the input or the weight is (PyTorch's rule), else contiguous.
@@ -134,11 +134,11 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
         return _triton().conv2d_input_grad(grad_output, weight, tuple(g[:4]), tuple(stride), tuple(padding),
                                            tuple(dilation), groups)
     fmt = _memory_format(grad_output, weight)
-    # The CPU gradients run in NCHW (channels_last tensors are converted, and the result converted back).
-    out = _empty(g[:4], grad_output, torch.contiguous_format)
+    out = _empty(g[:4], grad_output, fmt)
     if out.numel():
-        _C.conv2d_input_grad_cpu(view(grad_output.contiguous()), view(weight), view(out), g, num_threads())
-    return out.contiguous(memory_format=fmt)
+        _C.conv2d_input_grad_cpu(view(grad_output.contiguous(memory_format=fmt)), view(weight), view(out), g,
+                                 num_threads())
+    return out
 
 
 def _input_grad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
@@ -160,8 +160,10 @@ def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation
     if grad_output.is_cuda:
         return _triton().conv2d_weight_grad(grad_output, input, tuple(weight_size), tuple(stride), tuple(padding),
                                             tuple(dilation), groups)
+    fmt = _memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)
-    _C.conv2d_weight_grad_cpu(view(grad_output.contiguous()), view(input.contiguous()), view(out), g, num_threads())
+    _C.conv2d_weight_grad_cpu(view(grad_output.contiguous(memory_format=fmt)), view(input.contiguous(memory_format=fmt)),
+                              view(out), g, num_threads())
     return out
 
 

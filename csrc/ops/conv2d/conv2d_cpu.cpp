@@ -5,6 +5,7 @@
 //   NHWC forward       out[p, o]      = col'[p, k'] . W'[k', o]       (rows: pixels; k' = tap-major)
 //   NCHW input grad    gcol[k, p]     = W[o, k]^T . gout[o, p], then a col2im scatter of each block
 //   NCHW weight grad   gW[o, k]      += gout[o, p] . col[k, p]^T      (summed over the batch)
+//   and the channels_last gradients with pixels as rows (see their section)
 // with k = (c * kh + i) * kw + j and p = oh * out_w + ow. Reduced precision packs into float and
 // rounds once at the end; float64 runs the same code in double.
 #include <algorithm>
@@ -504,6 +505,130 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
   });
 }
 
+// ------------------------------------------------------------------------- gradients, channels_last
+// The same GEMMs with pixels as rows (NHWC keeps channels contiguous, so the panels pack channel runs):
+//   input grad    gcol'[p, k'] = gout[p, o] . W'[k', o]^T, scattered into a padded NHWC accumulator
+//   weight grad   gW'[k', o]  += col'[p, k']^T . gout[p, o]                  (k' = tap-major)
+
+template <class S>
+void input_grad_nhwc(const TensorView& gout, const TensorView& w, const TensorView& gin, const Geometry& g,
+                     int nthreads) {
+  using T = compute_t<S>;
+  const auto& kern = gemm::kernel(T{});
+  const int64_t Kd = g.out_per_group(), cg = g.in_per_group(), N = cg * g.taps(), P = g.pixels();
+  const int64_t wp = g.width + 2 * g.pw, hp = g.height + 2 * g.ph;
+  const auto weights = pack_weights<S>(w, g, kern.nr, true, true);
+  const int64_t rows = std::max<int64_t>(kern.mr, gemm::round_up(std::min<int64_t>(P, 16384 / std::max<int64_t>(N, 1)), kern.mr));
+  // A task owns one image and group: its scatter then needs no atomics.
+  parallel_for(0, g.batch * g.groups, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    auto& ws = gemm::workspace<T>();
+    std::vector<T> acc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t gi = t % g.groups, n = t / g.groups;
+      const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * Kd;
+      acc.assign(size_t(hp * wp * cg), T(0));
+      for (int64_t p0 = 0; p0 < P; p0 += rows) {
+        const int64_t p1 = std::min(P, p0 + rows), ldc = gemm::round_up(N, kern.nr);
+        ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
+        gemm::multiply(kern, p1 - p0, N, Kd,
+            [&](int64_t i, int64_t k0, int64_t kc, T* dst) {  // gout pixel rows, transposed into the panel
+              for (int64_t ii = 0; ii < kern.mr; ++ii) {
+                const int64_t p = p0 + i + ii;
+                if (p >= p1) {
+                  for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kern.mr + ii] = T(0);
+                  continue;
+                }
+                const S* src = grad + p * g.out_channels + k0;
+                for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kern.mr + ii] = load(src[kk]);
+              }
+              return static_cast<const T*>(dst);
+            },
+            [&](int64_t k0, int64_t kc, T*) { return weights[size_t(gi)].panel(0, k0, kc); },
+            ws, ws.c.data(), ldc);
+        for (int64_t p = p0; p < p1; ++p) {  // col2im of the block: one channel run per tap
+          const int64_t oh = p / g.out_w, ow = p % g.out_w;
+          const T* row = ws.c.data() + (p - p0) * ldc;
+          for (int64_t tap = 0; tap < g.taps(); ++tap) {
+            T* dst = acc.data() + ((oh * g.sh + tap / g.kw * g.dh) * wp + ow * g.sw + tap % g.kw * g.dw) * cg;
+            const T* src = row + tap * cg;
+            for (int64_t c = 0; c < cg; ++c) dst[c] += src[c];
+          }
+        }
+      }
+      for (int64_t h = 0; h < g.height; ++h)
+        for (int64_t x = 0; x < g.width; ++x) {
+          S* dst = gin.ptr<S>() + n * gin.stride(0) + (h * g.width + x) * g.channels + gi * cg;
+          const T* src = acc.data() + ((h + g.ph) * wp + x + g.pw) * cg;
+          for (int64_t c = 0; c < cg; ++c) dst[c] = from_compute<S>(src[c]);
+        }
+    }
+  });
+}
+
+template <class S>
+void weight_grad_nhwc(const TensorView& gout, const TensorView& x, const TensorView& gw, const Geometry& g,
+                      int nthreads) {
+  using T = compute_t<S>;
+  const auto& kern = gemm::kernel(T{});
+  const int64_t M = g.in_per_group() * g.taps(), N = g.out_per_group(), P = g.pixels(), cg = g.in_per_group();
+  // A task owns a block of gW' rows (k') of a group and sums over the whole batch itself: no reduction
+  // across threads, the same order every run.
+  const int64_t rows = chunk(M, kern.mr, M, g.groups, nthreads);
+  const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.groups * row_tasks;
+  parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    auto& ws = gemm::workspace<T>();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rt = t % row_tasks, gi = t / row_tasks, r0 = rt * rows, m = std::min(rows, M - r0);
+      const int64_t ldc = gemm::round_up(N, kern.nr);
+      ws.c.assign(size_t(gemm::round_up(m, kern.mr) * ldc), T(0));
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const S* image = x.ptr<S>() + n * x.stride(0) + gi * cg;
+        const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * N;
+        gemm::multiply(kern, m, N, P,
+            [&](int64_t i, int64_t k0, int64_t kc, T* dst) {  // MR column entries k' per pixel
+              for (int64_t kk = 0; kk < kc; ++kk) {
+                const int64_t p = k0 + kk, oh = p / g.out_w, ow = p % g.out_w;
+                T* a = dst + kk * kern.mr;
+                for (int64_t ii = 0; ii < kern.mr;) {
+                  const int64_t k = r0 + i + ii;
+                  if (k >= M) {
+                    std::fill(a + ii, a + kern.mr, T(0));
+                    break;
+                  }
+                  const int64_t tap = k / cg, c = k % cg, run = std::min<int64_t>(kern.mr - ii, cg - c);
+                  const int64_t ih = oh * g.sh - g.ph + tap / g.kw * g.dh, iw = ow * g.sw - g.pw + tap % g.kw * g.dw;
+                  if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) {
+                    std::fill(a + ii, a + ii + run, T(0));
+                  } else {
+                    const S* src = image + (ih * g.width + iw) * g.channels + c;
+                    for (int64_t r = 0; r < run; ++r) a[ii + r] = load(src[r]);
+                  }
+                  ii += run;
+                }
+              }
+              return static_cast<const T*>(dst);
+            },
+            [&](int64_t k0, int64_t kc, T* dst) {  // gout pixel rows: NR channels at a time
+              for (int64_t kk = 0; kk < kc; ++kk) {
+                const S* src = grad + (k0 + kk) * g.out_channels;
+                for (int64_t jp = 0; jp < ldc / kern.nr; ++jp) {
+                  T* b = dst + (jp * kc + kk) * kern.nr;
+                  for (int64_t jj = 0; jj < kern.nr; ++jj) b[jj] = jp * kern.nr + jj < N ? load(src[jp * kern.nr + jj]) : T(0);
+                }
+              }
+              return static_cast<const T*>(dst);
+            },
+            ws, ws.c.data(), ldc, /*accumulate=*/true);
+      }
+      for (int64_t i = 0; i < m; ++i) {  // gW'[k', o] -> gW[o, c, tap]
+        const int64_t k = r0 + i, tap = k / cg, c = k % cg;
+        for (int64_t o = 0; o < N; ++o)
+          gw.ptr<S>()[((gi * N + o) * cg + c) * g.taps() + tap] = from_compute<S>(ws.c[size_t(i * ldc + o)]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const TensorView* bias,
@@ -523,10 +648,14 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight, const TensorView& grad_input,
                            const Geometry& g, int nthreads) {
   check_conv2d_args(g, &grad_input, weight, nullptr, &grad_output, DeviceType::CPU);
-  check_arg(!(nhwc_layout(grad_input) || nhwc_layout(grad_output)), "conv2d_input_grad_cpu takes NCHW tensors");
   if (grad_input.numel() == 0) return;
+  const bool nhwc = nhwc_layout(grad_input) || nhwc_layout(grad_output);
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
-    input_grad_nchw<decltype(tag)>(grad_output, weight, grad_input, g, nthreads);
+    using S = decltype(tag);
+    if (nhwc)
+      input_grad_nhwc<S>(grad_output, weight, grad_input, g, nthreads);
+    else
+      input_grad_nchw<S>(grad_output, weight, grad_input, g, nthreads);
   });
 }
 
@@ -534,14 +663,17 @@ void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& inp
                             const Geometry& g, int nthreads) {
   check_conv2d_args(g, &input, grad_weight, nullptr, &grad_output, DeviceType::CPU);
   check_arg(grad_weight.is_contiguous(), "grad_weight must be contiguous");
-  check_arg(!(nhwc_layout(input) || nhwc_layout(grad_output)), "conv2d_weight_grad_cpu takes NCHW tensors");
+  const bool nhwc = nhwc_layout(input) || nhwc_layout(grad_output);
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
     if (input.numel() == 0 || grad_output.numel() == 0) {
       for (int64_t e = 0; e < grad_weight.numel(); ++e) grad_weight.ptr<S>()[e] = from_compute<S>(compute_t<S>(0));
       return;
     }
-    weight_grad_nchw<S>(grad_output, input, grad_weight, g, nthreads);
+    if (nhwc)
+      weight_grad_nhwc<S>(grad_output, input, grad_weight, g, nthreads);
+    else
+      weight_grad_nchw<S>(grad_output, input, grad_weight, g, nthreads);
   });
 }
 
