@@ -42,83 +42,87 @@ void pixel_runs(const Geometry& g, int64_t p0, int64_t n, std::vector<Run>& runs
   }
 }
 
-// Zero-padded copies of image planes in the compute type: plane p at base + p * plane, rows of wp
-// values laid out [pw zeros][W values][wp - W - pw zeros], so input (h, w) sits at (h + ph) * wp + pw +
-// w. Neighbouring rows share their padding: a read up to pw past a row's end lands in the next row's
-// leading zeros, so wp = W + pw is enough (padded_width). Reading the padding as data removes every
-// bounds test from packing and scattering. `slack` zeros follow each plane (plane_slack). With no
-// padding, and the storage type the compute type, the input itself serves.
-int64_t padded_width(const Geometry& g, bool virtual_pixels) {
-  return std::max(g.width + g.pw, virtual_pixels ? g.out_w : int64_t(0));
+// Zero-padded copies of image planes in the compute type. Reading the padding as data removes every
+// bounds test from packing and scattering. How a plane is laid out (PlaneLayout):
+//  - stride 1: rows of `row` values [pw zeros][W values][zeros]. Neighbouring rows share their padding
+//    (a read up to pw past a row's end lands in the next row's leading zeros), so row = W + pw is
+//    enough; on the virtual grid (below) row is at least out_w. `plane` leaves slack after the last row.
+//  - stride sw > 1: each row of W + 2 pw columns is stored as sw phases (the columns X with X % sw = q,
+//    in order, wq of them), so the columns X = ow * sw + j * dw that a run of output pixels reads are
+//    contiguous too.
+struct PlaneLayout {
+  int64_t row = 0, wq = 0, phases = 1, plane = 0;
+
+  int64_t at(int64_t r, int64_t x) const { return r * row + x % phases * wq + x / phases; }
+};
+
+PlaneLayout plane_layout(const Geometry& g, bool virtual_pixels) {
+  PlaneLayout l;
+  const int64_t hp = g.height + 2 * g.ph;
+  if (g.sw == 1) {
+    l.row = l.wq = std::max(g.width + g.pw, virtual_pixels ? g.out_w : int64_t(0));
+    l.plane = hp * l.row + g.pw + (g.kw - 1) * g.dw;  // the last row lends no zeros; virtual pixels read on
+  } else {
+    l.phases = g.sw;
+    l.wq = (g.width + 2 * g.pw + g.sw - 1) / g.sw;
+    l.row = l.phases * l.wq;
+    l.plane = hp * l.row;
+  }
+  return l;
 }
-// The last row has no next row to lend its zeros: up to pw reads past it, and a virtual pixel's
-// (kw - 1) * dw more.
-int64_t plane_slack(const Geometry& g) { return g.pw + (g.kw - 1) * g.dw; }
 
 template <class T>
 struct Padded {
-  const T* base = nullptr;
-  int64_t hp = 0, wp = 0, plane = 0;
-  std::vector<T> storage;
+  const T* base = nullptr;  // plane p at base + p * layout.plane
+  PlaneLayout layout;
+  std::vector<T> storage;   // none when the input itself serves
 
-  const T* at(int64_t p) const { return base + p * plane; }
+  const T* at(int64_t p) const { return base + p * layout.plane; }
 };
 
 template <class S>
-void make_padded(const S* src, int64_t planes, const Geometry& g, int64_t wp, int64_t slack,
+void make_padded(const S* src, int64_t planes, const Geometry& g, const PlaneLayout& layout,
                  Padded<compute_t<S>>& pad, int nthreads) {
   using T = compute_t<S>;
-  pad.hp = g.height + 2 * g.ph;
-  pad.wp = wp;
-  if (std::is_same<S, T>::value && g.ph == 0 && g.pw == 0 && slack == 0 && wp == g.width) {
-    pad.base = reinterpret_cast<const T*>(src);
-    pad.plane = g.height * g.width;
+  pad.layout = layout;
+  if (std::is_same<S, T>::value && layout.phases == 1 && layout.row == g.width && layout.plane == g.height * g.width) {
+    pad.base = reinterpret_cast<const T*>(src);  // no padding (a 1x1 convolution)
     return;
   }
-  pad.plane = pad.hp * pad.wp + slack;
-  pad.storage.resize(size_t(planes * pad.plane));
+  pad.storage.resize(size_t(planes * layout.plane));
   parallel_for(0, planes, 16, nthreads, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const S* in = src + p * g.height * g.width;
-      T* dst = pad.storage.data() + p * pad.plane;
-      std::fill(dst, dst + g.ph * pad.wp, T(0));
+      T* dst = pad.storage.data() + p * layout.plane;
+      std::fill(dst, dst + layout.plane, T(0));
       for (int64_t h = 0; h < g.height; ++h) {
-        T* row = dst + (g.ph + h) * pad.wp;
-        std::fill(row, row + g.pw, T(0));
-        for (int64_t w = 0; w < g.width; ++w) row[g.pw + w] = load(in[h * g.width + w]);
-        std::fill(row + g.pw + g.width, row + pad.wp, T(0));
+        T* row = dst + (h + g.ph) * layout.row;
+        for (int64_t w = 0; w < g.width; ++w) row[layout.at(0, w + g.pw)] = load(in[h * g.width + w]);
       }
-      std::fill(dst + (g.ph + g.height) * pad.wp, dst + pad.plane, T(0));
     }
   });
   pad.base = pad.storage.data();
 }
 
-// Where column row k = (c, i, j) of output run r starts in padded planes (c from `planes`).
-inline int64_t tap_offset(const Geometry& g, int64_t plane, int64_t wp, int64_t k, const Run& r) {
+// Where column row k = (c, i, j) of output run r starts in padded planes (c from the first plane).
+inline int64_t tap_offset(const Geometry& g, const PlaneLayout& l, int64_t k, const Run& r) {
   const int64_t taps = g.taps(), c = k / taps, i = k % taps / g.kw, j = k % g.kw;
-  return c * plane + (r.oh * g.sh + i * g.dh) * wp + r.ow * g.sw + j * g.dw;
+  return c * l.plane + l.at(r.oh * g.sh + i * g.dh, r.ow * g.sw + j * g.dw);
 }
 
 // Column row k over the pixels of `runs`: dst[jj] = col[k][p0 + jj] (the runs' pixels only).
 template <class T>
-void gather_row(const T* planes, int64_t plane, int64_t wp, const Geometry& g, int64_t k, const std::vector<Run>& runs,
+void gather_row(const T* planes, const PlaneLayout& l, const Geometry& g, int64_t k, const std::vector<Run>& runs,
                 T* dst) {
-  for (const Run& r : runs) {
-    const T* src = planes + tap_offset(g, plane, wp, k, r);
-    T* out = dst + r.offset;
-    if (g.sw == 1)
-      std::memcpy(out, src, size_t(r.length) * sizeof(T));
-    else
-      for (int64_t t = 0; t < r.length; ++t) out[t] = src[t * g.sw];
-  }
+  for (const Run& r : runs) std::memcpy(dst + r.offset, planes + tap_offset(g, l, k, r), size_t(r.length) * sizeof(T));
 }
 
-// Stride-1 layers compute "virtual" pixels on the padded grid instead: out_h rows of wp pixels, pixel
-// v reading padded[c][v + i * dh * wp + j * dw], so a block's column row is one contiguous run. The
-// wp - out_w extra pixels per row (pw for a 'same' convolution) are computed and dropped. Measured on the ResNet-50 3x3 layers, this beat
-// cutting every row into out_w-long runs even at 14x14, where it adds 14% arithmetic (89 against 85
-// GFLOP/s on one core; then with 2 pw extra pixels per row, now pw), and by more at 56x56.
+// Stride-1 layers compute "virtual" pixels on the padded grid: out_h rows of `row` pixels, pixel v
+// reading padded[c][v + i * dh * row + j * dw], so a block's column row is one contiguous run (no
+// copy at all: the packing reads it in place). The row - out_w extra pixels per row (pw for a 'same'
+// convolution) are computed and dropped. Measured on the ResNet-50 3x3 layers, this beat cutting
+// every row into out_w-long runs even at 14x14 (89 against 85 GFLOP/s on one core, with 2 pw extra
+// pixels per row then; pw now), and by more at 56x56.
 bool use_virtual_pixels(const Geometry& g) { return g.sh == 1 && g.sw == 1; }
 
 // Packing reads a block's rows from many planes at once, too many streams for the hardware
@@ -194,10 +198,12 @@ std::vector<gemm::Packed<compute_t<S>>> pack_weights(const TensorView& w, const 
   return packed;
 }
 
-// How many rows or columns a task takes: whole panels, and enough tasks to keep every thread busy.
-int64_t chunk(int64_t total, int64_t panel, int64_t preferred, int64_t other_tasks, int nthreads) {
+// How many rows or columns a task takes: whole panels, and at least per_thread tasks per thread (fewer,
+// larger tasks where each task repeats work, as the weight gradients' pass over the whole batch).
+int64_t chunk(int64_t total, int64_t panel, int64_t preferred, int64_t other_tasks, int nthreads, int per_thread = 4) {
   int64_t size = gemm::round_up(std::min(total, preferred), panel);
-  while (size > panel && other_tasks * ((total + size - 1) / size) < 4 * nthreads) size = gemm::round_up(size / 2, panel);
+  while (size > panel && other_tasks * ((total + size - 1) / size) < per_thread * nthreads)
+    size = gemm::round_up(size / 2, panel);
   return std::max<int64_t>(size, panel);
 }
 
@@ -205,16 +211,16 @@ int64_t chunk(int64_t total, int64_t panel, int64_t preferred, int64_t other_tas
 
 // The source span of pixel block [v0, v1) of a `row_width`-wide grid in a padded plane: where it
 // starts and how many values it covers, for the prefetch.
-void block_span(const Geometry& g, int64_t wp, int64_t row_width, bool virtual_pixels, int64_t v0, int64_t v1,
-                int64_t& first, int64_t& length) {
+void block_span(const Geometry& g, const PlaneLayout& l, int64_t row_width, bool virtual_pixels, int64_t v0,
+                int64_t v1, int64_t& first, int64_t& length) {
   if (virtual_pixels) {
     first = v0;
-    length = v1 - v0 + (g.kh - 1) * g.dh * wp + (g.kw - 1) * g.dw;
+    length = v1 - v0 + (g.kh - 1) * g.dh * l.row + (g.kw - 1) * g.dw;
     return;
   }
   const int64_t oh0 = v0 / row_width, oh1 = (v1 - 1) / row_width;
-  first = oh0 * g.sh * wp;
-  length = ((oh1 - oh0) * g.sh + (g.kh - 1) * g.dh + 1) * wp;
+  first = oh0 * g.sh * l.row;
+  length = ((oh1 - oh0) * g.sh + (g.kh - 1) * g.dh + 1) * l.row;
 }
 
 template <class S>
@@ -226,10 +232,10 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
   const auto weights = pack_weights<S>(w, g, kern.mr, false, false);
   advise_huge_pages(out.data, size_t(out.numel() * dtype_size(out.dtype)));
   const bool virt = use_virtual_pixels(g);
-  const int64_t wp = padded_width(g, virt);
   Padded<T> pad;
-  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, wp, plane_slack(g), pad, nthreads);
-  const int64_t row_width = virt ? wp : g.out_w, P = g.out_h * row_width;  // the GEMM's pixel grid
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, plane_layout(g, virt), pad, nthreads);
+  const PlaneLayout& l = pad.layout;
+  const int64_t row_width = virt ? l.row : g.out_w, P = g.out_h * row_width;  // the GEMM's pixel grid
   // The pixel block's C block (M x cols) stays near 64 KB (measured best between 32 and 256 KB).
   const int64_t cols = chunk(P, kern.nr, std::max<int64_t>(4 * kern.nr, 16384 / std::max<int64_t>(M, 1)), g.batch * g.groups, nthreads);
   const int64_t rows = chunk(M, kern.mr, M, g.batch * g.groups * ((P + cols - 1) / cols), nthreads);
@@ -248,8 +254,8 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
       ws.c.resize(size_t(gemm::round_up(m, kern.mr) * ldc));
       if (!virt) pixel_runs(g, q0, q1 - q0, runs);
       const auto row_of = [&](int64_t k, T* buf) -> const T* {
-        if (virt) return planes + k / g.taps() * pad.plane + q0 + k % g.taps() / g.kw * g.dh * wp + k % g.kw * g.dw;
-        gather_row(planes, pad.plane, wp, g, k, runs, buf);
+        if (virt) return planes + k / g.taps() * l.plane + q0 + k % g.taps() / g.kw * g.dh * l.row + k % g.kw * g.dw;
+        gather_row(planes, l, g, k, runs, buf);
         return buf;
       };
       // While the micro-kernels run: the next depth block of these pixels, or the first of the next
@@ -260,8 +266,8 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
         const int64_t k_lo = next_depth ? k0 + gemm::kKC : 0, k_hi = std::min(K, k_lo + gemm::kKC);
         const int64_t c_lo = k_lo / g.taps(), span = (k_hi - 1) / g.taps() + 1 - c_lo;
         int64_t first, length;
-        block_span(g, wp, row_width, virt, next_depth ? q0 : q1, next_depth ? q1 : std::min(P, q1 + cols), first, length);
-        prefetch_planes(planes, pad.plane, c_lo + span * ip / m_panels, c_lo + span * (ip + 1) / m_panels, first, length);
+        block_span(g, l, row_width, virt, next_depth ? q0 : q1, next_depth ? q1 : std::min(P, q1 + cols), first, length);
+        prefetch_planes(planes, l.plane, c_lo + span * ip / m_panels, c_lo + span * (ip + 1) / m_panels, first, length);
       };
       gemm::multiply(kern, m, q1 - q0, K,
           [&](int64_t i, int64_t k0, int64_t kc, T*) { return a.panel(r0 + i, k0, kc); },
@@ -354,22 +360,19 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const TensorView* bi
 // each row is one contiguous add (its extra pixels carry zeros: grad_output was widened with zeros).
 template <class T>
 void scatter_block(const T* block, int64_t ld, const Geometry& g, int64_t k0, int64_t nk, int64_t c_first, int64_t q0,
-                   int64_t q1, bool virtual_pixels, const std::vector<Run>& runs, T* acc, int64_t plane, int64_t wp) {
+                   int64_t q1, bool virtual_pixels, const std::vector<Run>& runs, T* acc, const PlaneLayout& l) {
   for (int64_t kk = 0; kk < nk; ++kk) {
     const int64_t k = k0 + kk - c_first * g.taps();
     const T* row = block + kk * ld;
     if (virtual_pixels) {
-      T* dst = acc + k / g.taps() * plane + q0 + k % g.taps() / g.kw * g.dh * wp + k % g.kw * g.dw;
+      T* dst = acc + k / g.taps() * l.plane + q0 + k % g.taps() / g.kw * g.dh * l.row + k % g.kw * g.dw;
       for (int64_t v = 0; v < q1 - q0; ++v) dst[v] += row[v];
       continue;
     }
     for (const Run& r : runs) {
-      T* dst = acc + tap_offset(g, plane, wp, k, r);
+      T* dst = acc + tap_offset(g, l, k, r);
       const T* src = row + r.offset;
-      if (g.sw == 1)
-        for (int64_t t = 0; t < r.length; ++t) dst[t] += src[t];
-      else
-        for (int64_t t = 0; t < r.length; ++t) dst[t * g.sw] += src[t];
+      for (int64_t t = 0; t < r.length; ++t) dst[t] += src[t];
     }
   }
 }
@@ -398,11 +401,10 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
   const int64_t Kd = g.out_per_group(), cg = g.in_per_group(), taps = g.taps();
   const auto weights = pack_weights<S>(w, g, kern.mr, false, true);
   const bool virt = use_virtual_pixels(g);
-  const int64_t wp = padded_width(g, virt), hp = g.height + 2 * g.ph;
-  const int64_t row_width = virt ? wp : g.out_w, P = g.out_h * row_width;
-  const int64_t acc_plane = hp * wp + plane_slack(g);
+  const PlaneLayout l = plane_layout(g, virt);
+  const int64_t row_width = virt ? l.row : g.out_w, P = g.out_h * row_width;
   std::vector<T> widened;
-  if (virt) widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, wp, widened, nthreads);
+  if (virt) widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, l.row, widened, nthreads);
   // A task owns whole input channels of one image (so its scatter needs no atomics) whose rows start
   // on a panel boundary: channel counts are multiples of MR / gcd(MR, taps).
   int64_t step = kern.mr;
@@ -419,7 +421,7 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
       const int64_t c0 = ct * chans, c1 = std::min(cg, c0 + chans), m = (c1 - c0) * taps;
       const int64_t first_plane = n * g.out_channels + gi * Kd;
       const auto& a = weights[size_t(gi)];
-      acc.assign(size_t((c1 - c0) * acc_plane), T(0));
+      acc.assign(size_t((c1 - c0) * l.plane), T(0));
       for (int64_t q0 = 0; q0 < P; q0 += cols) {
         const int64_t q1 = std::min(P, q0 + cols), ldc = gemm::round_up(q1 - q0, kern.nr);
         ws.c.resize(size_t(gemm::round_up(m, kern.mr) * ldc));
@@ -435,13 +437,13 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
             },
             ws, ws.c.data(), ldc);
         if (!virt) pixel_runs(g, q0, q1 - q0, runs);
-        scatter_block(ws.c.data(), ldc, g, c0 * taps, m, c0, q0, q1, virt, runs, acc.data(), acc_plane, wp);
+        scatter_block(ws.c.data(), ldc, g, c0 * taps, m, c0, q0, q1, virt, runs, acc.data(), l);
       }
       for (int64_t c = c0; c < c1; ++c) {  // the interior of each padded plane
         S* dst = gin.ptr<S>() + n * gin.stride(0) + (gi * cg + c) * g.height * g.width;
-        const T* src = acc.data() + (c - c0) * acc_plane + g.ph * wp + g.pw;
+        const T* src = acc.data() + (c - c0) * l.plane;
         for (int64_t h = 0; h < g.height; ++h)
-          for (int64_t x = 0; x < g.width; ++x) dst[h * g.width + x] = from_compute<S>(src[h * wp + x]);
+          for (int64_t x = 0; x < g.width; ++x) dst[h * g.width + x] = from_compute<S>(src[l.at(h + g.ph, x + g.pw)]);
       }
     }
   });
@@ -457,10 +459,10 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
   const int64_t M = g.out_per_group(), K = g.in_per_group() * g.taps(), P = g.pixels();
   // A task owns a block of gW's columns for all output channels of a group and sums over the whole
   // batch itself: no reduction across threads, the same order every run.
-  const int64_t cols = chunk(K, kern.nr, K, g.groups, nthreads);
+  const int64_t cols = chunk(K, kern.nr, K, g.groups, nthreads, 1);
   const int64_t col_tasks = (K + cols - 1) / cols, tasks = g.groups * col_tasks;
   Padded<T> pad;
-  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, padded_width(g, false), plane_slack(g), pad, nthreads);
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, plane_layout(g, false), pad, nthreads);
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     std::vector<Run> runs;
@@ -487,7 +489,7 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
             [&](int64_t k0, int64_t kc, T* dst) {  // the block's column rows, transposed into panels
               pixel_runs(g, k0, kc, runs);
               tmp.resize(size_t(ldc * kc));
-              for (int64_t k = j0; k < j1; ++k) gather_row(planes, pad.plane, pad.wp, g, k, runs, tmp.data() + (k - j0) * kc);
+              for (int64_t k = j0; k < j1; ++k) gather_row(planes, pad.layout, g, k, runs, tmp.data() + (k - j0) * kc);
               std::fill(tmp.begin() + (j1 - j0) * kc, tmp.end(), T(0));
               for (int64_t jp = 0; jp < ldc / kern.nr; ++jp)
                 for (int64_t kk = 0; kk < kc; ++kk)
@@ -573,7 +575,7 @@ void weight_grad_nhwc(const TensorView& gout, const TensorView& x, const TensorV
   const int64_t M = g.in_per_group() * g.taps(), N = g.out_per_group(), P = g.pixels(), cg = g.in_per_group();
   // A task owns a block of gW' rows (k') of a group and sums over the whole batch itself: no reduction
   // across threads, the same order every run.
-  const int64_t rows = chunk(M, kern.mr, M, g.groups, nthreads);
+  const int64_t rows = chunk(M, kern.mr, M, g.groups, nthreads, 1);
   const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.groups * row_tasks;
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
