@@ -97,8 +97,13 @@ void make_padded(const S* src, int64_t planes, const Geometry& g, const PlaneLay
       T* dst = pad.storage.data() + p * layout.plane;
       std::fill(dst, dst + layout.plane, T(0));
       for (int64_t h = 0; h < g.height; ++h) {
+        const S* src = in + h * g.width;
         T* row = dst + (h + g.ph) * layout.row;
-        for (int64_t w = 0; w < g.width; ++w) row[layout.at(0, w + g.pw)] = load(in[h * g.width + w]);
+        for (int64_t q = 0; q < layout.phases; ++q) {  // input column w lands in phase (w + pw) % phases
+          const int64_t w0 = ((q - g.pw) % layout.phases + layout.phases) % layout.phases;
+          T* out = row + layout.at(0, w0 + g.pw);
+          for (int64_t w = w0, t = 0; w < g.width; w += layout.phases, ++t) out[t] = load(src[w]);
+        }
       }
     }
   });
