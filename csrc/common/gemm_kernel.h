@@ -8,10 +8,17 @@ namespace gemm {
 
 // One register-blocked micro-kernel: c[i * ldc + j] (+)= sum_k a[k * mr + i] * b[k * nr + j] for an
 // mr x nr tile; `accumulate` false overwrites c. Compiled per instruction set (isa/gemm_tile.cpp).
+//
+// And a dot-product kernel for products whose operands are both contiguous along the summed index
+// (a convolution's weight gradient in NCHW): c[i * ldc + j] += sum_{t < len} a[i][t] * b[j][t] for
+// i < dm, j < dn, the rows given by pointers, so neither operand is packed or transposed. Each sum is
+// kept in vector lanes and reduced once, in a fixed order.
 template <class T>
 struct Kernel {
   int mr, nr;
   void (*tile)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
+  int dm, dn;
+  void (*dot)(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc);
   const char* isa;
 };
 

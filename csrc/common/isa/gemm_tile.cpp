@@ -45,15 +45,42 @@ void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + i * ldc + v * W) = acc[i][v];
 }
 
+template <class T, int W, int DM, int DN>
+void dot(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc) {
+  using V = typename Vec<T, W>::type;
+  V acc[DM][DN];
+  for (int i = 0; i < DM; ++i)
+    for (int j = 0; j < DN; ++j) acc[i][j] = V{};
+  int64_t t = 0;
+  for (; t + W <= len; t += W) {
+    V av[DM];
+    for (int i = 0; i < DM; ++i) av[i] = *reinterpret_cast<const V*>(a[i] + t);
+    for (int j = 0; j < DN; ++j) {
+      const V bv = *reinterpret_cast<const V*>(b[j] + t);
+      for (int i = 0; i < DM; ++i) acc[i][j] += av[i] * bv;
+    }
+  }
+  for (int i = 0; i < DM; ++i)
+    for (int j = 0; j < DN; ++j) {
+      T sum = 0;
+      for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+      for (int64_t r = t; r < len; ++r) sum += a[i][r] * b[j][r];
+      c[i * ldc + j] += sum;
+    }
+}
+
 }  // namespace
 
 // Register blocking per instruction set: 32 vector registers with AVX-512, 16 otherwise.
 #if defined(__AVX512F__)
 constexpr int kWidthBytes = 64, kMR = 8, kNV = 2;  // MR = 8 divides the usual channel counts
+constexpr int kDM = 4, kDN = 4;
 #elif defined(__AVX2__)
 constexpr int kWidthBytes = 32, kMR = 6, kNV = 2;
+constexpr int kDM = 2, kDN = 4;
 #else
 constexpr int kWidthBytes = 16, kMR = 6, kNV = 2;
+constexpr int kDM = 2, kDN = 4;
 #endif
 
 #define FASTCV_STR2(x) #x
@@ -61,11 +88,11 @@ constexpr int kWidthBytes = 16, kMR = 6, kNV = 2;
 
 Kernel<float> kernel_f32() {
   constexpr int W = kWidthBytes / 4;
-  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, FASTCV_STR(FASTCV_ISA)};
+  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, FASTCV_STR(FASTCV_ISA)};
 }
 Kernel<double> kernel_f64() {
   constexpr int W = kWidthBytes / 8;
-  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, FASTCV_STR(FASTCV_ISA)};
+  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, FASTCV_STR(FASTCV_ISA)};
 }
 
 }  // namespace FASTCV_ISA

@@ -464,57 +464,72 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
 
 // ----------------------------------------------------------------------------------- weight gradient
 
+// gW[o, k] = sum over images and pixels of gout[o, p] * col[k, p]: both operands are contiguous along
+// the sum, so the dot-product kernel reads them in place, gout rows (widened with zeros on the virtual
+// grid) and column rows (runs of the padded image, or gathered on strided layers). No panel, no
+// transpose. A task owns a block of gW's columns for all output channels of a group and sums over the
+// whole batch itself: no reduction across threads, the same order every run.
 template <class S>
 void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorView& gw, const Geometry& g,
                       int nthreads) {
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
-  const int64_t M = g.out_per_group(), K = g.in_per_group() * g.taps(), P = g.pixels();
-  // A task owns a block of gW's columns for all output channels of a group and sums over the whole
-  // batch itself: no reduction across threads, the same order every run.
-  const int64_t cols = chunk(K, kern.nr, K, g.groups, nthreads, 1);
-  const int64_t col_tasks = (K + cols - 1) / cols, tasks = g.groups * col_tasks;
+  const int64_t M = g.out_per_group(), K = g.in_per_group() * g.taps(), cg = g.in_per_group(), taps = g.taps();
+  const bool virt = use_virtual_pixels(g);
   Padded<T> pad;
-  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, plane_layout(g, false), pad, nthreads);
+  make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, plane_layout(g, virt), pad, nthreads);
+  const PlaneLayout& l = pad.layout;
+  const int64_t row_width = virt ? l.row : g.out_w, P = g.out_h * row_width;
+  std::vector<T> widened;  // gout on the GEMM's grid in the compute type (unless it already is)
+  const T* grad = reinterpret_cast<const T*>(gout.ptr<S>());
+  if (virt || !std::is_same<S, T>::value) {
+    widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, row_width, widened, nthreads);
+    grad = widened.data();
+  }
+  // Pixels per dot call: long enough that the lane reductions cost little, short enough that the
+  // rows in use stay in L2.
+  constexpr int64_t kLen = 2048;
+  const std::vector<T> zeros(size_t(kLen), T(0));  // stands in for rows past the matrix edge
+  const int64_t cols = chunk(K, kern.dn, K, g.groups, nthreads, 1);
+  const int64_t col_tasks = (K + cols - 1) / cols, tasks = g.groups * col_tasks;
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
-    auto& ws = gemm::workspace<T>();
     std::vector<Run> runs;
-    std::vector<T> tmp;
+    std::vector<T> c, gathered;
+    std::vector<const T*> a_rows(size_t(kern.dm)), b_rows(size_t(kern.dn));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ct = t % col_tasks, gi = t / col_tasks, j0 = ct * cols, j1 = std::min(K, j0 + cols);
-      const int64_t ldc = gemm::round_up(j1 - j0, kern.nr);
-      ws.c.assign(size_t(gemm::round_up(M, kern.mr) * ldc), T(0));
+      const int64_t ldc = gemm::round_up(j1 - j0, kern.dn);
+      c.assign(size_t(gemm::round_up(M, kern.dm) * ldc), T(0));
       for (int64_t n = 0; n < g.batch; ++n) {
-        const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * M * gout.stride(1);
-        const T* planes = pad.at(n * g.channels + gi * g.in_per_group());
-        gemm::multiply(kern, M, j1 - j0, P,
-            [&](int64_t i, int64_t k0, int64_t kc, T* dst) {  // gout rows, transposed into the panel
-              for (int64_t ii = 0; ii < kern.mr; ++ii) {
-                if (i + ii >= M) {
-                  for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kern.mr + ii] = T(0);
-                  continue;
-                }
-                const S* src = grad + (i + ii) * P + k0;
-                for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kern.mr + ii] = load(src[kk]);
+        const T* grad_rows = grad + (n * g.out_channels + gi * M) * P;
+        const T* planes = pad.at(n * g.channels + gi * cg);
+        for (int64_t v0 = 0; v0 < P; v0 += kLen) {
+          const int64_t len = std::min(kLen, P - v0);
+          if (!virt) pixel_runs(g, v0, len, runs);
+          for (int64_t k = j0; k < j1; k += kern.dn) {
+            for (int64_t jj = 0; jj < kern.dn; ++jj) {
+              const int64_t kj = k + jj;
+              if (kj >= j1) {
+                b_rows[size_t(jj)] = zeros.data();
+              } else if (virt) {
+                b_rows[size_t(jj)] = planes + kj / taps * l.plane + v0 + kj % taps / g.kw * g.dh * l.row + kj % g.kw * g.dw;
+              } else {
+                gathered.resize(size_t(kern.dn * kLen));
+                gather_row(planes, l, g, kj, runs, gathered.data() + jj * kLen);
+                b_rows[size_t(jj)] = gathered.data() + jj * kLen;
               }
-              return static_cast<const T*>(dst);
-            },
-            [&](int64_t k0, int64_t kc, T* dst) {  // the block's column rows, transposed into panels
-              pixel_runs(g, k0, kc, runs);
-              tmp.resize(size_t(ldc * kc));
-              for (int64_t k = j0; k < j1; ++k) gather_row(planes, pad.layout, g, k, runs, tmp.data() + (k - j0) * kc);
-              std::fill(tmp.begin() + (j1 - j0) * kc, tmp.end(), T(0));
-              for (int64_t jp = 0; jp < ldc / kern.nr; ++jp)
-                for (int64_t kk = 0; kk < kc; ++kk)
-                  for (int64_t jj = 0; jj < kern.nr; ++jj)
-                    dst[(jp * kc + kk) * kern.nr + jj] = tmp[size_t((jp * kern.nr + jj) * kc + kk)];
-              return static_cast<const T*>(dst);
-            },
-            ws, ws.c.data(), ldc, /*accumulate=*/true);
+            }
+            for (int64_t o = 0; o < M; o += kern.dm) {
+              for (int64_t ii = 0; ii < kern.dm; ++ii)
+                a_rows[size_t(ii)] = o + ii < M ? grad_rows + (o + ii) * P + v0 : zeros.data();
+              kern.dot(len, a_rows.data(), b_rows.data(), c.data() + o * ldc + (k - j0), ldc);
+            }
+          }
+        }
       }
-      for (int64_t i = 0; i < M; ++i) {
-        S* dst = gw.ptr<S>() + (gi * M + i) * K + j0;
-        for (int64_t j = 0; j < j1 - j0; ++j) dst[j] = from_compute<S>(ws.c[size_t(i * ldc + j)]);
+      for (int64_t o = 0; o < M; ++o) {
+        S* dst = gw.ptr<S>() + (gi * M + o) * K + j0;
+        for (int64_t j = 0; j < j1 - j0; ++j) dst[j] = from_compute<S>(c[size_t(o * ldc + j)]);
       }
     }
   });
