@@ -248,3 +248,40 @@ def test_modules_are_drop_ins():
     ours.load_state_dict(ref.state_dict())
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours(x, output_size=(19, 21)), ref(x, output_size=(19, 21)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu,with_residual", [(True, True), (True, False), (False, True)])
+def test_conv2d_fused_matches_the_unfused_sequence(relu, with_residual, channels_last):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 9, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 3, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    r = torch.randn(2, 8, 5, 4, generator=g, dtype=torch.float64) if with_residual else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    kw = dict(stride=2, padding=1, groups=2)
+    ref = F.conv2d(x, w, b, **kw) + (r if with_residual else 0)
+    ref = torch.relu(ref) if relu else ref
+    out = ops.conv2d_fused(x, w, b, residual=r, relu=relu, **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    inputs = tuple(t.requires_grad_() for t in (x, w, b) + ((r,) if with_residual else ()))
+    fn = (lambda x, w, b, r=None: ops.conv2d_fused(x, w, b, residual=r, relu=relu, **kw))
+    assert torch.autograd.gradcheck(fn, inputs)
+    # bfloat16: one rounding at the end, against float64 of the rounded inputs
+    args = [t.detach().bfloat16() for t in (x, w, b)]
+    rb = r.detach().bfloat16() if with_residual else None
+    out = ops.conv2d_fused(*args, residual=rb, relu=relu, **kw)
+    ref = F.conv2d(*[t.double() for t in args], **kw) + (rb.double() if with_residual else 0)
+    ref = torch.relu(ref) if relu else ref
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_conv2d_fused_opcheck_and_bad_residual():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, generator=g, requires_grad=True)
+    r = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastcv.conv2d_fused, (x, w, None, r, True, [1, 1], [1, 1], [1, 1], 1))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.conv2d_fused(x, w, padding=1, residual=r[:, :2])

@@ -28,6 +28,13 @@ def _close(a, b):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4 * scale)
 
 
+def _close_reduced(a, b):  # bfloat16: 8 bits of mantissa, sums in float32 on both sides
+    a, b = (a,) if isinstance(a, torch.Tensor) else a, (b,) if isinstance(b, torch.Tensor) else b
+    for x, y in zip(a, b):
+        scale = max(y.float().abs().amax().item(), 1.0)
+        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
 def _flops(weight_shape, backward):
     def work(args, out):
         out = out[0] if isinstance(out, tuple) else out
@@ -43,30 +50,31 @@ def _forward_backward(conv, **kw):
     return run
 
 
-def _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_last):
+def _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_last, dtype=torch.float32):
     kw = dict(stride=stride, padding=padding, groups=groups)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    suffix = ", channels_last" if channels_last else ""
+    suffix = (", channels_last" if channels_last else "") + ("" if dtype == torch.float32 else f", {dtype}")
+    check = _close if dtype == torch.float32 else _close_reduced
 
     def forward_inputs():
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(*xs, generator=g).to(device=device, memory_format=fmt)
-        return x, torch.randn(*ws, generator=g).to(device) / (ws[1] * ws[2] * ws[3]) ** 0.5
+        x = torch.randn(*xs, generator=g).to(device=device, dtype=dtype, memory_format=fmt)
+        return x, (torch.randn(*ws, generator=g) / (ws[1] * ws[2] * ws[3]) ** 0.5).to(device=device, dtype=dtype)
 
     def backward_inputs():
         x, w = forward_inputs()
         grad = torch.randn(F.conv2d(x, w, **kw).shape, generator=torch.Generator().manual_seed(1)).to(
-            device=device, memory_format=fmt)
+            device=device, dtype=dtype, memory_format=fmt)
         return x.requires_grad_(), w.requires_grad_(), grad
 
     return [
         Case("conv2d", f"{name}, {list(xs)}{suffix}", make=forward_inputs,
              fastcv=lambda x, w: ops.conv2d(x, w, **kw), reference=lambda x, w: F.conv2d(x, w, **kw),
-             reference_name="torch.nn.functional.conv2d", check=_close, work=_flops(ws, False),
+             reference_name="torch.nn.functional.conv2d", check=check, work=_flops(ws, False),
              quick=quick and not channels_last),
         Case("conv2d", f"{name}, {list(xs)}{suffix}, forward+backward", make=backward_inputs,
              fastcv=_forward_backward(ops.conv2d, **kw), reference=_forward_backward(F.conv2d, **kw),
-             reference_name="torch.nn.functional.conv2d", check=_close, work=_flops(ws, True), quick=False),
+             reference_name="torch.nn.functional.conv2d", check=check, work=_flops(ws, True), quick=False),
     ]
 
 
@@ -75,6 +83,8 @@ def cases(device: str) -> list[Case]:
     for name, xs, ws, stride, padding, groups, quick in LAYERS:
         for channels_last in (False, True):
             out += _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_last)
+        if device == "cuda":  # the GPU target: bfloat16, channels_last, against cuDNN
+            out += _layer_cases(device, name, xs, ws, stride, padding, groups, quick, True, torch.bfloat16)
 
     def upsample_inputs():  # FCN-style 2x upsampling of a score map
         g = torch.Generator().manual_seed(2)

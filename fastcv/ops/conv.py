@@ -5,6 +5,7 @@ and derivatives of every order work:
   conv2d(input, weight, bias)                     F.conv2d
   conv2d_input_grad(grad_output, weight, size)    its input gradient, which is conv_transpose2d
   conv2d_weight_grad(grad_output, input, size)    its weight gradient, summed over the batch
+and conv2d_fused(input, weight, bias, residual, relu): relu?(conv2d + residual) in one pass.
 
 Backends: CPU C++ (csrc/ops/conv2d: GEMMs on panels packed straight from the image, so no im2col
 buffer; NCHW and channels_last natively, forward and gradients) and, on the GPU, the Triton
@@ -19,11 +20,11 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, num_threads, view
+from fastcv._backend import FLOATING, num_threads, opt_view, view
 from fastcv._library import define
 from fastcv.ops._args import pair
 
-__all__ = ["conv2d", "conv_transpose2d"]
+__all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
 
 
 def _out_size(size, kernel, stride, padding, dilation):
@@ -98,17 +99,42 @@ def _conv2d_checked(input, weight, bias, stride, padding, dilation, groups):
     return _geometry(input.shape, weight.shape, stride, padding, dilation, groups)
 
 
-def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):
+def _fused_checked(input, weight, bias, residual, relu, stride, padding, dilation, groups):
     g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        _check_tensor(residual, "residual", 4, input)
+        if list(residual.shape) != [g[0], g[4], g[14], g[15]]:
+            raise ValueError(f"residual must have the output's shape {[g[0], g[4], g[14], g[15]]}, got "
+                             f"{list(residual.shape)}")
+    return g
+
+
+def _fused_impl(input, weight, bias, residual, relu, stride, padding, dilation, groups):
+    g = _fused_checked(input, weight, bias, residual, relu, stride, padding, dilation, groups)
+    return _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g)
+
+
+def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, groups):
+    g = _fused_checked(input, weight, bias, residual, relu, stride, padding, dilation, groups)
+    return _empty((g[0], g[4], g[14], g[15]), input, _memory_format(input, weight))
+
+
+def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
     if input.is_cuda:
-        return _triton().conv2d_forward(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+        return _triton().conv2d_forward(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+                                        residual=residual, relu=relu)
     fmt = _memory_format(input, weight)
-    x = input.contiguous(memory_format=fmt)
     out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
     if out.numel():
-        _C.conv2d_forward_cpu(view(x), view(weight), None if bias is None else view(bias.contiguous()), view(out),
-                              g, num_threads())
+        _C.conv2d_forward_cpu(view(input.contiguous(memory_format=fmt)), view(weight), opt_view(bias),
+                              None if residual is None else view(residual.contiguous(memory_format=fmt)), relu,
+                              view(out), g, num_threads())
     return out
+
+
+def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):
+    g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
+    return _forward(input, weight, bias, None, False, stride, padding, dilation, groups, g)
 
 
 def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
@@ -175,6 +201,8 @@ def _weight_grad_fake(grad_output, input, weight_size, stride, padding, dilation
 _ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 define(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> Tensor",
        impl=_conv2d_impl, fake=_conv2d_fake)
+define(f"conv2d_fused(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, {_ARGS}) -> Tensor",
+       impl=_fused_impl, fake=_fused_fake)
 define(f"conv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, {_ARGS}) -> Tensor",
        impl=_input_grad_impl, fake=_input_grad_fake)
 define(f"conv2d_weight_grad(Tensor grad_output, Tensor input, int[4] weight_size, {_ARGS}) -> Tensor",
@@ -198,6 +226,24 @@ def _conv2d_backward(ctx, grad):
     gw = _ops.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
     gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
     return gx, gw, gb, None, None, None, None
+
+
+def _fused_setup(ctx, inputs, output):
+    input, weight, bias, residual, relu, *ctx.args = inputs
+    ctx.save_for_backward(input, weight, output if relu else None)
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+
+
+def _fused_backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    if output is not None:  # through the ReLU: torch.relu's gradient is zero where its output is
+        grad = grad * (output > 0)
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    gx = _ops.conv2d_input_grad(grad, weight, list(input.shape[2:]), *ctx.args) if need_x else None
+    gw = _ops.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
+    gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
+    gr = grad if ctx.has_residual and need_r else None
+    return gx, gw, gb, gr, None, None, None, None, None
 
 
 def _input_grad_setup(ctx, inputs, output):
@@ -227,6 +273,7 @@ def _weight_grad_backward(ctx, grad):
 
 
 torch.library.register_autograd("fastcv::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+torch.library.register_autograd("fastcv::conv2d_fused", _fused_backward, setup_context=_fused_setup)
 torch.library.register_autograd("fastcv::conv2d_input_grad", _input_grad_backward, setup_context=_input_grad_setup)
 torch.library.register_autograd("fastcv::conv2d_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)
 
@@ -283,6 +330,22 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     else:
         padding = pair(padding, "padding")
     out = _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv2d_fused(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, *, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+    """relu?(F.conv2d(input, weight, bias, ...) + residual) in one pass: the bias, the residual add and
+    the ReLU are applied as each output element is stored, and rounded once (ResNet's junction,
+    relu(conv(x) + identity), without the two extra passes over the activations). Same arguments as
+    conv2d; residual has the output's shape."""
+    input, weight, bias, residual = _autocast(input, weight, bias, residual)
+    input, unbatched = _unbatched(input, "input")
+    if unbatched and isinstance(residual, Tensor):
+        residual = residual.unsqueeze(0)
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    padding = pair(padding, "padding")
+    out = _ops.conv2d_fused(input, weight, bias, residual, bool(relu), stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 

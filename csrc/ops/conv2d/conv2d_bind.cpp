@@ -25,8 +25,10 @@ conv2d::Geometry geometry(const Dims& d) {
 void bind_conv2d(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("conv2d_forward_cpu", [](TensorView input, TensorView weight, std::optional<TensorView> bias,
-                                  TensorView output, Dims d, int nthreads) {
-    conv2d_forward_cpu(input, weight, bias ? &*bias : nullptr, output, geometry(d), nthreads);
+                                  std::optional<TensorView> residual, bool relu, TensorView output, Dims d,
+                                  int nthreads) {
+    const Epilogue epilogue{bias ? &*bias : nullptr, residual ? &*residual : nullptr, relu};
+    conv2d_forward_cpu(input, weight, epilogue, output, geometry(d), nthreads);
   }, nogil);
   m.def("conv2d_input_grad_cpu", [](TensorView grad_output, TensorView weight, TensorView grad_input, Dims d,
                                      int nthreads) {

@@ -28,6 +28,23 @@ using conv2d::Geometry;
 template <class S>
 compute_t<S> load(S v) { return compute_t<S>(to_float(v)); }
 
+// Stores one output element: the sum v plus the epilogue's bias, residual (at the output's offset) and
+// ReLU (which keeps NaN, as torch.relu does), rounded once.
+template <class S>
+struct Store {
+  const Epilogue& e;
+  const S* residual;  // at the output's first element, or null
+
+  explicit Store(const Epilogue& epilogue)
+      : e(epilogue), residual(epilogue.residual ? epilogue.residual->ptr<S>() : nullptr) {}
+  compute_t<S> bias(int64_t o) const { return e.bias ? load(e.bias->ptr<S>()[o]) : compute_t<S>(0); }
+  void operator()(S* out, int64_t offset, compute_t<S> v) const {
+    if (residual) v += load(residual[offset]);
+    if (e.relu && v < 0) v = 0;
+    out[offset] = from_compute<S>(v);
+  }
+};
+
 // The output pixels [p0, p0 + n) of one image cut at output-row ends: pixels in a run share oh.
 struct Run {
   int64_t offset, oh, ow, length;  // offset: of the run's first pixel from p0
@@ -236,12 +253,13 @@ void block_span(const Geometry& g, const PlaneLayout& l, int64_t row_width, bool
 }
 
 template <class S>
-void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out,
+void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epilogue, const TensorView& out,
                   const Geometry& g, int nthreads) {
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
   const int64_t M = g.out_per_group(), K = g.in_per_group() * g.taps(), cg = g.in_per_group();
   const auto weights = pack_weights<S>(w, g, kern.mr, false, false);
+  const Store<S> store(epilogue);
   advise_huge_pages(out.data, size_t(out.numel() * dtype_size(out.dtype)));
   const bool virt = use_virtual_pixels(g);
   Padded<T> pad;
@@ -289,13 +307,13 @@ void forward_nchw(const TensorView& x, const TensorView& w, const TensorView* bi
           },
           ws, ws.c.data(), ldc, false, prefetch);
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t o = gi * M + r0 + i;
-        const T b = bias ? load(bias->ptr<S>()[o]) : T(0);
+        const int64_t o = gi * M + r0 + i, base = n * out.stride(0) + o * out.stride(1);
+        const T b = store.bias(o);
         const T* c = ws.c.data() + i * ldc;
-        S* dst = out.ptr<S>() + n * out.stride(0) + o * out.stride(1);
         for (int64_t v = q0; v < q1;) {  // grid row by grid row, dropping virtual pixels past out_w
           const int64_t oh = v / row_width, ow = v % row_width, length = std::min(row_width - ow, q1 - v);
-          for (int64_t x = ow; x < std::min(ow + length, g.out_w); ++x) dst[oh * g.out_w + x] = from_compute<S>(c[v - q0 + x - ow] + b);
+          for (int64_t x = ow; x < std::min(ow + length, g.out_w); ++x)
+            store(out.ptr<S>(), base + oh * g.out_w + x, c[v - q0 + x - ow] + b);
           v += length;
         }
       }
@@ -332,8 +350,9 @@ void gather_rows_nhwc(const S* image, const Geometry& g, int64_t channel0, int64
 }
 
 template <class S>
-void forward_nhwc(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& out,
+void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epilogue, const TensorView& out,
                   const Geometry& g, int nthreads) {
+  const Store<S> store(epilogue);
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
   const int64_t M = g.pixels(), N = g.out_per_group(), K = g.in_per_group() * g.taps();
@@ -358,8 +377,8 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const TensorView* bi
           ws, ws.c.data(), ldc);
       for (int64_t p = p0; p < p1; ++p) {
         const T* c = ws.c.data() + (p - p0) * ldc;
-        S* dst = out.ptr<S>() + n * out.stride(0) + p * g.out_channels + gi * N;
-        for (int64_t o = 0; o < N; ++o) dst[o] = from_compute<S>(c[o] + (bias ? load(bias->ptr<S>()[gi * N + o]) : T(0)));
+        const int64_t base = n * out.stride(0) + p * g.out_channels + gi * N;
+        for (int64_t o = 0; o < N; ++o) store(out.ptr<S>(), base + o, c[o] + store.bias(gi * N + o));
       }
     }
   });
@@ -661,17 +680,25 @@ void weight_grad_nhwc(const TensorView& gout, const TensorView& x, const TensorV
 
 }  // namespace
 
-void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const TensorView* bias,
+void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const Epilogue& epilogue,
                         const TensorView& output, const Geometry& g, int nthreads) {
-  check_conv2d_args(g, &input, weight, bias, &output, DeviceType::CPU);
+  check_conv2d_args(g, &input, weight, epilogue.bias, &output, DeviceType::CPU);
+  if (epilogue.residual) {
+    const TensorView& r = *epilogue.residual;
+    check_shape(r, "residual", {g.batch, g.out_channels, g.out_h, g.out_w});
+    check_dtype(r, "residual", output.dtype);
+    check_device(r, "residual", DeviceType::CPU);
+    for (int d = 0; d < 4; ++d)
+      check_arg(r.size(d) == 1 || r.stride(d) == output.stride(d), "residual must have the output's memory format");
+  }
   if (output.numel() == 0) return;
   const bool nhwc = nhwc_layout(input) || nhwc_layout(output);
   dispatch_floating(input.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
     if (nhwc)
-      forward_nhwc<S>(input, weight, bias, output, g, nthreads);
+      forward_nhwc<S>(input, weight, epilogue, output, g, nthreads);
     else
-      forward_nchw<S>(input, weight, bias, output, g, nthreads);
+      forward_nchw<S>(input, weight, epilogue, output, g, nthreads);
   });
 }
 

@@ -15,8 +15,16 @@ void check_conv2d_args(const conv2d::Geometry& g, const TensorView* input, const
 // (a tensor that is both, as with H = W = 1, suits either kernel).
 bool nhwc_layout(const TensorView& t);
 
-// output = conv2d(input, weight) + bias
-void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const TensorView* bias,
+// What the forward adds before storing, in the compute type with a single rounding (ResNet's junction
+// relu(conv + identity) in one pass): output = relu?(conv2d(input, weight) + bias[o] + residual).
+// residual has the output's shape and strides.
+struct Epilogue {
+  const TensorView* bias = nullptr;
+  const TensorView* residual = nullptr;
+  bool relu = false;
+};
+
+void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const Epilogue& epilogue,
                         const TensorView& output, const conv2d::Geometry& g, int nthreads);
 // grad_input = the input gradient of conv2d for grad_output (conv_transpose2d's forward)
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight,
