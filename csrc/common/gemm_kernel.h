@@ -19,6 +19,9 @@ struct Kernel {
   void (*tile)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
   int dm, dn;
   void (*dot)(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc);
+  // An A panel from mr rows that are contiguous along k: dst[k * mr + i] = rows[i][k] for k < kc
+  // (a transpose, done in registers 8 x 8 at a time where mr is 8).
+  void (*pack_a_rows)(const T* const* rows, int64_t kc, T* dst);
   const char* isa;
 };
 

@@ -69,6 +69,34 @@ void dot(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc) {
     }
 }
 
+template <class T, int MR>
+void pack_a_rows(const T* const* rows, int64_t kc, T* dst) {
+  int64_t k = 0;
+  if constexpr (MR == 8 && sizeof(T) == 4) {  // 8 x 8 transposes in three rounds of shuffles
+    using V = typename Vec<T, 8>::type;
+    using I = typename Vec<int32_t, 8>::type;
+    for (; k + 8 <= kc; k += 8) {
+      V r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const V*>(rows[i] + k);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], I{0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], I{2, 10, 3, 11, 6, 14, 7, 15});
+      }
+      for (int h = 0; h < 8; h += 4)
+        for (int q = 0; q < 2; ++q) {
+          u[h + 2 * q] = __builtin_shuffle(t[h + q], t[h + q + 2], I{0, 1, 8, 9, 4, 5, 12, 13});
+          u[h + 2 * q + 1] = __builtin_shuffle(t[h + q], t[h + q + 2], I{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+      for (int c = 0; c < 4; ++c) {
+        *reinterpret_cast<V*>(dst + (k + c) * 8) = __builtin_shuffle(u[c], u[c + 4], I{0, 1, 2, 3, 8, 9, 10, 11});
+        *reinterpret_cast<V*>(dst + (k + c + 4) * 8) = __builtin_shuffle(u[c], u[c + 4], I{4, 5, 6, 7, 12, 13, 14, 15});
+      }
+    }
+  }
+  for (; k < kc; ++k)
+    for (int i = 0; i < MR; ++i) dst[k * MR + i] = rows[i][k];
+}
+
 }  // namespace
 
 // Register blocking per instruction set: 32 vector registers with AVX-512, 16 otherwise.
@@ -88,11 +116,13 @@ constexpr int kDM = 2, kDN = 4;
 
 Kernel<float> kernel_f32() {
   constexpr int W = kWidthBytes / 4;
-  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, FASTCV_STR(FASTCV_ISA)};
+  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
+          FASTCV_STR(FASTCV_ISA)};
 }
 Kernel<double> kernel_f64() {
   constexpr int W = kWidthBytes / 8;
-  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, FASTCV_STR(FASTCV_ISA)};
+  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
+          FASTCV_STR(FASTCV_ISA)};
 }
 
 }  // namespace FASTCV_ISA

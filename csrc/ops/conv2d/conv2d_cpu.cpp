@@ -349,6 +349,29 @@ void gather_rows_nhwc(const S* image, const Geometry& g, int64_t channel0, int64
   }
 }
 
+// The same panel for the compute type, through the kernel's in-register transpose: per tap, the MR
+// pixels' channel runs are rows (zeros for pixels in the padding or past the block).
+template <class T>
+void pack_pixel_rows(const gemm::Kernel<T>& kern, const T* image, const Geometry& g, int64_t channel0, int64_t p0,
+                     int64_t p_end, int64_t k0, int64_t kc, T* dst) {
+  thread_local std::vector<T> zeros(size_t(gemm::kKC), T(0));
+  const T* rows[16];
+  int64_t oh[16], ow[16];
+  for (int64_t ii = 0; ii < kern.mr; ++ii) oh[ii] = (p0 + ii) / g.out_w, ow[ii] = (p0 + ii) % g.out_w;
+  const int64_t cg = g.in_per_group();
+  for (int64_t kk = 0; kk < kc;) {
+    const int64_t k = k0 + kk, tap = k / cg, c = k % cg, run = std::min(cg - c, kc - kk);
+    const int64_t dy = tap / g.kw * g.dh - g.ph, dx = tap % g.kw * g.dw - g.pw;
+    for (int64_t ii = 0; ii < kern.mr; ++ii) {
+      const int64_t ih = oh[ii] * g.sh + dy, iw = ow[ii] * g.sw + dx;
+      const bool inside = p0 + ii < p_end && ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+      rows[ii] = inside ? image + (ih * g.width + iw) * g.channels + channel0 + c : zeros.data();
+    }
+    kern.pack_a_rows(rows, run, dst + kk * kern.mr);
+    kk += run;
+  }
+}
+
 template <class S>
 void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epilogue, const TensorView& out,
                   const Geometry& g, int nthreads) {
@@ -370,7 +393,10 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
       ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
       gemm::multiply(kern, p1 - p0, N, K,
           [&](int64_t i, int64_t k0, int64_t kc, T* dst) {
-            gather_rows_nhwc(image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst, kern.mr);
+            if constexpr (std::is_same<S, T>::value)
+              pack_pixel_rows(kern, image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst);
+            else
+              gather_rows_nhwc(image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst, kern.mr);
             return static_cast<const T*>(dst);
           },
           [&](int64_t k0, int64_t kc, T*) { return b.panel(0, k0, kc); },
@@ -581,6 +607,14 @@ void input_grad_nhwc(const TensorView& gout, const TensorView& w, const TensorVi
         ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
         gemm::multiply(kern, p1 - p0, N, Kd,
             [&](int64_t i, int64_t k0, int64_t kc, T* dst) {  // gout pixel rows, transposed into the panel
+              if constexpr (std::is_same<S, T>::value) {
+                thread_local std::vector<T> zeros(size_t(gemm::kKC), T(0));
+                const T* rows[16];
+                for (int64_t ii = 0; ii < kern.mr; ++ii)
+                  rows[ii] = p0 + i + ii < p1 ? grad + (p0 + i + ii) * g.out_channels + k0 : zeros.data();
+                kern.pack_a_rows(rows, kc, dst);
+                return static_cast<const T*>(dst);
+              }
               for (int64_t ii = 0; ii < kern.mr; ++ii) {
                 const int64_t p = p0 + i + ii;
                 if (p >= p1) {
