@@ -22,3 +22,11 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def triton_device() -> str:
+    """Where the Triton kernel tests run: the GPU, compiled, or the CPU through the interpreter."""
+    if torch.cuda.is_available():
+        return "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must switch the interpreter on"
+    return "cpu"

@@ -1,21 +1,17 @@
 """The Triton implicit-GEMM convolution (kernels/conv2d.py): forward with its fused epilogue, input
 gradient and weight gradient against F.conv2d and its autograd in float64 on the CPU. On the CPU through
 the interpreter (small shapes), on the GPU compiled."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import triton_device
 from fastcv.kernels import conv2d as triton_conv
 
 
 @pytest.fixture
 def device():
-    if torch.cuda.is_available():
-        return "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must switch the interpreter on"
-    return "cpu"
+    return triton_device()
 
 
 @pytest.fixture(autouse=True)

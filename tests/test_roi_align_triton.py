@@ -1,21 +1,17 @@
 """The Triton RoI Align forward (kernels/roi_align.py): on the CPU through the interpreter (small
 shapes), on the GPU compiled; against torchvision."""
-import os
-
 import pytest
 import torch
 import torchvision
 
 from fastcv.kernels import roi_align as triton_roi_align
+from conftest import triton_device
 from test_roi_align import make_rois
 
 
 @pytest.fixture
 def device():
-    if torch.cuda.is_available():
-        return "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must switch the interpreter on"
-    return "cpu"
+    return triton_device()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])

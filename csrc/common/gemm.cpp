@@ -6,8 +6,8 @@ namespace gemm {
 
 #define FASTCV_DECLARE_ISA(name)   \
   namespace name {                 \
-  Kernel<float> kernel_f32();      \
-  Kernel<double> kernel_f64();     \
+  Kernel<float> make(float);       \
+  Kernel<double> make(double);     \
   }
 FASTCV_DECLARE_ISA(baseline)
 #ifdef FASTCV_GEMM_X86_ISAS
@@ -32,25 +32,22 @@ Isa best_isa() {
 
 }  // namespace
 
-const Kernel<float>& kernel(float) {
-  static const Kernel<float> k = [] {
+template <class T>
+Kernel<T> best_kernel() {
 #ifdef FASTCV_GEMM_X86_ISAS
-    if (best_isa() == Isa::avx512) return avx512::kernel_f32();
-    if (best_isa() == Isa::avx2) return avx2::kernel_f32();
+  if (best_isa() == Isa::avx512) return avx512::make(T{});
+  if (best_isa() == Isa::avx2) return avx2::make(T{});
 #endif
-    return baseline::kernel_f32();
-  }();
+  return baseline::make(T{});
+}
+
+const Kernel<float>& kernel(float) {
+  static const Kernel<float> k = best_kernel<float>();
   return k;
 }
 
 const Kernel<double>& kernel(double) {
-  static const Kernel<double> k = [] {
-#ifdef FASTCV_GEMM_X86_ISAS
-    if (best_isa() == Isa::avx512) return avx512::kernel_f64();
-    if (best_isa() == Isa::avx2) return avx2::kernel_f64();
-#endif
-    return baseline::kernel_f64();
-  }();
+  static const Kernel<double> k = best_kernel<double>();
   return k;
 }
 

@@ -114,12 +114,12 @@ constexpr int kDM = 2, kDN = 4;
 #define FASTCV_STR2(x) #x
 #define FASTCV_STR(x) FASTCV_STR2(x)
 
-Kernel<float> kernel_f32() {
+Kernel<float> make(float) {
   constexpr int W = kWidthBytes / 4;
   return {kMR, W * kNV, &tile<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
           FASTCV_STR(FASTCV_ISA)};
 }
-Kernel<double> kernel_f64() {
+Kernel<double> make(double) {
   constexpr int W = kWidthBytes / 8;
   return {kMR, W * kNV, &tile<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
           FASTCV_STR(FASTCV_ISA)};
