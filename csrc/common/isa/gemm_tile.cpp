@@ -8,6 +8,7 @@
 // would keep one copy, possibly the AVX-512 one, for every caller. Everything is static or in the
 // ISA's own namespace.
 #include <cstdint>
+#include <type_traits>
 
 #include "common/gemm_kernel.h"
 
@@ -45,6 +46,28 @@ void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + i * ldc + v * W) = acc[i][v];
 }
 
+// The lane sums of 16 vectors of 16 lanes in four rounds of shuffles and adds (45 operations instead
+// of 240 scalar additions: on 14x14 images the reductions were half the weight gradient's time).
+// Lane L of the result holds vector kLaneOf[L]'s total (a bit reversal, found by tracing the rounds).
+template <class V>
+void reduce16(const V* v, typename std::remove_reference<decltype(v[0][0])>::type* out) {
+  using I = typename Vec<int32_t, 16>::type;
+  V r1[8], r2[4], r3[2];
+  for (int p = 0; p < 8; ++p)
+    r1[p] = __builtin_shuffle(v[2 * p], v[2 * p + 1], I{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+            __builtin_shuffle(v[2 * p], v[2 * p + 1], I{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int p = 0; p < 4; ++p)
+    r2[p] = __builtin_shuffle(r1[2 * p], r1[2 * p + 1], I{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+            __builtin_shuffle(r1[2 * p], r1[2 * p + 1], I{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  for (int p = 0; p < 2; ++p)
+    r3[p] = __builtin_shuffle(r2[2 * p], r2[2 * p + 1], I{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+            __builtin_shuffle(r2[2 * p], r2[2 * p + 1], I{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  const V f = __builtin_shuffle(r3[0], r3[1], I{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+              __builtin_shuffle(r3[0], r3[1], I{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  constexpr int kLaneOf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int l = 0; l < 16; ++l) out[kLaneOf[l]] = f[l];
+}
+
 template <class T, int W, int DM, int DN>
 void dot(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc) {
   using V = typename Vec<T, W>::type;
@@ -60,10 +83,19 @@ void dot(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc) {
       for (int i = 0; i < DM; ++i) acc[i][j] += av[i] * bv;
     }
   }
+  T total[DM][DN];
+  if constexpr (W == 16 && DM * DN == 16) {
+    reduce16(&acc[0][0], &total[0][0]);
+  } else {
+    for (int i = 0; i < DM; ++i)
+      for (int j = 0; j < DN; ++j) {
+        total[i][j] = 0;
+        for (int l = 0; l < W; ++l) total[i][j] += acc[i][j][l];
+      }
+  }
   for (int i = 0; i < DM; ++i)
     for (int j = 0; j < DN; ++j) {
-      T sum = 0;
-      for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+      T sum = total[i][j];
       for (int64_t r = t; r < len; ++r) sum += a[i][r] * b[j][r];
       c[i * ldc + j] += sum;
     }
