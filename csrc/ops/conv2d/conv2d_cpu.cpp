@@ -509,6 +509,10 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
 void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const TensorView* bias,
                         const TensorView& output, const Geometry& g, int nthreads) {
   check_conv2d_args(g, &input, weight, bias, &output, DeviceType::CPU);
+  if (is_depthwise(g)) {
+    depthwise_forward_cpu(input, weight, bias, output, g, nthreads);
+    return;
+  }
   if (output.numel() == 0) return;
   const bool nhwc = nhwc_layout(input) || nhwc_layout(output);
   dispatch_floating(input.dtype, "input", [&](auto tag) {
@@ -523,6 +527,10 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight, const TensorView& grad_input,
                            const Geometry& g, int nthreads) {
   check_conv2d_args(g, &grad_input, weight, nullptr, &grad_output, DeviceType::CPU);
+  if (is_depthwise(g)) {  // either layout
+    depthwise_input_grad_cpu(grad_output, weight, grad_input, g, nthreads);
+    return;
+  }
   check_arg(!(nhwc_layout(grad_input) || nhwc_layout(grad_output)), "conv2d_input_grad_cpu takes NCHW tensors");
   if (grad_input.numel() == 0) return;
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
@@ -534,6 +542,10 @@ void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& inp
                             const Geometry& g, int nthreads) {
   check_conv2d_args(g, &input, grad_weight, nullptr, &grad_output, DeviceType::CPU);
   check_arg(grad_weight.is_contiguous(), "grad_weight must be contiguous");
+  if (is_depthwise(g)) {  // either layout
+    depthwise_weight_grad_cpu(grad_output, input, grad_weight, g, nthreads);
+    return;
+  }
   check_arg(!(nhwc_layout(input) || nhwc_layout(grad_output)), "conv2d_weight_grad_cpu takes NCHW tensors");
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
