@@ -121,6 +121,10 @@ inline void prefetch_rows(const void* plane, int64_t first, int64_t last, int64_
   if (first <= last) prefetch_l2(static_cast<const char*>(plane) + first * row, (last - first + 1) * row);
 }
 
+// Runs are cut into blocks of this many pixels: every channel chunk of a block then finds the block's
+// input in L1, and the rows are read front to back.
+constexpr int64_t kRunBlock = 16;
+
 // A run of K NHWC pixels (M == 1) whose sums take the same taps: pixel k reads in[src[t] + k * delta + c]
 // for its taps t (tap index tap[t]) and stores dst[k * dst_step + c] = sum_t w[tap[t] * C + c] * that
 // (+ bias[c]). Channel chunks outermost, so that a chunk of the rows being read stays in L1; four
@@ -134,8 +138,17 @@ FASTCV_DW_INLINE void gather_run(const T* __restrict in, const int64_t* tap, con
   int64_t c0 = 0;
   for (; c0 + L <= C; c0 += L) {
     const vec_t<T> b = bias ? vload(bias + c0) : vec_t<T>{};
-    int64_t k = 0;
-    for (; k + 4 <= K; k += 4) {
+    for (int64_t k = 0; k < K; k += 4) {
+      if (K < 4) {  // too short for a group of four
+        for (; k < K; ++k) {
+          vec_t<T> a{};
+          for (int64_t t = 0; t < taps; ++t) a += vload(w + tap[t] * C + c0) * vload(in + src[t] + k * delta + c0);
+          if (bias) a += b;
+          vstore(dst + k * dst_step + c0, a);
+        }
+        break;
+      }
+      if (k + 4 > K) k = K - 4;  // the last group overlaps the one before: recomputes identical values
       vec_t<T> a0{}, a1{}, a2{}, a3{};
       for (int64_t t = 0; t < taps; ++t) {
         const vec_t<T> wv = vload(w + tap[t] * C + c0);
@@ -151,12 +164,6 @@ FASTCV_DW_INLINE void gather_run(const T* __restrict in, const int64_t* tap, con
       vstore(d + dst_step, a1);
       vstore(d + 2 * dst_step, a2);
       vstore(d + 3 * dst_step, a3);
-    }
-    for (; k < K; ++k) {
-      vec_t<T> a{};
-      for (int64_t t = 0; t < taps; ++t) a += vload(w + tap[t] * C + c0) * vload(in + src[t] + k * delta + c0);
-      if (bias) a += b;
-      vstore(dst + k * dst_step + c0, a);
     }
   }
   for (; c0 < C; ++c0)
@@ -367,7 +374,9 @@ FASTCV_DW_INLINE void forward_nhwc(const Args<S>& a, int64_t t0, int64_t t1) {
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
           const bool interior = ow == a.lo && a.lo < a.hi;
           const int64_t taps = pixel_taps(g, oh, ow, tap, src), count = interior ? a.hi - a.lo : 1;
-          gather_run(image, tap, src, taps, a.w, a.bias, C, count, g.sw * C, row + ow * C, C);
+          for (int64_t k = 0; k < count; k += kRunBlock)
+            gather_run(image + k * g.sw * C, tap, src, taps, a.w, a.bias, C, std::min(kRunBlock, count - k), g.sw * C,
+                       row + (ow + k) * C, C);
           if (interior) ow = a.hi - 1;
         }
         continue;
@@ -486,7 +495,9 @@ FASTCV_DW_INLINE void input_grad_nhwc(const Args<S>& a, int64_t t0, int64_t t1) 
           for (int64_t q = 0; q < p.count; ++q) {
             const bool interior = q == p.lo && p.lo < p.hi;
             const int64_t x = r + q * g.sw, taps = grad_taps(g, h, x, tap, src), count = interior ? p.hi - p.lo : 1;
-            gather_run(image, tap, src, taps, a.w, static_cast<const S*>(nullptr), C, count, C, row + x * C, g.sw * C);
+            for (int64_t k = 0; k < count; k += kRunBlock)
+              gather_run(image + k * C, tap, src, taps, a.w, static_cast<const S*>(nullptr), C,
+                         std::min(kRunBlock, count - k), C, row + (x + k * g.sw) * C, g.sw * C);
             if (interior) q = p.hi - 1;
           }
         }
@@ -518,6 +529,55 @@ FASTCV_DW_INLINE void input_grad_nhwc(const Args<S>& a, int64_t t0, int64_t t1) 
 
 // ----------------------------------------------------------------------------------- weight gradient
 
+// One tap's weight-gradient sum over output rows [r0, r1) and columns [lo, hi) of an NCHW plane pair:
+// the sum of g[oh * gw + q] * x[xoff + oh * xrow + q * SW] (xoff: where the tap reads for output pixel
+// (0, 0)), float and double, SW 1 or 2. Lane accumulators run down the rows in registers, up to four
+// vectors of columns at a time; the last columns take one vector ending at hi whose lanes already
+// counted are masked out (a select, so an infinite input there cannot turn them into NaN). The lanes
+// are added in a fixed order at the end. With SW 2 a vector reads one value past its last input: the
+// caller passes rows whose input row has a successor in the plane.
+template <int SW, class T>
+FASTCV_DW_INLINE T tap_dot(const T* g, int64_t gw, const T* x, int64_t xoff, int64_t xrow, int64_t r0, int64_t r1,
+                           int64_t lo, int64_t hi) {
+  constexpr int L = Vec<T>::lanes;
+  using index_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef index_t ivec_t __attribute__((vector_size(64)));
+  T total = T(0);
+  int64_t q0 = lo;
+  while (q0 + L <= hi) {
+    const int nv = int(std::min<int64_t>(4, (hi - q0) / L));
+    vec_t<T> acc[4] = {};
+    for (int64_t oh = r0; oh < r1; ++oh) {
+      const T* gp = g + oh * gw + q0;
+      const T* xp = x + xoff + oh * xrow + q0 * SW;
+      for (int v = 0; v < 4; ++v)
+        if (v < nv) acc[v] += vload(gp + v * L) * vload_stride(xp + v * L * SW, SW);
+    }
+    for (int v = 0; v < nv; ++v)
+      for (int k = 0; k < L; ++k) total += acc[v][k];
+    q0 += nv * L;
+  }
+  if (q0 < hi && hi - lo >= L) {  // one vector at hi - L, its lanes below q0 masked out
+    const int64_t qt = hi - L;
+    ivec_t lane;
+    for (int k = 0; k < L; ++k) lane[k] = index_t(k);
+    const ivec_t keep = lane >= index_t(q0 - qt);
+    vec_t<T> acc{};
+    for (int64_t oh = r0; oh < r1; ++oh) {
+      const vec_t<T> p = vload(g + oh * gw + qt) * vload_stride(x + xoff + oh * xrow + qt * SW, SW);
+      acc += keep ? p : vec_t<T>{};
+    }
+    for (int k = 0; k < L; ++k) total += acc[k];
+  } else if (q0 < hi) {  // a row narrower than a vector
+    T acc[Vec<T>::lanes] = {};
+    const int rest = int(hi - q0);
+    for (int64_t oh = r0; oh < r1; ++oh)
+      for (int k = 0; k < rest; ++k) acc[k] += g[oh * gw + q0 + k] * x[xoff + oh * xrow + (q0 + k) * SW];
+    for (int k = 0; k < rest; ++k) total += acc[k];
+  }
+  return total;
+}
+
 // Tasks [t0, t1): task = (output channel, image, block of output rows) -> partial[task][taps].
 template <class S>
 FASTCV_DW_INLINE void weight_grad_nchw(const Args<S>& a, int64_t t0, int64_t t1) {
@@ -530,6 +590,35 @@ FASTCV_DW_INLINE void weight_grad_nchw(const Args<S>& a, int64_t t0, int64_t t1)
     const int64_t oh0 = blk * a.rows, oh1 = std::min(g.out_h, oh0 + a.rows);
     const S* go = a.a + (n * g.out_channels + o) * g.out_h * ow_n;
     const S* x = a.b + (n * g.channels + c) * g.height * g.width;
+    T* part = a.partial + t * a.taps;
+    if constexpr (kNative<S>) {
+      if (g.sw <= 2) {  // tap by tap, rows in registers
+        for (int64_t i = 0; i < g.kh; ++i) {
+          int64_t r0, r1;  // the rows of the block whose tap row i lies inside the image
+          depthwise::tap_outputs(g.height, g.out_h, g.sh, i * g.dh - g.ph, r0, r1);
+          r0 = std::max(r0, oh0), r1 = std::min(r1, oh1);
+          // With sw 2, rows whose input row is the plane's last take the scalar path (see tap_dot).
+          int64_t rv = r1;
+          if (g.sw == 2) {  // rows with oh * sh + i * dh - ph <= H - 2
+            const int64_t room = g.height - 2 - i * g.dh + g.ph;
+            rv = room < 0 ? r0 : std::max(r0, std::min(r1, room / g.sh + 1));
+          }
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t lo = a.tap_lo[j], hi = a.tap_hi[j];
+            T sum = T(0);
+            if (r0 < r1 && lo < hi) {
+              const int64_t xoff = (i * g.dh - g.ph) * g.width + j * g.dw - g.pw, xrow = g.sh * g.width;
+              sum = g.sw == 1 ? tap_dot<1>(go, ow_n, x, xoff, xrow, r0, rv, lo, hi)
+                              : tap_dot<2>(go, ow_n, x, xoff, xrow, r0, rv, lo, hi);
+              for (int64_t oh = rv; oh < r1; ++oh)
+                for (int64_t q = lo; q < hi; ++q) sum += go[oh * ow_n + q] * x[xoff + oh * xrow + q * g.sw];
+            }
+            part[i * g.kw + j] = sum;
+          }
+        }
+        continue;
+      }
+    }
     std::fill(acc, acc + a.taps * ow_n, T(0));
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       const S* __restrict grow = go + oh * ow_n;
@@ -547,7 +636,6 @@ FASTCV_DW_INLINE void weight_grad_nchw(const Args<S>& a, int64_t t0, int64_t t1)
         }
       }
     }
-    T* part = a.partial + t * a.taps;
     for (int64_t k = 0; k < a.taps; ++k) {
       const T* at = acc + k * ow_n;
       T s = T(0);
