@@ -25,6 +25,6 @@ class Case:
 
 
 def all_cases(device: str) -> list[Case]:
-    from fastcv.benchmarks import im2col, nms, roi_align
+    from fastcv.benchmarks import depthwise, im2col, nms, roi_align
 
-    return nms.cases(device) + roi_align.cases(device) + im2col.cases(device)
+    return nms.cases(device) + roi_align.cases(device) + im2col.cases(device) + depthwise.cases(device)
