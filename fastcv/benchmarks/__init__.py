@@ -25,6 +25,7 @@ class Case:
 
 
 def all_cases(device: str) -> list[Case]:
-    from fastcv.benchmarks import conv2d, im2col, nms, roi_align
+    from fastcv.benchmarks import conv2d, depthwise, im2col, nms, roi_align
 
-    return nms.cases(device) + roi_align.cases(device) + im2col.cases(device) + conv2d.cases(device)
+    return (nms.cases(device) + roi_align.cases(device) + im2col.cases(device) + conv2d.cases(device)
+            + depthwise.cases(device))

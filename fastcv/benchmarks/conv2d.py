@@ -1,5 +1,5 @@
-"""Convolution benchmark cases: the ResNet-50 layers at batch 8, a MobileNetV2 depthwise layer and an
-FCN-style transposed convolution, forward and forward+backward, against F.conv2d / F.conv_transpose2d
+"""Convolution benchmark cases: the ResNet-50 layers at batch 8 and an FCN-style transposed convolution
+(the MobileNetV2 depthwise layers are in depthwise.py), forward and forward+backward, against F.conv2d / F.conv_transpose2d
 (oneDNN on the CPU, cuDNN on the GPU). Throughput is useful GFLOP/s: 2 * output elements * (C/groups)
 * kh * kw per forward, three times that for forward+backward (the input and weight gradients)."""
 from __future__ import annotations
@@ -17,7 +17,6 @@ LAYERS = [
     ("ResNet-50 conv4_x 3x3", (8, 256, 14, 14), (256, 256, 3, 3), 1, 1, 1, False),
     ("ResNet-50 conv2_x 1x1 256->64", (8, 256, 56, 56), (64, 256, 1, 1), 1, 0, 1, True),
     ("ResNet-50 stem 7x7/2", (8, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, False),
-    ("MobileNetV2 depthwise 3x3", (8, 144, 56, 56), (144, 1, 3, 3), 1, 1, 144, True),
 ]
 
 

@@ -10,6 +10,8 @@ and conv2d_fused(input, weight, bias, residual, relu): relu?(conv2d + residual) 
 Backends: CPU C++ (csrc/ops/conv2d: GEMMs on panels packed straight from the image, so no im2col
 buffer; NCHW and channels_last natively, forward and gradients) and, on the GPU, the Triton
 implicit-GEMM kernels of kernels/conv2d.py (forward, input and weight gradient, any layout).
+Depthwise convolutions (groups == in_channels) run direct kernels instead (depthwise_cpu.cpp, and
+depthwise_cuda.cu where the GPU backend is "cuda"), all three ops in either layout.
 
 Layout: the output is channels_last when the input or the weight is (PyTorch's rule), else contiguous.
 Autocast: under torch.autocast the public functions cast to the autocast dtype, as F.conv2d does.
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, num_threads, opt_view, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
 from fastcv._library import define
 from fastcv.ops._args import pair
 
@@ -81,6 +83,16 @@ def _empty(shape, like: Tensor, fmt: torch.memory_format) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+def _depthwise(g) -> bool:
+    """groups == in_channels (each output channel reads one input channel): the direct kernels."""
+    return g[5] == g[1] and g[4] % g[1] == 0
+
+
+def _cuda_depthwise(t: Tensor, g) -> bool:
+    """Whether a CUDA call runs the CUDA C++ depthwise kernels (else Triton)."""
+    return _depthwise(g) and gpu_backend(t.device) == "cuda"
+
+
 def _triton():
     from fastcv.kernels import conv2d as triton_conv2d
     return triton_conv2d
@@ -120,15 +132,19 @@ def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, 
 
 
 def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
-    if input.is_cuda:
+    cuda = input.is_cuda
+    if cuda and not (_cuda_depthwise(input, g) and residual is None and not relu):
         return _triton().conv2d_forward(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
                                         residual=residual, relu=relu)
     fmt = _memory_format(input, weight)
     out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
     if out.numel():
-        _C.conv2d_forward_cpu(view(input.contiguous(memory_format=fmt)), view(weight), opt_view(bias),
-                              None if residual is None else view(residual.contiguous(memory_format=fmt)), relu,
-                              view(out), g, num_threads())
+        x, b = view(input.contiguous(memory_format=fmt)), opt_view(None if bias is None else bias.contiguous())
+        if cuda:
+            _C.depthwise_forward_cuda(x, view(weight), b, view(out), g, cuda_stream(out))
+        else:
+            r = None if residual is None else view(residual.contiguous(memory_format=fmt))
+            _C.conv2d_forward_cpu(x, view(weight), b, r, relu, view(out), g, num_threads())
     return out
 
 
@@ -156,14 +172,18 @@ def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilati
 
 def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
-    if grad_output.is_cuda:
+    cuda = grad_output.is_cuda
+    if cuda and not _cuda_depthwise(grad_output, g):
         return _triton().conv2d_input_grad(grad_output, weight, tuple(g[:4]), tuple(stride), tuple(padding),
                                            tuple(dilation), groups)
     fmt = _memory_format(grad_output, weight)
-    out = _empty(g[:4], grad_output, fmt)
+    out = _empty(g[:4], grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
     if out.numel():
-        _C.conv2d_input_grad_cpu(view(grad_output.contiguous(memory_format=fmt)), view(weight), view(out), g,
-                                 num_threads())
+        go = view(grad_output.contiguous(memory_format=fmt))
+        if cuda:
+            _C.depthwise_input_grad_cuda(go, view(weight), view(out), g, cuda_stream(out))
+        else:
+            _C.conv2d_input_grad_cpu(go, view(weight), view(out), g, num_threads())
     return out
 
 
@@ -183,13 +203,17 @@ def _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilat
 
 def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation, groups):
     g = _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
-    if grad_output.is_cuda:
+    cuda = grad_output.is_cuda
+    if cuda and not _cuda_depthwise(grad_output, g):
         return _triton().conv2d_weight_grad(grad_output, input, tuple(weight_size), tuple(stride), tuple(padding),
                                             tuple(dilation), groups)
     fmt = _memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)
-    _C.conv2d_weight_grad_cpu(view(grad_output.contiguous(memory_format=fmt)), view(input.contiguous(memory_format=fmt)),
-                              view(out), g, num_threads())
+    go, x = view(grad_output.contiguous(memory_format=fmt)), view(input.contiguous(memory_format=fmt))
+    if cuda:
+        _C.depthwise_weight_grad_cuda(go, x, view(out), g, cuda_stream(out))
+    else:
+        _C.conv2d_weight_grad_cpu(go, x, view(out), g, num_threads())
     return out
 
 

@@ -38,6 +38,20 @@ void bind_conv2d(py::module_& m) {
                                       int nthreads) {
     conv2d_weight_grad_cpu(grad_output, input, grad_weight, geometry(d), nthreads);
   }, nogil);
+#ifdef FASTCV_WITH_CUDA
+  m.def("depthwise_forward_cuda", [](TensorView input, TensorView weight, std::optional<TensorView> bias,
+                                      TensorView output, Dims d, uintptr_t stream) {
+    depthwise_forward_cuda(input, weight, bias ? &*bias : nullptr, output, geometry(d), stream);
+  }, nogil);
+  m.def("depthwise_input_grad_cuda", [](TensorView grad_output, TensorView weight, TensorView grad_input, Dims d,
+                                         uintptr_t stream) {
+    depthwise_input_grad_cuda(grad_output, weight, grad_input, geometry(d), stream);
+  }, nogil);
+  m.def("depthwise_weight_grad_cuda", [](TensorView grad_output, TensorView input, TensorView grad_weight, Dims d,
+                                          uintptr_t stream) {
+    depthwise_weight_grad_cuda(grad_output, input, grad_weight, geometry(d), stream);
+  }, nogil);
+#endif
   m.def("gemm_kernel_info", [] {
     const auto& k = gemm::kernel(float{});
     return py::dict(py::arg("isa") = k.isa, py::arg("mr") = k.mr, py::arg("nr") = k.nr);

@@ -712,6 +712,19 @@ void weight_grad_nhwc(const TensorView& gout, const TensorView& x, const TensorV
   });
 }
 
+// The epilogue's residual and ReLU after a kernel that stores conv + bias itself (the depthwise one):
+// a second pass and a second rounding, where the GEMM path fuses them.
+void apply_residual_relu(const TensorView& out, const Epilogue& e, int nthreads) {
+  dispatch_floating(out.dtype, "output", [&](auto tag) {
+    using S = decltype(tag);
+    const Store<S> store(e);
+    S* data = out.ptr<S>();
+    parallel_for(0, out.numel(), 1 << 16, nthreads, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) store(data, i, load(data[i]));
+    });
+  });
+}
+
 }  // namespace
 
 void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const Epilogue& epilogue,
@@ -724,6 +737,11 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
     check_device(r, "residual", DeviceType::CPU);
     for (int d = 0; d < 4; ++d)
       check_arg(r.size(d) == 1 || r.stride(d) == output.stride(d), "residual must have the output's memory format");
+  }
+  if (is_depthwise(g)) {
+    depthwise_forward_cpu(input, weight, epilogue.bias, output, g, nthreads);
+    if (epilogue.residual || epilogue.relu) apply_residual_relu(output, epilogue, nthreads);
+    return;
   }
   if (output.numel() == 0) return;
   const bool nhwc = nhwc_layout(input) || nhwc_layout(output);
@@ -739,6 +757,10 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight, const TensorView& grad_input,
                            const Geometry& g, int nthreads) {
   check_conv2d_args(g, &grad_input, weight, nullptr, &grad_output, DeviceType::CPU);
+  if (is_depthwise(g)) {  // either layout
+    depthwise_input_grad_cpu(grad_output, weight, grad_input, g, nthreads);
+    return;
+  }
   if (grad_input.numel() == 0) return;
   const bool nhwc = nhwc_layout(grad_input) || nhwc_layout(grad_output);
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
@@ -754,6 +776,10 @@ void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& inp
                             const Geometry& g, int nthreads) {
   check_conv2d_args(g, &input, grad_weight, nullptr, &grad_output, DeviceType::CPU);
   check_arg(grad_weight.is_contiguous(), "grad_weight must be contiguous");
+  if (is_depthwise(g)) {  // either layout
+    depthwise_weight_grad_cpu(grad_output, input, grad_weight, g, nthreads);
+    return;
+  }
   const bool nhwc = nhwc_layout(input) || nhwc_layout(grad_output);
   dispatch_floating(grad_output.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);

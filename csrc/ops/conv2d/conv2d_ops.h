@@ -2,6 +2,8 @@
 // Entry points of the 2-D convolution, called from conv2d_bind.cpp. Each takes the input side
 // ([N, C, H, W]) and output side ([N, Cout, out_h, out_w]) in one memory format, NCHW-contiguous or
 // channels_last (NHWC); the weight [Cout, C/groups, kh, kw] may have any strides.
+#include <cstdint>
+
 #include "common/tensor_view.h"
 #include "ops/conv2d/conv2d.h"
 
@@ -37,5 +39,20 @@ void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& inp
 // (depthwise_cpu.cpp, depthwise_cuda.cu), which the conv2d entry points above hand it to. Same
 // tensors and layouts as those.
 bool is_depthwise(const conv2d::Geometry& g);
+void depthwise_forward_cpu(const TensorView& input, const TensorView& weight, const TensorView* bias,
+                           const TensorView& output, const conv2d::Geometry& g, int nthreads);
+void depthwise_input_grad_cpu(const TensorView& grad_output, const TensorView& weight,
+                              const TensorView& grad_input, const conv2d::Geometry& g, int nthreads);
+void depthwise_weight_grad_cpu(const TensorView& grad_output, const TensorView& input,
+                               const TensorView& grad_weight, const conv2d::Geometry& g, int nthreads);
+#ifdef FASTCV_WITH_CUDA
+// The same on the GPU, one launch each for the whole batch, on `stream` (a cudaStream_t).
+void depthwise_forward_cuda(const TensorView& input, const TensorView& weight, const TensorView* bias,
+                            const TensorView& output, const conv2d::Geometry& g, uintptr_t stream);
+void depthwise_input_grad_cuda(const TensorView& grad_output, const TensorView& weight,
+                               const TensorView& grad_input, const conv2d::Geometry& g, uintptr_t stream);
+void depthwise_weight_grad_cuda(const TensorView& grad_output, const TensorView& input,
+                                const TensorView& grad_weight, const conv2d::Geometry& g, uintptr_t stream);
+#endif
 
 }  // namespace fastcv
