@@ -285,3 +285,16 @@ def test_conv2d_fused_opcheck_and_bad_residual():
     torch.library.opcheck(torch.ops.fastcv.conv2d_fused, (x, w, None, r, True, [1, 1], [1, 1], [1, 1], 1))
     with pytest.raises(ValueError, match="residual must have the output's shape"):
         ops.conv2d_fused(x, w, padding=1, residual=r[:, :2])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_fused_depthwise(channels_last):
+    """Depthwise layers take their own kernel, then the residual and ReLU in a second pass."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 1, 3, 3, generator=g, dtype=torch.float64)
+    b, r = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64)
+    if channels_last:
+        x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
+    out = ops.conv2d_fused(x, w, b, padding=1, groups=6, residual=r, relu=True)
+    torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, padding=1, groups=6) + r), rtol=0, atol=1e-12)
