@@ -10,15 +10,16 @@ namespace gemm {
 // mr x nr tile; `accumulate` false overwrites c. Compiled per instruction set (isa/gemm_tile.cpp).
 //
 // And a dot-product kernel for products whose operands are both contiguous along the summed index
-// (a convolution's weight gradient in NCHW): c[i * ldc + j] += sum_{t < len} a[i][t] * b[j][t] for
-// i < dm, j < dn, the rows given by pointers, so neither operand is packed or transposed. Each sum is
-// kept in vector lanes and reduced once, in a fixed order.
+// (a convolution's weight gradient in NCHW): c[i * ldc + j] += sum_s sum_{t < len} a[s * dm + i][t] *
+// b[s * dn + j][t] for i < dm, j < dn over `segments` pairs of row sets (the images of a batch), the
+// rows given by pointers, so neither operand is packed or transposed. Each sum is kept in vector lanes
+// across all segments and reduced once, in a fixed order.
 template <class T>
 struct Kernel {
   int mr, nr;
   void (*tile)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
   int dm, dn;
-  void (*dot)(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc);
+  void (*dot)(int64_t segments, int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc);
   // An A panel from mr rows that are contiguous along k: dst[k * mr + i] = rows[i][k] for k < kc
   // (a transpose, done in registers 8 x 8 at a time where mr is 8).
   void (*pack_a_rows)(const T* const* rows, int64_t kc, T* dst);

@@ -69,19 +69,27 @@ void reduce16(const V* v, typename std::remove_reference<decltype(v[0][0])>::typ
 }
 
 template <class T, int W, int DM, int DN>
-void dot(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc) {
+void dot(int64_t segments, int64_t len, const T* const* a_rows, const T* const* b_rows, T* c, int64_t ldc) {
   using V = typename Vec<T, W>::type;
   V acc[DM][DN];
+  T tail[DM][DN] = {};
   for (int i = 0; i < DM; ++i)
     for (int j = 0; j < DN; ++j) acc[i][j] = V{};
-  int64_t t = 0;
-  for (; t + W <= len; t += W) {
-    V av[DM];
-    for (int i = 0; i < DM; ++i) av[i] = *reinterpret_cast<const V*>(a[i] + t);
-    for (int j = 0; j < DN; ++j) {
-      const V bv = *reinterpret_cast<const V*>(b[j] + t);
-      for (int i = 0; i < DM; ++i) acc[i][j] += av[i] * bv;
+  const int64_t body = len / W * W;
+  for (int64_t s = 0; s < segments; ++s) {
+    const T* const* a = a_rows + s * DM;
+    const T* const* b = b_rows + s * DN;
+    for (int64_t t = 0; t < body; t += W) {
+      V av[DM];
+      for (int i = 0; i < DM; ++i) av[i] = *reinterpret_cast<const V*>(a[i] + t);
+      for (int j = 0; j < DN; ++j) {
+        const V bv = *reinterpret_cast<const V*>(b[j] + t);
+        for (int i = 0; i < DM; ++i) acc[i][j] += av[i] * bv;
+      }
     }
+    for (int i = 0; i < DM; ++i)
+      for (int j = 0; j < DN; ++j)
+        for (int64_t r = body; r < len; ++r) tail[i][j] += a[i][r] * b[j][r];
   }
   T total[DM][DN];
   if constexpr (W == 16 && DM * DN == 16) {
@@ -94,11 +102,7 @@ void dot(int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc) {
       }
   }
   for (int i = 0; i < DM; ++i)
-    for (int j = 0; j < DN; ++j) {
-      T sum = total[i][j];
-      for (int64_t r = t; r < len; ++r) sum += a[i][r] * b[j][r];
-      c[i * ldc + j] += sum;
-    }
+    for (int j = 0; j < DN; ++j) c[i * ldc + j] += total[i][j] + tail[i][j];
 }
 
 template <class T, int MR>

@@ -531,43 +531,50 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
     widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, row_width, widened, nthreads);
     grad = widened.data();
   }
-  // Pixels per dot call: long enough that the lane reductions cost little, short enough that the
-  // rows in use stay in L2.
+  // Pixels per dot call (summed over several images when images are small): long enough that the lane
+  // reductions cost little, short enough that the rows in use stay in L1 and L2.
   constexpr int64_t kLen = 2048;
-  const std::vector<T> zeros(size_t(kLen), T(0));  // stands in for rows past the matrix edge
+  const int64_t len_max = std::min(P, kLen), images = std::max<int64_t>(1, std::min(g.batch, kLen / len_max));
+  const std::vector<T> zeros(size_t(len_max), T(0));  // stands in for rows past the matrix edge
   const int64_t cols = chunk(K, kern.dn, K, g.groups, nthreads, 1);
   const int64_t col_tasks = (K + cols - 1) / cols, tasks = g.groups * col_tasks;
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     std::vector<Run> runs;
     std::vector<T> c, gathered;
-    std::vector<const T*> a_rows(size_t(kern.dm)), b_rows(size_t(kern.dn));
+    std::vector<const T*> a_rows(size_t(images * kern.dm)), b_rows(size_t(images * kern.dn));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ct = t % col_tasks, gi = t / col_tasks, j0 = ct * cols, j1 = std::min(K, j0 + cols);
       const int64_t ldc = gemm::round_up(j1 - j0, kern.dn);
       c.assign(size_t(gemm::round_up(M, kern.dm) * ldc), T(0));
-      for (int64_t n = 0; n < g.batch; ++n) {
-        const T* grad_rows = grad + (n * g.out_channels + gi * M) * P;
-        const T* planes = pad.at(n * g.channels + gi * cg);
+      for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
+        const int64_t segments = std::min(images, g.batch - n0);
         for (int64_t v0 = 0; v0 < P; v0 += kLen) {
           const int64_t len = std::min(kLen, P - v0);
           if (!virt) pixel_runs(g, v0, len, runs);
           for (int64_t k = j0; k < j1; k += kern.dn) {
-            for (int64_t jj = 0; jj < kern.dn; ++jj) {
-              const int64_t kj = k + jj;
-              if (kj >= j1) {
-                b_rows[size_t(jj)] = zeros.data();
-              } else if (virt) {
-                b_rows[size_t(jj)] = planes + kj / taps * l.plane + v0 + kj % taps / g.kw * g.dh * l.row + kj % g.kw * g.dw;
-              } else {
-                gathered.resize(size_t(kern.dn * kLen));
-                gather_row(planes, l, g, kj, runs, gathered.data() + jj * kLen);
-                b_rows[size_t(jj)] = gathered.data() + jj * kLen;
+            for (int64_t s = 0; s < segments; ++s) {
+              const T* planes = pad.at((n0 + s) * g.channels + gi * cg);
+              for (int64_t jj = 0; jj < kern.dn; ++jj) {
+                const int64_t kj = k + jj;
+                const T*& row = b_rows[size_t(s * kern.dn + jj)];
+                if (kj >= j1) {
+                  row = zeros.data();
+                } else if (virt) {
+                  row = planes + kj / taps * l.plane + v0 + kj % taps / g.kw * g.dh * l.row + kj % g.kw * g.dw;
+                } else {
+                  gathered.resize(size_t(images * kern.dn * len_max));
+                  T* dst = gathered.data() + (s * kern.dn + jj) * len_max;
+                  gather_row(planes, l, g, kj, runs, dst);
+                  row = dst;
+                }
               }
             }
             for (int64_t o = 0; o < M; o += kern.dm) {
-              for (int64_t ii = 0; ii < kern.dm; ++ii)
-                a_rows[size_t(ii)] = o + ii < M ? grad_rows + (o + ii) * P + v0 : zeros.data();
-              kern.dot(len, a_rows.data(), b_rows.data(), c.data() + o * ldc + (k - j0), ldc);
+              for (int64_t s = 0; s < segments; ++s)
+                for (int64_t ii = 0; ii < kern.dm; ++ii)
+                  a_rows[size_t(s * kern.dm + ii)] =
+                      o + ii < M ? grad + ((n0 + s) * g.out_channels + gi * M + o + ii) * P + v0 : zeros.data();
+              kern.dot(segments, len, a_rows.data(), b_rows.data(), c.data() + o * ldc + (k - j0), ldc);
             }
           }
         }
