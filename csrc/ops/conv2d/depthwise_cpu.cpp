@@ -1,18 +1,23 @@
 // Direct depthwise convolution on the CPU (groups == channels, M = out_channels / channels output
 // channels per input channel). Each output reads kh * kw inputs of one channel, so a GEMM has nothing
-// to reuse; these kernels stream the tensors once with short multiply-add loops:
-//   NCHW   along output rows: the interior columns of a row (every tap inside the image) take one
-//          vector multiply-add per tap over a shifted run of the input row (contiguous at stride 1);
-//          the few border columns use the per-pixel functions of depthwise.h, which sum in the same
-//          order, so a pixel's value does not depend on which path computed it.
-//          The input gradient works on the sw column phases of an input row (x = r + sw * t): within
-//          a phase the taps that reach it read contiguous runs of grad_output rows.
-//   NHWC   along channels: per pixel, a multiply-add over the channels for each tap in the image.
-// The weight gradient is summed in a fixed partition of the work (by image and row block, fixed by
-// the geometry, never by the thread count) into per-task partial sums, then added in task order: the
-// result is bit-identical for any number of threads. Float16 and bfloat16 compute in float and round
-// once; float64 computes in double. Float and double loops are compiled for AVX-512, AVX2 and baseline
-// x86-64 (FASTCV_CPU_CLONES) and picked at load time.
+// to reuse; these kernels stream the tensors about once, and every output pixel (and input-gradient
+// element) adds its taps in the order of depthwise.h's per-pixel functions, so its value does not
+// depend on the path that computed it (tests compare the layouts bit for bit).
+//   NCHW   rows: a row's interior columns (every tap inside the image) as vectors along the row with
+//          the kernel in registers (3x3, 5x5, 7x7 at stride 1 and 2; other kernels one vector pass
+//          per tap); the border columns of a plane a column at a time with the rows as the vector
+//          dimension (float16 / bfloat16: depthwise::output_pixel per pixel). The input gradient
+//          works on the sw column phases of an input row (x = r + sw * t), within which the taps
+//          that reach it read contiguous runs of grad_output rows; its borders use
+//          depthwise::input_grad_pixel.
+//   NHWC   channels: runs of pixels that share their taps (a row's interior; a column phase for the
+//          input gradient) in blocks of channel vectors, four pixels at a time; the next rows are
+//          prefetched, as this order defeats the hardware prefetcher.
+// The weight gradient sums a fixed partition of the work (by channel, image and row block, fixed by
+// the geometry, never by the thread count) into per-task partial sums, then adds them in task order:
+// the result is bit-identical for any number of threads. Float16 and bfloat16 compute in float and
+// round once; float64 computes in double. The float and double loops use GCC vector extensions and are
+// compiled for AVX-512, AVX2 and baseline x86-64 (FASTCV_CPU_CLONES), picked at load time.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -106,13 +111,11 @@ FASTCV_DW_INLINE void madd(T* __restrict acc, const S* __restrict src, int64_t s
 
 // Hints [p, p + bytes) into the L2 cache, a line at a time. The NHWC kernels read each row chunk by
 // chunk, a pattern the hardware prefetcher does not follow well from memory, so while they compute
-// one row they fetch the rows the next one will read for the first time, front to back.
-inline void prefetch_l2(const void* p, int64_t bytes, bool write = false) {
+// one row they fetch the rows a later one will read for the first time, front to back; the NCHW
+// kernels fetch the next task's planes.
+inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  if (write)
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1, 2);
-  else
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
 }
 
 // The rows [first, last] of an NHWC plane of `height` rows of `row` bytes each, into L2.
