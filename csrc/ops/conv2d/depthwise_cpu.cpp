@@ -406,18 +406,28 @@ FASTCV_DW_INLINE void forward_nhwc(const Args<S>& a, int64_t t0, int64_t t1) {
     const S* image = a.a + n * g.height * g.width * C;
     if constexpr (kNative<S>) {
       if (M == 1) {
-        // The input rows output row oh + 2 reads that row oh + 1 does not.
+        // The input rows output row oh + 2 reads that row oh + 1 does not: a share of them before
+        // each block of pixels, so that the prefetches do not queue up all at once.
         const int64_t last = (oh + 1) * g.sh - g.ph + (g.kh - 1) * g.dh;
-        prefetch_rows(image, last + 1, last + g.sh, g.height, g.width * C * int64_t(sizeof(S)));
+        const int64_t first_new = std::max<int64_t>(last + 1, 0), last_new = std::min(last + g.sh, g.height - 1);
+        const int64_t row_bytes = g.width * C * int64_t(sizeof(S));
+        const int64_t share = (row_bytes + g.out_w - 1) / g.out_w;  // per output column
+        const auto prefetch_ahead = [&](int64_t ow0, int64_t ow1) __attribute__((always_inline)) {
+          for (int64_t ih = first_new; ih <= last_new; ++ih)
+            prefetch_l2(reinterpret_cast<const char*>(image + ih * g.width * C) + ow0 * share,
+                        std::min(ow1 * share, row_bytes) - ow0 * share);
+        };
         // The interior columns [lo, hi) share their taps, shifted by sw pixels per column; the
         // border columns each have their own.
         S* row = a.out + (n * g.out_h + oh) * g.out_w * C;
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
           const bool interior = ow == a.lo && a.lo < a.hi;
           const int64_t taps = pixel_taps(g, oh, ow, tap, src), count = interior ? a.hi - a.lo : 1;
-          for (int64_t k = 0; k < count; k += kRunBlock)
-            gather_run(image + k * g.sw * C, tap, src, taps, a.w, a.bias, C, std::min(kRunBlock, count - k), g.sw * C,
-                       row + (ow + k) * C, C);
+          for (int64_t k = 0; k < count; k += kRunBlock) {
+            const int64_t kb = std::min(kRunBlock, count - k);
+            prefetch_ahead(ow + k, ow + k + kb);
+            gather_run(image + k * g.sw * C, tap, src, taps, a.w, a.bias, C, kb, g.sw * C, row + (ow + k) * C, C);
+          }
           if (interior) ow = a.hi - 1;
         }
         continue;
