@@ -23,6 +23,7 @@ CASES = {
     "wide_s2": (1, 36, 21, 67, 1, (3, 3), (2, 2), (1, 1), (1, 1)),
     "wide_7x7": (1, 17, 23, 41, 1, (7, 7), (1, 1), (3, 3), (1, 1)),
     "batch1_5x5": (1, 20, 18, 37, 1, (5, 5), (1, 1), (2, 2), (1, 1)),
+    "tall_narrow": (2, 16, 97, 6, 1, (3, 3), (1, 1), (2, 2), (1, 1)),  # mostly border columns
 }
 
 TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -100,12 +101,15 @@ def test_gradcheck(layout):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", ["3x3", "3x3_s2_x2", "wide_s2", "wide_7x7", "stride_gt_kernel", "dilation2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["f32", "f64", "f16", "bf16"])
+@pytest.mark.parametrize("name", ["3x3", "3x3_s2_x2", "wide_s2", "wide_7x7", "stride_gt_kernel", "dilation2",
+                                  "tall_narrow"])
 def test_layouts_agree_bit_for_bit(name, dtype):
     """Every output pixel and input-gradient element sums its terms in the same order whichever path
-    computes it (NCHW vector rows, NHWC vector pixels, or the per-pixel functions of depthwise.h that
-    the CPU uses at borders and CUDA everywhere), so the two layouts give identical bits."""
+    computes it (NCHW vector rows and columns, NHWC vector pixels, or the per-pixel functions of
+    depthwise.h that CUDA uses everywhere and the CPU at the NCHW borders in float16 / bfloat16 and for
+    the input gradient), so the two layouts give identical bits."""
     x, weight, bias, grad_out, args, _ = make(CASES[name], dtype, False, seed=2)
     nchw = run(x, weight, bias, grad_out, args)
     cl = torch.channels_last

@@ -37,21 +37,28 @@ FASTCV_HD int64_t tap_source(int64_t p, int64_t k, int64_t stride, int64_t paddi
   return q < out ? q : -1;
 }
 
+// The kernel indices k in [lo, hi) of an axis whose tap reads inside the input, for a window that
+// starts at input position `start` (q * stride - padding): 0 <= start + k * dilation < size.
+FASTCV_HD void kernel_taps(int64_t start, int64_t size, int64_t dilation, int64_t kernel, int64_t& lo, int64_t& hi) {
+  lo = start >= 0 ? 0 : (-start + dilation - 1) / dilation;
+  hi = start >= size ? 0 : (size - 1 - start) / dilation + 1;
+  if (hi > kernel) hi = kernel;
+  if (lo > hi) lo = hi;
+}
+
 // Output pixel (oh, ow) of one plane before the bias, in the compute type T. x: the input plane,
 // element (h, w) at x[h * xh + w * xw]; wt: the output channel's kernel, tap (i, j) at wt[i * wi + j * wj].
 template <class T, class S, class W>
 FASTCV_HD T output_pixel(const S* x, int64_t xh, int64_t xw, const W* wt, int64_t wi, int64_t wj, const Geometry& g,
                          int64_t oh, int64_t ow) {
+  const int64_t h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+  int64_t i0, i1, j0, j1;  // the taps inside the image
+  kernel_taps(h0, g.height, g.dh, g.kh, i0, i1);
+  kernel_taps(w0, g.width, g.dw, g.kw, j0, j1);
   T acc = T(0);
-  for (int64_t i = 0; i < g.kh; ++i) {
-    const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-    if (ih < 0 || ih >= g.height) continue;
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-      if (iw < 0 || iw >= g.width) continue;
-      acc += T(to_float(wt[i * wi + j * wj])) * T(to_float(x[ih * xh + iw * xw]));
-    }
-  }
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t j = j0; j < j1; ++j)
+      acc += T(to_float(wt[i * wi + j * wj])) * T(to_float(x[(h0 + i * g.dh) * xh + (w0 + j * g.dw) * xw]));
   return acc;
 }
 

@@ -1,18 +1,23 @@
 // Direct depthwise convolution on the CPU (groups == channels, M = out_channels / channels output
 // channels per input channel). Each output reads kh * kw inputs of one channel, so a GEMM has nothing
-// to reuse; these kernels stream the tensors once with short multiply-add loops:
-//   NCHW   along output rows: the interior columns of a row (every tap inside the image) take one
-//          vector multiply-add per tap over a shifted run of the input row (contiguous at stride 1);
-//          the few border columns use the per-pixel functions of depthwise.h, which sum in the same
-//          order, so a pixel's value does not depend on which path computed it.
-//          The input gradient works on the sw column phases of an input row (x = r + sw * t): within
-//          a phase the taps that reach it read contiguous runs of grad_output rows.
-//   NHWC   along channels: per pixel, a multiply-add over the channels for each tap in the image.
-// The weight gradient is summed in a fixed partition of the work (by image and row block, fixed by
-// the geometry, never by the thread count) into per-task partial sums, then added in task order: the
-// result is bit-identical for any number of threads. Float16 and bfloat16 compute in float and round
-// once; float64 computes in double. Float and double loops are compiled for AVX-512, AVX2 and baseline
-// x86-64 (FASTCV_CPU_CLONES) and picked at load time.
+// to reuse; these kernels stream the tensors about once, and every output pixel (and input-gradient
+// element) adds its taps in the order of depthwise.h's per-pixel functions, so its value does not
+// depend on the path that computed it (tests compare the layouts bit for bit).
+//   NCHW   rows: a row's interior columns (every tap inside the image) as vectors along the row with
+//          the kernel in registers (3x3, 5x5, 7x7 at stride 1 and 2; other kernels one vector pass
+//          per tap); the border columns of a plane a column at a time with the rows as the vector
+//          dimension (float16 / bfloat16: depthwise::output_pixel per pixel). The input gradient
+//          works on the sw column phases of an input row (x = r + sw * t), within which the taps
+//          that reach it read contiguous runs of grad_output rows; its borders use
+//          depthwise::input_grad_pixel.
+//   NHWC   channels: runs of pixels that share their taps (a row's interior; a column phase for the
+//          input gradient) in blocks of channel vectors, four pixels at a time; the next rows are
+//          prefetched, as this order defeats the hardware prefetcher.
+// The weight gradient sums a fixed partition of the work (by channel, image and row block, fixed by
+// the geometry, never by the thread count) into per-task partial sums, then adds them in task order:
+// the result is bit-identical for any number of threads. Float16 and bfloat16 compute in float and
+// round once; float64 computes in double. The float and double loops use GCC vector extensions and are
+// compiled for AVX-512, AVX2 and baseline x86-64 (FASTCV_CPU_CLONES), picked at load time.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -63,7 +68,7 @@ struct Args {
   const T* bias = nullptr;  // forward: never null (zeros without a bias)
   T* partial = nullptr;     // weight grad: per task
   int64_t rows = 1, blocks = 1;  // a task: `rows` rows of one plane / image, `blocks` tasks per plane / image
-  int64_t lo = 0, hi = 0;        // forward: the interior output columns (every tap inside the image)
+  int64_t lo = 0, hi = 0;        // forward, weight grad: the interior output columns (every tap inside)
   const int64_t* tap_off = nullptr;  // forward: per kernel column j, j * dw - pw
   const int64_t* tap_lo = nullptr;  // weight grad: per kernel column j, the output columns it reads inside
   const int64_t* tap_hi = nullptr;
@@ -106,13 +111,11 @@ FASTCV_DW_INLINE void madd(T* __restrict acc, const S* __restrict src, int64_t s
 
 // Hints [p, p + bytes) into the L2 cache, a line at a time. The NHWC kernels read each row chunk by
 // chunk, a pattern the hardware prefetcher does not follow well from memory, so while they compute
-// one row they fetch the rows the next one will read for the first time, front to back.
-inline void prefetch_l2(const void* p, int64_t bytes, bool write = false) {
+// one row they fetch the rows a later one will read for the first time, front to back; the NCHW
+// kernels fetch the next task's planes.
+inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  if (write)
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 1, 2);
-  else
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 2);
 }
 
 // The rows [first, last] of an NHWC plane of `height` rows of `row` bytes each, into L2.
@@ -252,18 +255,50 @@ FASTCV_DW_INLINE bool row_taps_any(int64_t kh, int64_t kw, const S* const* rows,
 
 // ------------------------------------------------------------------------------------------- forward
 
+// NCHW forward, float and double: output columns [q0, q1) of rows [oh0, oh1) of one plane, one column
+// at a time with the rows as the vector dimension (the border columns, where per-pixel sums would
+// each be a serial chain). Each pixel still adds its taps inside the image in (i, j) order.
+template <class T>
+FASTCV_DW_INLINE void forward_columns(const Args<T>& a, const T* x, const T* wt, T bias, int64_t oh0, int64_t oh1,
+                                      int64_t q0, int64_t q1, T* out, T* col) {
+  const Geometry& g = a.g;
+  const int64_t pitch = g.sh * g.width;  // input values between the rows of consecutive outputs
+  for (int64_t q = q0; q < q1; ++q) {
+    for (int64_t r = 0; r < oh1 - oh0; ++r) col[r] = T(0);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t r0, r1;  // the rows whose kernel row i lies inside the image
+      depthwise::tap_outputs(g.height, g.out_h, g.sh, i * g.dh - g.ph, r0, r1);
+      r0 = std::max(r0, oh0), r1 = std::min(r1, oh1);
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = q * g.sw - g.pw + j * g.dw;
+        if (iw < 0 || iw >= g.width || r0 >= r1) continue;
+        const T wv = wt[i * g.kw + j];
+        const T* src = x + (r0 * g.sh + i * g.dh - g.ph) * g.width + iw;  // row r0's input
+        T* c = col + (r0 - oh0);
+        for (int64_t r = 0; r < r1 - r0; ++r) c[r] += wv * src[r * pitch];
+      }
+    }
+    for (int64_t r = 0; r < oh1 - oh0; ++r) out[(oh0 + r) * g.out_w + q] = col[r] + bias;
+  }
+}
+
 // Tasks [t0, t1): task = (image, output channel, block of output rows).
 template <class S>
 FASTCV_DW_INLINE void forward_nchw(const Args<S>& a, int64_t t0, int64_t t1) {
   using T = compute_t<S>;
   const Geometry& g = a.g;
-  T* acc = scratch<T>(g.out_w);
+  T* acc = scratch<T>(std::max(g.out_w, a.rows));
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t plane = t / a.blocks, oh0 = t % a.blocks * a.rows, oh1 = std::min(g.out_h, oh0 + a.rows);
     const int64_t n = plane / g.out_channels, o = plane % g.out_channels, c = o / a.mult;
     const S* x = a.a + (n * g.channels + c) * g.height * g.width;
     const T* wt = a.w + o * a.taps;
     const T bias = a.bias[o];
+    if (t + 1 < t1 && (t + 1) / a.blocks != plane) {  // the next task's input plane, while this one computes
+      const int64_t next = (t + 1) / a.blocks;
+      prefetch_l2(a.a + (next / g.out_channels * g.channels + next % g.out_channels / a.mult) * g.height * g.width,
+                  g.height * g.width * int64_t(sizeof(S)));
+    }
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       S* dst = a.out + (plane * g.out_h + oh) * g.out_w;
       const int64_t ih0 = oh * g.sh - g.ph;
@@ -283,10 +318,16 @@ FASTCV_DW_INLINE void forward_nchw(const Args<S>& a, int64_t t0, int64_t t1) {
         }
         for (int64_t q = a.lo; q < a.hi; ++q) dst[q] = from_compute<S>(acc[q] + bias);
       }
-      for (int64_t q = 0; q < a.lo; ++q)
-        dst[q] = from_compute<S>(depthwise::output_pixel<T>(x, g.width, 1, wt, g.kw, 1, g, oh, q) + bias);
-      for (int64_t q = a.hi; q < g.out_w; ++q)
-        dst[q] = from_compute<S>(depthwise::output_pixel<T>(x, g.width, 1, wt, g.kw, 1, g, oh, q) + bias);
+      if constexpr (!kNative<S>) {  // float16, bfloat16: the per-pixel function at the borders
+        for (int64_t q = 0; q < a.lo; ++q)
+          dst[q] = from_compute<S>(depthwise::output_pixel<T>(x, g.width, 1, wt, g.kw, 1, g, oh, q) + bias);
+        for (int64_t q = a.hi; q < g.out_w; ++q)
+          dst[q] = from_compute<S>(depthwise::output_pixel<T>(x, g.width, 1, wt, g.kw, 1, g, oh, q) + bias);
+      }
+    }
+    if constexpr (kNative<S>) {  // the border columns of all the task's rows at once (the plane is cached now)
+      forward_columns(a, x, wt, bias, oh0, oh1, 0, a.lo, a.out + plane * g.out_h * g.out_w, acc);
+      forward_columns(a, x, wt, bias, oh0, oh1, a.hi, g.out_w, a.out + plane * g.out_h * g.out_w, acc);
     }
   }
 }
@@ -365,18 +406,28 @@ FASTCV_DW_INLINE void forward_nhwc(const Args<S>& a, int64_t t0, int64_t t1) {
     const S* image = a.a + n * g.height * g.width * C;
     if constexpr (kNative<S>) {
       if (M == 1) {
-        // The input rows output row oh + 2 reads that row oh + 1 does not.
+        // The input rows output row oh + 2 reads that row oh + 1 does not: a share of them before
+        // each block of pixels, so that the prefetches do not queue up all at once.
         const int64_t last = (oh + 1) * g.sh - g.ph + (g.kh - 1) * g.dh;
-        prefetch_rows(image, last + 1, last + g.sh, g.height, g.width * C * int64_t(sizeof(S)));
+        const int64_t first_new = std::max<int64_t>(last + 1, 0), last_new = std::min(last + g.sh, g.height - 1);
+        const int64_t row_bytes = g.width * C * int64_t(sizeof(S));
+        const int64_t share = (row_bytes + g.out_w - 1) / g.out_w;  // per output column
+        const auto prefetch_ahead = [&](int64_t ow0, int64_t ow1) __attribute__((always_inline)) {
+          for (int64_t ih = first_new; ih <= last_new; ++ih)
+            prefetch_l2(reinterpret_cast<const char*>(image + ih * g.width * C) + ow0 * share,
+                        std::min(ow1 * share, row_bytes) - ow0 * share);
+        };
         // The interior columns [lo, hi) share their taps, shifted by sw pixels per column; the
         // border columns each have their own.
         S* row = a.out + (n * g.out_h + oh) * g.out_w * C;
         for (int64_t ow = 0; ow < g.out_w; ++ow) {
           const bool interior = ow == a.lo && a.lo < a.hi;
           const int64_t taps = pixel_taps(g, oh, ow, tap, src), count = interior ? a.hi - a.lo : 1;
-          for (int64_t k = 0; k < count; k += kRunBlock)
-            gather_run(image + k * g.sw * C, tap, src, taps, a.w, a.bias, C, std::min(kRunBlock, count - k), g.sw * C,
-                       row + (ow + k) * C, C);
+          for (int64_t k = 0; k < count; k += kRunBlock) {
+            const int64_t kb = std::min(kRunBlock, count - k);
+            prefetch_ahead(ow + k, ow + k + kb);
+            gather_run(image + k * g.sw * C, tap, src, taps, a.w, a.bias, C, kb, g.sw * C, row + (ow + k) * C, C);
+          }
           if (interior) ow = a.hi - 1;
         }
         continue;
@@ -416,6 +467,8 @@ FASTCV_DW_INLINE void input_grad_nchw(const Args<S>& a, int64_t t0, int64_t t1) 
     const int64_t n = plane / g.channels, c = plane % g.channels;
     const S* go = a.a + (n * g.out_channels + c * M) * plane_out;  // the channel's first grad_output plane
     const T* wt = a.w + c * M * a.taps;
+    if (t + 1 < t1 && (t + 1) / a.blocks != plane)  // the next task's grad_output planes
+      prefetch_l2(a.a + (t + 1) / a.blocks * M * plane_out, M * plane_out * int64_t(sizeof(S)));
     for (int64_t h = h0; h < h1; ++h) {
       S* row = a.out + (plane * g.height + h) * g.width;
       for (int64_t r = 0; r < g.sw; ++r) {
@@ -590,6 +643,11 @@ FASTCV_DW_INLINE void weight_grad_nchw(const Args<S>& a, int64_t t0, int64_t t1)
     const int64_t oh0 = blk * a.rows, oh1 = std::min(g.out_h, oh0 + a.rows);
     const S* go = a.a + (n * g.out_channels + o) * g.out_h * ow_n;
     const S* x = a.b + (n * g.channels + c) * g.height * g.width;
+    if (t + 1 < t1 && blk + 1 == a.blocks) {  // the next task's planes
+      const int64_t n1 = (t + 1) / a.blocks % g.batch, o1 = (t + 1) / (a.blocks * g.batch);
+      prefetch_l2(a.a + (n1 * g.out_channels + o1) * g.out_h * ow_n, g.out_h * ow_n * int64_t(sizeof(S)));
+      prefetch_l2(a.b + (n1 * g.channels + o1 / a.mult) * g.height * g.width, g.height * g.width * int64_t(sizeof(S)));
+    }
     T* part = a.partial + t * a.taps;
     if constexpr (kNative<S>) {
       if (g.sw <= 2) {  // tap by tap, rows in registers
@@ -661,6 +719,58 @@ FASTCV_DW_INLINE void weight_grad_nhwc_vec(const Args<T>& a, const T* go_row, co
   for (int v = 0; v < NV; ++v) vstore(acc + c0 + v * L, s[v]);
 }
 
+// NHWC weight gradient (M == 1, float and double) of output row oh for a KH x KW kernel: for each
+// vector of channels, the accumulators of all taps stay in registers along the row, and each
+// grad_output vector is loaded once for all the taps it meets. acc: [taps][C], added to. Every (tap,
+// channel) sums its terms in (oh, ow) order.
+template <int KH, int KW, class T>
+FASTCV_DW_INLINE void weight_grad_nhwc_row(const Args<T>& a, const T* go, const T* image, int64_t oh, T* acc) {
+  constexpr int L = Vec<T>::lanes, K = KH * KW;
+  const Geometry& g = a.g;
+  const int64_t C = g.channels, ih0 = oh * g.sh - g.ph;
+  const bool rows_inside = ih0 >= 0 && ih0 + (KH - 1) * g.dh < g.height;
+  int64_t off[K];  // tap k's input pixel relative to the window's corner, in values
+  for (int i = 0; i < KH; ++i)
+    for (int j = 0; j < KW; ++j) off[i * KW + j] = (i * g.dh * g.width + j * g.dw) * C;
+  const T* grow = go + oh * g.out_w * C;
+  int64_t c0 = 0;
+  for (; c0 + L <= C; c0 += L) {
+    vec_t<T> s[K];
+    for (int k = 0; k < K; ++k) s[k] = vload(acc + k * C + c0);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const vec_t<T> gv = vload(grow + ow * C + c0);
+      const int64_t iw0 = ow * g.sw - g.pw;
+      if (rows_inside && ow >= a.lo && ow < a.hi) {
+        const T* base = image + (ih0 * g.width + iw0) * C + c0;
+        for (int k = 0; k < K; ++k) s[k] += gv * vload(base + off[k]);
+      } else {
+        for (int i = 0; i < KH; ++i) {
+          const int64_t ih = ih0 + i * g.dh;
+          if (ih < 0 || ih >= g.height) continue;
+          for (int j = 0; j < KW; ++j) {
+            const int64_t iw = iw0 + j * g.dw;
+            if (iw >= 0 && iw < g.width) s[i * KW + j] += gv * vload(image + (ih * g.width + iw) * C + c0);
+          }
+        }
+      }
+    }
+    for (int k = 0; k < K; ++k) vstore(acc + k * C + c0, s[k]);
+  }
+  for (; c0 < C; ++c0)  // the last channels, one at a time
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      const T gv = grow[ow * C + c0];
+      const int64_t iw0 = ow * g.sw - g.pw;
+      for (int i = 0; i < KH; ++i) {
+        const int64_t ih = ih0 + i * g.dh;
+        if (ih < 0 || ih >= g.height) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t iw = iw0 + j * g.dw;
+          if (iw >= 0 && iw < g.width) acc[(i * KW + j) * C + c0] += gv * image[(ih * g.width + iw) * C + c0];
+        }
+      }
+    }
+}
+
 // Tasks [t0, t1): task = (image, block of output rows) -> partial[task][taps][M][C].
 template <class S>
 FASTCV_DW_INLINE void weight_grad_nhwc(const Args<S>& a, int64_t t0, int64_t t1) {
@@ -674,6 +784,19 @@ FASTCV_DW_INLINE void weight_grad_nhwc(const Args<S>& a, int64_t t0, int64_t t1)
     T* acc = a.partial + t * a.taps * Cout;
     std::fill(acc, acc + a.taps * Cout, T(0));
     if constexpr (kNative<S>) {
+      if (M == 1 && g.kh == g.kw && (g.kh == 3 || g.kh == 5)) {
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          // The rows output row oh + 2 reads that row oh + 1 does not, and its grad_output row.
+          const int64_t last = (oh + 1) * g.sh - g.ph + (g.kh - 1) * g.dh;
+          prefetch_rows(image, last + 1, last + g.sh, g.height, g.width * C * int64_t(sizeof(S)));
+          prefetch_rows(go, oh + 2, oh + 2, g.out_h, g.out_w * C * int64_t(sizeof(S)));
+          if (g.kh == 3)
+            weight_grad_nhwc_row<3, 3>(a, go, image, oh, acc);
+          else
+            weight_grad_nhwc_row<5, 5>(a, go, image, oh, acc);
+        }
+        continue;
+      }
       if (M == 1) {  // tap by tap along each row: every (tap, channel) sums its terms in (oh, ow) order
         constexpr int L = Vec<S>::lanes;
         for (int64_t oh = oh0; oh < oh1; ++oh)
@@ -778,6 +901,10 @@ void split_rows(Args<S>& a, int64_t planes, int64_t rows, int64_t min_tasks) {
   a.blocks = (rows + a.rows - 1) / a.rows;
 }
 
+// Tasks handed to a thread at a time: runs of neighbouring tasks (so that a task can prefetch the
+// next one's data), still 8 runs per thread to even out the load.
+int64_t grain(int64_t tasks, int nthreads) { return std::max<int64_t>(1, tasks / (8 * int64_t(nthreads))); }
+
 // The column phases of the NCHW input gradient (see Phase).
 void make_phases(const Geometry& g, std::vector<Phase>& phases, std::vector<int64_t>& js, std::vector<int64_t>& bases) {
   for (int64_t r = 0; r < g.sw; ++r) {
@@ -827,7 +954,8 @@ void forward(const TensorView& input, const TensorView& weight, const TensorView
     return;
   }
   split_rows(a, g.batch * g.out_channels, g.out_h, 4 * int64_t(nthreads));
-  parallel_for(0, g.batch * g.out_channels * a.blocks, 1, nthreads,
+  const int64_t tasks = g.batch * g.out_channels * a.blocks;
+  parallel_for(0, tasks, grain(tasks, nthreads), nthreads,
                [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(forward_nchw, S, a, t0, t1); });
 }
 
@@ -851,7 +979,8 @@ void input_grad(const TensorView& grad_output, const TensorView& weight, const T
     return;
   }
   split_rows(a, g.batch * g.channels, g.height, 4 * int64_t(nthreads));
-  parallel_for(0, g.batch * g.channels * a.blocks, 1, nthreads,
+  const int64_t tasks = g.batch * g.channels * a.blocks;
+  parallel_for(0, tasks, grain(tasks, nthreads), nthreads,
                [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(input_grad_nchw, S, a, t0, t1); });
 }
 
@@ -872,6 +1001,7 @@ void weight_grad(const TensorView& grad_output, const TensorView& input, const T
   for (int64_t j = 0; j < g.kw; ++j)
     depthwise::tap_outputs(g.width, g.out_w, g.sw, j * g.dw - g.pw, tap_lo[size_t(j)], tap_hi[size_t(j)]);
   a.tap_lo = tap_lo.data(), a.tap_hi = tap_hi.data();
+  a.lo = *std::max_element(tap_lo.begin(), tap_lo.end()), a.hi = *std::min_element(tap_hi.begin(), tap_hi.end());
   if (nhwc) {
     split_rows(a, g.batch, g.out_h, kTasks);
     tasks = g.batch * a.blocks;
@@ -883,7 +1013,8 @@ void weight_grad(const TensorView& grad_output, const TensorView& input, const T
     tasks = g.out_channels * g.batch * a.blocks;
     partial.resize(size_t(tasks * taps));
     a.partial = partial.data();
-    parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(weight_grad_nchw, S, a, t0, t1); });
+    parallel_for(0, tasks, grain(tasks, nthreads), nthreads,
+                 [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(weight_grad_nchw, S, a, t0, t1); });
   }
   // Partial sums added in task order.
   S* gw = grad_weight.ptr<S>();
