@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         p.add_argument("--op", action="append", help="only this op (repeatable)")
         p.add_argument("--quick", action="store_true", help="the smaller set of cases, shorter timing")
+        p.add_argument("--match", metavar="TEXT", help="only the cases whose name contains TEXT")
         if name == "bench":
             p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from fastcv.benchmarks.runner import run
 
     run(device=args.device, quick=args.quick, ops=args.op, json_path=getattr(args, "json", None),
-        check_only=args.command == "check")
+        check_only=args.command == "check", match=args.match)
 
 
 if __name__ == "__main__":

@@ -298,3 +298,23 @@ def test_conv2d_fused_depthwise(channels_last):
         x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
     out = ops.conv2d_fused(x, w, b, padding=1, groups=6, residual=r, relu=True)
     torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, padding=1, groups=6) + r), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4], SHAPES[9]])
+def test_gpu_ops_match_pytorch(device, shape, dtype, tol, monkeypatch):
+    """The op layer on each device (on a GPU: the Triton kernels), forward and gradients, channels_last,
+    against PyTorch's float64 results on the CPU."""
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
+    x, w, b, kw = _inputs(shape, torch.float64, seed=14)
+    x, w, b = x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double()  # representable in dtype
+    grad = torch.randn(F.conv2d(x, w, b, **kw).shape, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(xr, wr, br, **kw)
+    ref.backward(grad)
+    xd, wd, bd = (t.to(device, dtype).requires_grad_() for t in (x.to(memory_format=torch.channels_last), w, b))
+    out = ops.conv2d(xd, wd, bd, **kw)
+    out.backward(grad.to(device, dtype))
+    for ours, theirs in ((out, ref), (xd.grad, xr.grad), (wd.grad, wr.grad), (bd.grad, br.grad)):
+        scale = max(theirs.abs().amax().item() if theirs.numel() else 0.0, 1.0)
+        torch.testing.assert_close(ours.detach().double().cpu(), theirs.detach(), rtol=tol, atol=tol * scale)

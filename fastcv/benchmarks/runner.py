@@ -97,10 +97,11 @@ def machine_info(device: str) -> dict:
 
 
 def run(device: str = "cpu", quick: bool = False, ops: list[str] | None = None, json_path: str | None = None,
-        check_only: bool = False, out=sys.stdout) -> list[dict]:
+        check_only: bool = False, out=sys.stdout, match: str | None = None) -> list[dict]:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    cases = [c for c in all_cases(device) if (not quick or c.quick) and (not ops or c.op in ops)]
+    cases = [c for c in all_cases(device)
+             if (not quick or c.quick) and (not ops or c.op in ops) and (not match or match in c.name)]
     budget = 0.3 if quick else 1.5
     rows = []
     for i, case in enumerate(cases):
