@@ -12,6 +12,8 @@ OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+# The interpreter that has torch and the build tools (python3 on the GPU image; pip alone may be another)
+PY="${PYTHON:-python3}"
 status=0
 step() {  # step NAME SECONDS CMD...: run under a time box, log to $OUT/NAME.log, remember failures
   local name=$1 limit=$2; shift 2
@@ -24,29 +26,34 @@ step() {  # step NAME SECONDS CMD...: run under a time box, log to $OUT/NAME.log
 }
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv | tee -a "$OUT/summary.txt"
+# Build tools missing from the image travel as wheels in .whl/ (README of the device tool; carry .whl)
+if ! "$PY" -c "import scikit_build_core.build" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 # The machine has no network: build with what is installed, for the GPU that is here.
 export FASTCV_WITH_CUDA=ON FASTCV_CUDA_ARCHS="${FASTCV_CUDA_ARCHS:-${cap}-real}" CMAKE_BUILD_PARALLEL_LEVEL=16
-step build 240 pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$OUT/build.log"; exit 1; }
+step build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "registers|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -5 >>"$OUT/summary.txt"
-python -m fastcv info >>"$OUT/summary.txt" 2>&1
-step peaks 60 python bench/peaks/gpu_peaks.py "$OUT/peaks.json"
+"$PY" -m fastcv info >>"$OUT/summary.txt" 2>&1
+step peaks 60 "$PY" bench/peaks/gpu_peaks.py "$OUT/peaks.json"
 # CUDA C++ kernels (NMS, RoI Align, im2col, depthwise) and the conv op layer on the GPU
-step tests_cuda 120 python -m pytest -q -x tests -k cuda --ignore=tests/test_conv2d_triton.py \
+step tests_cuda 120 "$PY" -m pytest -q -x tests -k cuda --ignore=tests/test_conv2d_triton.py \
   --ignore=tests/test_nms_triton.py --ignore=tests/test_roi_align_triton.py
 tail -3 "$OUT/tests_cuda.log"
 # Triton kernels compiled for real; one configuration per kernel keeps compile time bounded
-FASTCV_TRITON_AUTOTUNE=0 step tests_triton 150 python -m pytest -q tests/test_conv2d_triton.py \
+FASTCV_TRITON_AUTOTUNE=0 step tests_triton 150 "$PY" -m pytest -q tests/test_conv2d_triton.py \
   tests/test_nms_triton.py tests/test_roi_align_triton.py
 tail -3 "$OUT/tests_triton.log"
 if command -v compute-sanitizer >/dev/null; then
-  step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x \
+  step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
     tests/test_conv2d_depthwise.py tests/test_im2col.py tests/test_nms.py -k "cuda and not gradcheck"
   tail -3 "$OUT/sanitizer.log"
 fi
 # The GPU target: the ResNet-50 layers in bfloat16 channels_last against cuDNN, forward and backward
 # (autotuned), then the other ops' quick cases.
-step bench 150 python -m fastcv bench --device cuda --op conv2d --match "${BENCH_MATCH:-bfloat16}" \
+step bench 150 "$PY" -m fastcv bench --device cuda --op conv2d --match "${BENCH_MATCH:-bfloat16}" \
   --json "$OUT/bench_conv.json"
 cat "$OUT/bench.log"
 echo "---- summary"; cat "$OUT/summary.txt"
