@@ -8,7 +8,6 @@
 // would keep one copy, possibly the AVX-512 one, for every caller. Everything is static or in the
 // ISA's own namespace.
 #include <cstdint>
-#include <type_traits>
 
 #include "common/gemm_kernel.h"
 
@@ -49,8 +48,8 @@ void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate
 // The lane sums of 16 vectors of 16 lanes in four rounds of shuffles and adds (45 operations instead
 // of 240 scalar additions: on 14x14 images the reductions were half the weight gradient's time).
 // Lane L of the result holds vector kLaneOf[L]'s total (a bit reversal, found by tracing the rounds).
-template <class V>
-void reduce16(const V* v, typename std::remove_reference<decltype(v[0][0])>::type* out) {
+template <class T, class V>
+void reduce16(const V* v, T* out) {
   using I = typename Vec<int32_t, 16>::type;
   V r1[8], r2[4], r3[2];
   for (int p = 0; p < 8; ++p)
