@@ -128,7 +128,10 @@ def _nms_cpu(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: 
 def _nms_gpu(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
+    # CUDA's sort ranks a NaN with its sign bit set below every number (the CPU's ranks it with NaN, as
+    # torchvision's order does): clear the sign of NaNs first. Found on the first GPU run (H200).
+    key = torch.where(torch.isnan(scores), scores.abs(), scores)
+    order = torch.sort(key, descending=True, stable=True).indices
     sorted_boxes = boxes.index_select(0, order).unsqueeze(0).contiguous()
     labels = None if idxs is None else idxs.index_select(0, order).unsqueeze(0).contiguous()
     keep, count = _gpu_pass(sorted_boxes, labels, iou_threshold, None, boxes.shape[0])
