@@ -196,7 +196,7 @@ def run_multi_scale(module_cls, feats, boxes, image_shapes, upstream_seed=1):
     inputs = {k: v.detach().clone().requires_grad_(True) for k, v in feats.items()}
     out = module(inputs, boxes, image_shapes)
     g = torch.Generator().manual_seed(upstream_seed)
-    (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum().backward()
+    (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum().backward()
     return out.detach(), [inputs[k].grad for k in names]
 
 
@@ -270,6 +270,7 @@ def test_cuda_matches_cpu(dtype, channels_last, aligned, sampling_ratio):
     rois = make_rois(40, 2, 25, 31, 0.5, g)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
+    x, rois = x.to(dtype).double(), rois.to(dtype).double()  # the reference sees the same rounded inputs
     outs, grads = [], []
     for device, dt in (("cpu", torch.float64), ("cuda", dtype)):
         xi = x.to(device=device, dtype=dt).detach().requires_grad_(True)
