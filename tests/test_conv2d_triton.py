@@ -18,7 +18,8 @@ def device():
 def ieee_float32(monkeypatch):
     # TF32 is PyTorch's default for cuDNN convolutions, so the kernel would use it on a GPU too; the
     # float32 tolerances here are for full precision. (The interpreter computes in float32 either way.)
-    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
+    # The switch itself is tested below; monkeypatch cannot restore torch's lazily served attribute.
+    monkeypatch.setattr(triton_conv, "_allow_tf32", lambda: False)
 
 
 # (N, C, H, W, Cout, kernel, stride, padding, dilation, groups)
@@ -188,9 +189,15 @@ def test_zero_input_channels(device):
 
 
 def test_tf32_follows_cudnn_conv_switch(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32")
-    assert triton_conv._dot_args(torch.float32)["PRECISION"] == "tf32"
-    assert triton_conv._dot_args(torch.float16)["PRECISION"] == "ieee"  # TF32 is a float32 matter only
-    assert triton_conv._dot_args(torch.float64)["PRECISION"] == "ieee"
-    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
-    assert triton_conv._dot_args(torch.float32)["PRECISION"] == "ieee"
+    monkeypatch.undo()  # the real switch, not the fixture's stand-in
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    try:
+        conv.fp32_precision = "tf32"
+        assert triton_conv._dot_args(torch.float32)["PRECISION"] == "tf32"
+        assert triton_conv._dot_args(torch.float16)["PRECISION"] == "ieee"  # TF32 is a float32 matter only
+        assert triton_conv._dot_args(torch.float64)["PRECISION"] == "ieee"
+        conv.fp32_precision = "ieee"
+        assert triton_conv._dot_args(torch.float32)["PRECISION"] == "ieee"
+    finally:
+        conv.fp32_precision = saved
