@@ -905,6 +905,20 @@ void split_rows(Args<S>& a, int64_t planes, int64_t rows, int64_t min_tasks) {
 // next one's data), still 8 runs per thread to even out the load.
 int64_t grain(int64_t tasks, int nthreads) { return std::max<int64_t>(1, tasks / (8 * int64_t(nthreads))); }
 
+// The threads of a forward or input-gradient pass over `rows` rows of `batch` x `planes` planes: NHWC
+// takes whole image rows (all channels) as tasks, NCHW blocks of rows of one plane.
+template <class S, class Nhwc, class Nchw>
+void run_by_layout(Args<S>& a, bool nhwc, int64_t batch, int64_t planes, int64_t rows, int nthreads,
+                   const Nhwc& run_nhwc, const Nchw& run_nchw) {
+  if (nhwc) {
+    parallel_for(0, batch * rows, grain(batch * rows, nthreads), nthreads, run_nhwc);
+    return;
+  }
+  split_rows(a, batch * planes, rows, 4 * int64_t(nthreads));
+  const int64_t tasks = batch * planes * a.blocks;
+  parallel_for(0, tasks, grain(tasks, nthreads), nthreads, run_nchw);
+}
+
 // The column phases of the NCHW input gradient (see Phase).
 void make_phases(const Geometry& g, std::vector<Phase>& phases, std::vector<int64_t>& js, std::vector<int64_t>& bases) {
   for (int64_t r = 0; r < g.sw; ++r) {
@@ -947,16 +961,9 @@ void forward(const TensorView& input, const TensorView& weight, const TensorView
   std::vector<int64_t> tap_off(size_t(g.kw));
   for (int64_t j = 0; j < g.kw; ++j) tap_off[size_t(j)] = j * g.dw - g.pw;
   a.tap_off = tap_off.data();
-  if (nhwc) {
-    const int64_t rows = g.batch * g.out_h;
-    parallel_for(0, rows, std::max<int64_t>(1, rows / (8 * int64_t(nthreads))), nthreads,
-                 [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(forward_nhwc, S, a, t0, t1); });
-    return;
-  }
-  split_rows(a, g.batch * g.out_channels, g.out_h, 4 * int64_t(nthreads));
-  const int64_t tasks = g.batch * g.out_channels * a.blocks;
-  parallel_for(0, tasks, grain(tasks, nthreads), nthreads,
-               [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(forward_nchw, S, a, t0, t1); });
+  run_by_layout(a, nhwc, g.batch, g.out_channels, g.out_h, nthreads,
+                [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(forward_nhwc, S, a, t0, t1); },
+                [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(forward_nchw, S, a, t0, t1); });
 }
 
 template <class S>
@@ -972,16 +979,9 @@ void input_grad(const TensorView& grad_output, const TensorView& weight, const T
   std::vector<int64_t> js, bases;
   make_phases(g, phases, js, bases);
   a.phases = phases.data(), a.phase_j = js.data(), a.phase_base = bases.data();
-  if (nhwc) {
-    const int64_t rows = g.batch * g.height;
-    parallel_for(0, rows, std::max<int64_t>(1, rows / (8 * int64_t(nthreads))), nthreads,
-                 [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(input_grad_nhwc, S, a, t0, t1); });
-    return;
-  }
-  split_rows(a, g.batch * g.channels, g.height, 4 * int64_t(nthreads));
-  const int64_t tasks = g.batch * g.channels * a.blocks;
-  parallel_for(0, tasks, grain(tasks, nthreads), nthreads,
-               [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(input_grad_nchw, S, a, t0, t1); });
+  run_by_layout(a, nhwc, g.batch, g.channels, g.height, nthreads,
+                [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(input_grad_nhwc, S, a, t0, t1); },
+                [&](int64_t t0, int64_t t1) { FASTCV_DW_RUN(input_grad_nchw, S, a, t0, t1); });
 }
 
 template <class S>
