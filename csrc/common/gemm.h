@@ -23,7 +23,7 @@ const Kernel<double>& kernel(double);
 // micro-kernel streams it, and an A panel of MR x KC stays there too.
 constexpr int64_t kKC = 256;
 
-// Per-thread scratch: B panels of a block, one A panel, the C block.
+// Per-thread scratch: B panels of a block, one A panel, the C block, and one gathered row.
 template <class T>
 struct Workspace {
   std::vector<T> a, b, c, row;

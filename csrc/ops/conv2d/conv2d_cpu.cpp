@@ -176,6 +176,21 @@ const compute_t<S>* as_compute(const S* src, int64_t n, compute_t<S>* buf) {
   }
 }
 
+// A dense tensor's memory in the compute type: the tensor itself, or (reduced precision) a converted copy
+// in buf with the same layout, so one packing path serves every dtype.
+template <class S>
+const compute_t<S>* compute_copy(const TensorView& t, std::vector<compute_t<S>>& buf, int nthreads) {
+  if constexpr (std::is_same<S, compute_t<S>>::value) {
+    return t.ptr<S>();
+  } else {
+    buf.resize(size_t(t.numel()));
+    parallel_for(0, t.numel(), 1 << 16, nthreads, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) buf[size_t(i)] = load(t.ptr<S>()[i]);
+    });
+    return buf.data();
+  }
+}
+
 // Rows [k0, k0 + kc) of a matrix whose row kk (n_valid values) row_of(kk, buf) returns, either
 // gathered into buf or pointing at the source, cut into kc x NR panels with zeros past n_valid:
 // dst[jp * NR * kc + kk * NR + jj] = row[jp * NR + jj].
@@ -321,36 +336,9 @@ void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epil
   });
 }
 
-// NHWC: dst[kk * MR + ii] = col'[p0 + ii][k0 + kk], k' = (i * kw + j) * C_g + c (runs of channels).
-template <class S>
-void gather_rows_nhwc(const S* image, const Geometry& g, int64_t channel0, int64_t p0, int64_t p_end,
-                      int64_t k0, int64_t kc, compute_t<S>* dst, int64_t mr) {
-  using T = compute_t<S>;
-  const int64_t cg = g.in_per_group(), C = g.channels;
-  for (int64_t ii = 0; ii < mr; ++ii) {
-    const int64_t p = p0 + ii;
-    T* col = dst + ii;
-    if (p >= p_end) {
-      for (int64_t kk = 0; kk < kc; ++kk) col[kk * mr] = T(0);
-      continue;
-    }
-    const int64_t oh = p / g.out_w, ow = p % g.out_w;
-    for (int64_t kk = 0; kk < kc;) {
-      const int64_t k = k0 + kk, tap = k / cg, c = k % cg, run = std::min(cg - c, kc - kk);
-      const int64_t ih = oh * g.sh - g.ph + tap / g.kw * g.dh, iw = ow * g.sw - g.pw + tap % g.kw * g.dw;
-      if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) {
-        for (int64_t t = 0; t < run; ++t) col[(kk + t) * mr] = T(0);
-      } else {
-        const S* src = image + (ih * g.width + iw) * C + channel0 + c;
-        for (int64_t t = 0; t < run; ++t) col[(kk + t) * mr] = load(src[t]);
-      }
-      kk += run;
-    }
-  }
-}
-
-// The same panel for the compute type, through the kernel's in-register transpose: per tap, the MR
-// pixels' channel runs are rows (zeros for pixels in the padding or past the block).
+// NHWC: dst[kk * MR + ii] = col'[p0 + ii][k0 + kk], k' = (i * kw + j) * C_g + c, through the kernel's
+// in-register transpose: per tap, the MR pixels' channel runs are rows (zeros for pixels in the
+// padding or past the block).
 template <class T>
 void pack_pixel_rows(const gemm::Kernel<T>& kern, const T* image, const Geometry& g, int64_t channel0, int64_t p0,
                      int64_t p_end, int64_t k0, int64_t kc, T* dst) {
@@ -380,6 +368,8 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
   const auto& kern = gemm::kernel(T{});
   const int64_t M = g.pixels(), N = g.out_per_group(), K = g.in_per_group() * g.taps();
   const auto weights = pack_weights<S>(w, g, kern.nr, true, false);
+  std::vector<T> converted;
+  const T* input = compute_copy<S>(x, converted, nthreads);
   const int64_t rows = chunk(M, kern.mr, std::max<int64_t>(kern.mr, 16384 / std::max<int64_t>(N, 1)), g.batch * g.groups, nthreads);
   const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.batch * g.groups * row_tasks;
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
@@ -387,16 +377,13 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t rt = t % row_tasks, gi = t / row_tasks % g.groups, n = t / (row_tasks * g.groups);
       const int64_t p0 = rt * rows, p1 = std::min(M, p0 + rows);
-      const S* image = x.ptr<S>() + n * x.stride(0);
+      const T* image = input + n * x.stride(0);
       const auto& b = weights[size_t(gi)];
       const int64_t ldc = gemm::round_up(N, kern.nr);
       ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
       gemm::multiply(kern, p1 - p0, N, K,
           [&](int64_t i, int64_t k0, int64_t kc, T* dst) {
-            if constexpr (std::is_same<S, T>::value)
-              pack_pixel_rows(kern, image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst);
-            else
-              gather_rows_nhwc(image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst, kern.mr);
+            pack_pixel_rows(kern, image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst);
             return static_cast<const T*>(dst);
           },
           [&](int64_t k0, int64_t kc, T*) { return b.panel(0, k0, kc); },
@@ -600,6 +587,8 @@ void input_grad_nhwc(const TensorView& gout, const TensorView& w, const TensorVi
   const int64_t Kd = g.out_per_group(), cg = g.in_per_group(), N = cg * g.taps(), P = g.pixels();
   const int64_t wp = g.width + 2 * g.pw, hp = g.height + 2 * g.ph;
   const auto weights = pack_weights<S>(w, g, kern.nr, true, true);
+  std::vector<T> converted;
+  const T* grads = compute_copy<S>(gout, converted, nthreads);
   const int64_t rows = std::max<int64_t>(kern.mr, gemm::round_up(std::min<int64_t>(P, 16384 / std::max<int64_t>(N, 1)), kern.mr));
   // A task owns one image and group: its scatter then needs no atomics.
   parallel_for(0, g.batch * g.groups, 1, nthreads, [&](int64_t t0, int64_t t1) {
@@ -607,30 +596,18 @@ void input_grad_nhwc(const TensorView& gout, const TensorView& w, const TensorVi
     std::vector<T> acc;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t % g.groups, n = t / g.groups;
-      const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * Kd;
+      const T* grad = grads + n * gout.stride(0) + gi * Kd;
       acc.assign(size_t(hp * wp * cg), T(0));
       for (int64_t p0 = 0; p0 < P; p0 += rows) {
         const int64_t p1 = std::min(P, p0 + rows), ldc = gemm::round_up(N, kern.nr);
         ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
         gemm::multiply(kern, p1 - p0, N, Kd,
             [&](int64_t i, int64_t k0, int64_t kc, T* dst) {  // gout pixel rows, transposed into the panel
-              if constexpr (std::is_same<S, T>::value) {
-                thread_local std::vector<T> zeros(size_t(gemm::kKC), T(0));
-                const T* rows[16];
-                for (int64_t ii = 0; ii < kern.mr; ++ii)
-                  rows[ii] = p0 + i + ii < p1 ? grad + (p0 + i + ii) * g.out_channels + k0 : zeros.data();
-                kern.pack_a_rows(rows, kc, dst);
-                return static_cast<const T*>(dst);
-              }
-              for (int64_t ii = 0; ii < kern.mr; ++ii) {
-                const int64_t p = p0 + i + ii;
-                if (p >= p1) {
-                  for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kern.mr + ii] = T(0);
-                  continue;
-                }
-                const S* src = grad + p * g.out_channels + k0;
-                for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kern.mr + ii] = load(src[kk]);
-              }
+              thread_local std::vector<T> zeros(size_t(gemm::kKC), T(0));
+              const T* pixel_rows[16];
+              for (int64_t ii = 0; ii < kern.mr; ++ii)
+                pixel_rows[ii] = p0 + i + ii < p1 ? grad + (p0 + i + ii) * g.out_channels + k0 : zeros.data();
+              kern.pack_a_rows(pixel_rows, kc, dst);
               return static_cast<const T*>(dst);
             },
             [&](int64_t k0, int64_t kc, T*) { return weights[size_t(gi)].panel(0, k0, kc); },
