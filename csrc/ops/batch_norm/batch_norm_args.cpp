@@ -50,4 +50,9 @@ BatchNormShape check_batch_norm_args(const TensorView& x, const TensorView* weig
   return s;
 }
 
+void check_batch_norm_like(const TensorView& t, const char* arg, const TensorView& x, const BatchNormShape& s,
+                           DeviceType device) {
+  check_like(t, arg, x, s.packed, device);
+}
+
 }  // namespace fastcv

@@ -21,6 +21,9 @@ struct BatchNormShape {
 BatchNormShape check_batch_norm_args(const TensorView& x, const TensorView* weight, const TensorView* bias,
                                      const TensorView* mean, const TensorView* var, const TensorView* residual,
                                      const TensorView* y, DeviceType device);
+// One more [N, C, S] tensor (a gradient) against x: same sizes, dtype, layout and device.
+void check_batch_norm_like(const TensorView& t, const char* arg, const TensorView& x, const BatchNormShape& s,
+                           DeviceType device);
 
 // Training forward: the batch's per-channel mean and biased variance into mean, var (outputs), and
 // y = bn(x) [+ residual] [ReLU] normalised with them.
