@@ -171,7 +171,7 @@ def _apply_kernel(x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, r_ptr, y_ptr, eps: tl.
     if HAS_RES:
         v += tl.load(r_ptr + offs, mask=mask, other=0).to(ACC)
     if RELU:
-        v = tl.where(v > 0, v, 0)  # batch_norm.h's relu(): v > 0 ? v : 0
+        v = tl.where(v < 0, 0, v)  # batch_norm.h's relu(): NaN passes, as in torch.relu
     tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 

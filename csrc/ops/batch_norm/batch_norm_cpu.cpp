@@ -31,24 +31,33 @@ using batch_norm::Affine;
 using batch_norm::GradCoeffs;
 using batch_norm::Moments;
 
-constexpr int64_t kLanes = 16;        // independent partial sums: one AVX-512 register of floats
-constexpr int64_t kSegment = 4096;    // values summed in the compute type before a double merge (L1-sized)
-constexpr int64_t kBlockBytes = 32 << 10;  // packed: rows of one block, re-read from L1 by the second pass
+constexpr int64_t kLanes = 16;           // independent partial sums: one AVX-512 register of floats
+constexpr int64_t kSegment = 4096;       // values per block: summed in the compute type, re-read from L1
+constexpr int64_t kRowBlockBytes = 64 << 10;  // packed: bytes of a block of rows, re-read from L2
 
 template <class T>
 FASTCV_BN_INLINE compute_t<T> load(const T* p, int64_t i) {
   return to_float(p[i]);
 }
 
-// Sum over i < n of f(i), in kLanes independent accumulators so that the loop vectorises without
+// `count` runs of `len` values, `stride` apart, from element `offset`: a block of one channel.
+struct Block {
+  int64_t offset, count, stride, len;
+  double size() const { return double(count) * double(len); }
+};
+
+// Adds f(i) for i < len into kLanes independent accumulators, so that the loop vectorises without
 // reassociating (we compile without -ffast-math).
 template <class A, class F>
-FASTCV_BN_INLINE A lane_sum(int64_t n, const F& f) {
-  A lanes[kLanes] = {};
+FASTCV_BN_INLINE void lane_add(A* lanes, int64_t len, const F& f) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  for (; i + kLanes <= len; i += kLanes)
     for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(i + j);
-  for (int64_t j = 0; i + j < n; ++j) lanes[j] += f(i + j);
+  for (int64_t j = 0; i + j < len; ++j) lanes[j] += f(i + j);
+}
+
+template <class A>
+FASTCV_BN_INLINE A lane_total(const A* lanes) {
   A total = 0;
   for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
@@ -56,34 +65,44 @@ FASTCV_BN_INLINE A lane_sum(int64_t n, const F& f) {
 
 // ---------------------------------------------------------------- the inner loops, per storage type
 
-// Moments of p[0, n): each segment by two passes in the compute type, segments merged in double.
+// A block's moments by two passes in the compute type: the mean, then deviations from it (the second
+// pass finds the block in L1). The sum of deviations corrects the first pass's rounding of the mean:
+// sum((x - m)^2) = sum(d^2) - sum(d)^2 / n for d = x - m0.
 template <class T>
-FASTCV_BN_INLINE Moments<double> segment_moments(const T* p, int64_t n) {
+FASTCV_BN_INLINE Moments<double> block_moments(const T* x, Block b) {
   using A = compute_t<T>;
-  Moments<double> m;
-  for (int64_t i0 = 0; i0 < n; i0 += kSegment) {
-    const T* q = p + i0;
-    const int64_t len = std::min(kSegment, n - i0);
-    const A mean0 = lane_sum<A>(len, [&](int64_t i) { return load(q, i); }) / A(len);
-    const A d1 = lane_sum<A>(len, [&](int64_t i) { return load(q, i) - mean0; });
-    const A d2 = lane_sum<A>(len, [&](int64_t i) {
-      const A d = load(q, i) - mean0;
-      return d * d;
-    });
-    // d1 corrects the first pass's rounding of the mean: sum((x - m)^2) = d2 - d1^2 / len.
-    const double shift = double(d1) / double(len);
-    m = batch_norm::merge(m, Moments<double>{double(len), double(mean0) + shift, double(d2) - double(d1) * shift});
+  A s[kLanes] = {}, d1[kLanes] = {}, d2[kLanes] = {};
+  for (int64_t q = 0; q < b.count; ++q) {
+    const T* r = x + b.offset + q * b.stride;
+    lane_add(s, b.len, [&](int64_t i) { return load(r, i); });
   }
-  return m;
+  const A m0 = lane_total(s) / A(b.size());
+  for (int64_t q = 0; q < b.count; ++q) {
+    const T* r = x + b.offset + q * b.stride;
+    int64_t i = 0;
+    for (; i + kLanes <= b.len; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const A d = load(r, i + j) - m0;
+        d1[j] += d;
+        d2[j] += d * d;
+      }
+    for (int64_t j = 0; i + j < b.len; ++j) {
+      const A d = load(r, i + j) - m0;
+      d1[j] += d;
+      d2[j] += d * d;
+    }
+  }
+  const double n = b.size(), sum_d = double(lane_total(d1)), shift = sum_d / n;
+  return {n, double(m0) + shift, double(lane_total(d2)) - sum_d * shift};
 }
 
 // Packed: the moments of rows [r0, r1) of x[rows, C], merged into out[C]. Each block of rows is
-// summed along the channels (contiguous, so the loops vectorise), then re-read from L1 for the
-// squared deviations from the block's mean.
+// summed along the channels (contiguous, so the loops vectorise), then re-read from L2 for the
+// deviations from the block's mean.
 template <class T>
 FASTCV_BN_INLINE void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out) {
   using A = compute_t<T>;
-  const int64_t block = std::max<int64_t>(1, kBlockBytes / int64_t(sizeof(A) * C));
+  const int64_t block = std::max<int64_t>(16, kRowBlockBytes / int64_t(sizeof(T) * C));
   std::vector<A> mean(C), s1(C), s2(C);
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
@@ -108,29 +127,41 @@ FASTCV_BN_INLINE void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t C
   }
 }
 
-// y[i] = bn(x[i]) [+ res[i]] [ReLU] for i < n, one channel's coefficients.
+// y = bn(x) [+ res] [ReLU] over a block of one channel.
 template <class T>
-FASTCV_BN_INLINE void apply_segment(const T* x, const T* res, T* y, int64_t n, Affine<compute_t<T>> f, bool relu) {
+FASTCV_BN_INLINE void apply_block(const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f, bool relu) {
   using A = compute_t<T>;
-  for (int64_t i = 0; i < n; ++i) {
-    A v = batch_norm::apply(load(x, i), f);
-    if (res) v += load(res, i);
-    if (relu) v = batch_norm::relu(v);
-    y[i] = from_compute<T>(v);
+  for (int64_t q = 0; q < b.count; ++q) {
+    const int64_t o = b.offset + q * b.stride;
+    for (int64_t i = o; i < o + b.len; ++i) {
+      A v = batch_norm::apply(load(x, i), f);
+      if (res) v += load(res, i);
+      if (relu) v = batch_norm::relu(v);
+      y[i] = from_compute<T>(v);
+    }
   }
 }
 
-// Packed: rows [r0, r1) of x[rows, C] with per-channel coefficients f[C].
+// Per-channel coefficients as separate arrays, so that loops along the channels load them as vectors.
+template <class A>
+struct AffineColumns {
+  std::vector<A> mean, scale, shift, mean_lo;
+  explicit AffineColumns(int64_t C) : mean(C), scale(C), shift(C), mean_lo(C) {}
+  void set(int64_t c, const Affine<A>& f) { mean[c] = f.mean, scale[c] = f.scale, shift[c] = f.shift, mean_lo[c] = f.mean_lo; }
+  Affine<A> get(int64_t c) const { return {mean[c], scale[c], shift[c], mean_lo[c]}; }
+};
+
+// Packed: rows [r0, r1) of x[rows, C].
 template <class T>
 FASTCV_BN_INLINE void apply_rows(const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C,
-                                 const Affine<compute_t<T>>* f, bool relu) {
+                                 const AffineColumns<compute_t<T>>& f, bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * C;
     const T* xr = x + o;
     const T* rr = res ? res + o : nullptr;
     T* yr = y + o;
     for (int64_t c = 0; c < C; ++c) {
-      auto v = batch_norm::apply(load(xr, c), f[c]);
+      auto v = batch_norm::apply(load(xr, c), f.get(c));
       if (rr) v += load(rr, c);
       if (relu) v = batch_norm::relu(v);
       yr[c] = from_compute<T>(v);
@@ -149,18 +180,16 @@ struct GradSums {
 };
 
 template <class T>
-FASTCV_BN_INLINE GradSums segment_grad_sums(const T* dy, const T* x, const T* y, int64_t n, compute_t<T> mean) {
+FASTCV_BN_INLINE GradSums block_grad_sums(const T* dy, const T* x, const T* y, Block b, compute_t<T> mean) {
   using A = compute_t<T>;
-  GradSums s;
-  for (int64_t i0 = 0; i0 < n; i0 += kSegment) {
-    const int64_t len = std::min(kSegment, n - i0);
-    const T* dq = dy + i0;
-    const T* xq = x + i0;
-    const T* yq = y ? y + i0 : nullptr;
-    s.g += lane_sum<A>(len, [&](int64_t i) { return masked(dq, yq, i); });
-    s.gx += lane_sum<A>(len, [&](int64_t i) { return masked(dq, yq, i) * (load(xq, i) - mean); });
+  A sg[kLanes] = {}, sgx[kLanes] = {};
+  for (int64_t q = 0; q < b.count; ++q) {
+    const int64_t o = b.offset + q * b.stride;
+    const T *dq = dy + o, *xq = x + o, *yq = y ? y + o : nullptr;
+    lane_add(sg, b.len, [&](int64_t i) { return masked(dq, yq, i); });
+    lane_add(sgx, b.len, [&](int64_t i) { return masked(dq, yq, i) * (load(xq, i) - mean); });
   }
-  return s;
+  return {double(lane_total(sg)), double(lane_total(sgx))};
 }
 
 // Packed: sums of rows [r0, r1), added into out[C]; blocks of rows in the compute type, then double.
@@ -168,7 +197,7 @@ template <class T>
 FASTCV_BN_INLINE void rows_grad_sums(const T* dy, const T* x, const T* y, int64_t r0, int64_t r1, int64_t C,
                                      const compute_t<T>* mean, GradSums* out) {
   using A = compute_t<T>;
-  const int64_t block = std::max<int64_t>(1, kSegment / C);
+  const int64_t block = std::max<int64_t>(16, kRowBlockBytes / int64_t(sizeof(T) * C));
   std::vector<A> sg(C), sgx(C);
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
@@ -188,24 +217,35 @@ FASTCV_BN_INLINE void rows_grad_sums(const T* dy, const T* x, const T* y, int64_
 }
 
 template <class T>
-FASTCV_BN_INLINE void grad_segment(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n,
-                                   GradCoeffs<compute_t<T>> k) {
-  for (int64_t i = 0; i < n; ++i) {
-    const auto g = masked(dy, y, i);
-    if (dx) dx[i] = from_compute<T>(batch_norm::grad_input(g, load(x, i), k));
-    if (dres) dres[i] = from_compute<T>(g);
+FASTCV_BN_INLINE void grad_block(const T* dy, const T* x, const T* y, T* dx, T* dres, Block b,
+                                 GradCoeffs<compute_t<T>> k) {
+  for (int64_t q = 0; q < b.count; ++q) {
+    const int64_t o = b.offset + q * b.stride;
+    for (int64_t i = o; i < o + b.len; ++i) {
+      const auto g = masked(dy, y, i);
+      if (dx) dx[i] = from_compute<T>(batch_norm::grad_input(g, load(x, i), k));
+      if (dres) dres[i] = from_compute<T>(g);
+    }
   }
 }
 
+template <class A>
+struct GradColumns {
+  std::vector<A> mean, k, cx, c0;
+  explicit GradColumns(int64_t C) : mean(C), k(C), cx(C), c0(C) {}
+  void set(int64_t c, const GradCoeffs<A>& g) { mean[c] = g.mean, k[c] = g.k, cx[c] = g.cx, c0[c] = g.c0; }
+  GradCoeffs<A> get(int64_t c) const { return {mean[c], k[c], cx[c], c0[c]}; }
+};
+
 template <class T>
 FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1,
-                                int64_t C, const GradCoeffs<compute_t<T>>* k) {
+                                int64_t C, const GradColumns<compute_t<T>>& k) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * C;
     const T* yr = y ? y + o : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       const auto g = masked(dy + o, yr, c);
-      if (dx) dx[o + c] = from_compute<T>(batch_norm::grad_input(g, load(x, o + c), k[c]));
+      if (dx) dx[o + c] = from_compute<T>(batch_norm::grad_input(g, load(x, o + c), k.get(c)));
       if (dres) dres[o + c] = from_compute<T>(g);
     }
   }
@@ -213,32 +253,32 @@ FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* d
 
 // One compiled copy per instruction set of each inner loop, for each storage type.
 #define FASTCV_BN_CLONES(T)                                                                                      \
-  FASTCV_CPU_CLONES Moments<double> segment_moments_isa(const T* p, int64_t n) { return segment_moments(p, n); } \
+  FASTCV_CPU_CLONES Moments<double> block_moments_isa(const T* x, Block b) { return block_moments(x, b); }       \
   FASTCV_CPU_CLONES void rows_moments_isa(const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out) { \
     rows_moments(x, r0, r1, C, out);                                                                             \
   }                                                                                                              \
-  FASTCV_CPU_CLONES void apply_segment_isa(const T* x, const T* res, T* y, int64_t n, Affine<compute_t<T>> f,    \
-                                           bool relu) {                                                          \
-    apply_segment(x, res, y, n, f, relu);                                                                        \
+  FASTCV_CPU_CLONES void apply_block_isa(const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f,        \
+                                         bool relu) {                                                            \
+    apply_block(x, res, y, b, f, relu);                                                                          \
   }                                                                                                              \
   FASTCV_CPU_CLONES void apply_rows_isa(const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C,       \
-                                        const Affine<compute_t<T>>* f, bool relu) {                              \
+                                        const AffineColumns<compute_t<T>>& f, bool relu) {                       \
     apply_rows(x, res, y, r0, r1, C, f, relu);                                                                   \
   }                                                                                                              \
-  FASTCV_CPU_CLONES GradSums segment_grad_sums_isa(const T* dy, const T* x, const T* y, int64_t n,               \
-                                                   compute_t<T> mean) {                                          \
-    return segment_grad_sums(dy, x, y, n, mean);                                                                 \
+  FASTCV_CPU_CLONES GradSums block_grad_sums_isa(const T* dy, const T* x, const T* y, Block b,                   \
+                                                 compute_t<T> mean) {                                            \
+    return block_grad_sums(dy, x, y, b, mean);                                                                   \
   }                                                                                                              \
   FASTCV_CPU_CLONES void rows_grad_sums_isa(const T* dy, const T* x, const T* y, int64_t r0, int64_t r1,         \
                                             int64_t C, const compute_t<T>* mean, GradSums* out) {                \
     rows_grad_sums(dy, x, y, r0, r1, C, mean, out);                                                              \
   }                                                                                                              \
-  FASTCV_CPU_CLONES void grad_segment_isa(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n,        \
-                                          GradCoeffs<compute_t<T>> k) {                                          \
-    grad_segment(dy, x, y, dx, dres, n, k);                                                                      \
+  FASTCV_CPU_CLONES void grad_block_isa(const T* dy, const T* x, const T* y, T* dx, T* dres, Block b,            \
+                                        GradCoeffs<compute_t<T>> k) {                                            \
+    grad_block(dy, x, y, dx, dres, b, k);                                                                        \
   }                                                                                                              \
   FASTCV_CPU_CLONES void grad_rows_isa(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0,          \
-                                       int64_t r1, int64_t C, const GradCoeffs<compute_t<T>>* k) {               \
+                                       int64_t r1, int64_t C, const GradColumns<compute_t<T>>& k) {              \
     grad_rows(dy, x, y, dx, dres, r0, r1, C, k);                                                                 \
   }
 FASTCV_BN_CLONES(float)
@@ -249,33 +289,49 @@ FASTCV_BN_CLONES(BFloat16)
 
 // ---------------------------------------------------------------- work division
 
-// Planar: a work unit is a segment of one (image, channel) plane; planes longer than kSplit are cut so
-// that a few channels still give every thread work.
-constexpr int64_t kSplit = 1 << 16;
+// Planar: every channel's values are cut into the same sequence of blocks, and partial results fold
+// in block order whichever thread made them, so results do not depend on the thread count.
+// - Small planes (fewer than kSmallPlane values, e.g. 14x14): a block is one plane, and blocks are
+//   visited image by image, so that threads stream through memory. Visiting a channel's 784-byte
+//   planes 200 KB apart would defeat the hardware prefetcher at every plane.
+// - Larger planes: blocks of about kSegment values (a few planes, or a segment of one); whole
+//   channels go to threads when there are enough (statistics and normalisation back to back, the
+//   channel still in L2), else blocks do.
+constexpr int64_t kSmallPlane = 1024;
 
-struct PlanarUnits {
-  int64_t n, c, s, per_plane, len;
-  int64_t count() const { return n * c * per_plane; }
-  // Unit u covers [begin, begin + size) of plane (image, channel); units of one channel are ordered
-  // by image, then segment, so folding them in order is the same whichever thread made them.
-  void locate(int64_t u, int64_t& image, int64_t& channel, int64_t& begin, int64_t& size) const {
-    const int64_t seg = u % per_plane, plane = u / per_plane;
-    channel = plane % c, image = plane / c;
-    begin = seg * len, size = std::min(len, s - begin);
+struct PlanarPlan {
+  int64_t n, c, s;
+  bool image_major;  // small planes: block b of channel c is plane (b, c)
+  int64_t group;     // planes per block (planes shorter than kSegment), else 0
+  int64_t segments;  // segments per plane (planes of kSegment values or more), else 0
+  int64_t blocks;    // per channel
+
+  explicit PlanarPlan(const BatchNormShape& sh) : n(sh.n), c(sh.c), s(sh.s), image_major(sh.s < kSmallPlane) {
+    if (s >= kSegment) {
+      group = 0, segments = (s + kSegment - 1) / kSegment, blocks = n * segments;
+    } else {
+      group = image_major ? 1 : std::max<int64_t>(1, kSegment / s), segments = 0;
+      blocks = (n + group - 1) / group;
+    }
   }
-  int64_t offset(int64_t image, int64_t channel, int64_t begin) const { return (image * c + channel) * s + begin; }
+  Block block(int64_t channel, int64_t b) const {
+    if (segments) {
+      const int64_t plane = b / segments, len = (s + segments - 1) / segments, begin = (b % segments) * len;
+      return {(plane * c + channel) * s + begin, 1, 0, std::min(len, s - begin)};
+    }
+    const int64_t first = b * group;
+    return {(first * c + channel) * s, std::min(group, n - first), c * s, s};
+  }
+  Block channel(int64_t channel) const { return {channel * s, n, c * s, s}; }
+  // Work item u -> (channel, block), in memory order for small planes.
+  void item(int64_t u, int64_t& channel, int64_t& b) const {
+    if (image_major)
+      channel = u % c, b = u / c;
+    else
+      channel = u / blocks, b = u % blocks;
+  }
+  bool by_channel(int nthreads) const { return !image_major && c >= 4 * int64_t(nthreads); }
 };
-
-PlanarUnits planar_units(const BatchNormShape& sh) {
-  const int64_t per_plane = (sh.s + kSplit - 1) / kSplit;
-  return {sh.n, sh.c, sh.s, per_plane, (sh.s + per_plane - 1) / per_plane};
-}
-
-// Whole channels per thread (statistics and normalisation back to back, the channel still in cache)
-// when the channels divide well among the threads; else units and a separate merge.
-bool by_channel(const BatchNormShape& sh, int nthreads) {
-  return sh.c >= 4 * int64_t(nthreads) && sh.s <= kSplit;
-}
 
 // Packed: row ranges of at least this many rows, at most kMaxRanges of them (a fixed division, so the
 // merged statistics do not depend on the thread count).
@@ -329,16 +385,25 @@ Affine<compute_t<T>> finish_stats(const ForwardArgs<T>& a, int64_t c, const Mome
   return channel_affine(a, c, mean[c], var[c], A(m.mean - double(mean[c])));
 }
 
-// Planar normalisation of every unit with per-channel coefficients f[C].
-template <class T>
-void apply_planar(const ForwardArgs<T>& a, const PlanarUnits& pu, const Affine<compute_t<T>>* f, int nthreads) {
-  parallel_for(0, pu.count(), std::max<int64_t>(1, kSplit / pu.len), nthreads, [&](int64_t u0, int64_t u1) {
+// Runs job(channel, block) for every block of every channel, blocks of a channel in order when
+// whole channels go to threads.
+template <class F>
+void for_each_block(const PlanarPlan& plan, int nthreads, const F& job) {
+  const int64_t grain = plan.image_major ? std::max<int64_t>(1, kSegment / plan.s) : 1;
+  parallel_for(0, plan.c * plan.blocks, grain, nthreads, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      int64_t image, channel, begin, size;
-      pu.locate(u, image, channel, begin, size);
-      const int64_t o = pu.offset(image, channel, begin);
-      apply_segment_isa(a.x + o, a.res ? a.res + o : nullptr, a.y + o, size, f[channel], a.relu);
+      int64_t c, b;
+      plan.item(u, c, b);
+      job(c, b);
     }
+  });
+}
+
+template <class T>
+void apply_planar(const ForwardArgs<T>& a, const PlanarPlan& plan, const AffineColumns<compute_t<T>>& f,
+                  int nthreads) {
+  for_each_block(plan, nthreads, [&](int64_t c, int64_t b) {
+    apply_block_isa(a.x, a.res, a.y, plan.block(c, b), f.get(c), a.relu);
   });
 }
 
@@ -346,41 +411,33 @@ template <class T>
 void train_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T>* mean, compute_t<T>* var,
                   int nthreads) {
   using A = compute_t<T>;
-  const PlanarUnits pu = planar_units(sh);
-  if (by_channel(sh, nthreads)) {
+  const PlanarPlan plan(sh);
+  if (plan.by_channel(nthreads)) {
     parallel_for(0, sh.c, 1, nthreads, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         Moments<double> m;
-        for (int64_t n = 0; n < sh.n; ++n) m = batch_norm::merge(m, segment_moments_isa(a.x + pu.offset(n, c, 0), sh.s));
-        const Affine<A> f = finish_stats(a, c, m, mean, var);
-        for (int64_t n = 0; n < sh.n; ++n) {
-          const int64_t o = pu.offset(n, c, 0);
-          apply_segment_isa(a.x + o, a.res ? a.res + o : nullptr, a.y + o, sh.s, f, a.relu);
-        }
+        for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, block_moments_isa(a.x, plan.block(c, b)));
+        apply_block_isa(a.x, a.res, a.y, plan.channel(c), finish_stats(a, c, m, mean, var), a.relu);
       }
     });
     return;
   }
-  std::vector<Moments<double>> parts(pu.count());
-  parallel_for(0, pu.count(), 1, nthreads, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      int64_t image, channel, begin, size;
-      pu.locate(u, image, channel, begin, size);
-      parts[u] = segment_moments_isa(a.x + pu.offset(image, channel, begin), size);
-    }
+  std::vector<Moments<double>> parts(sh.c * plan.blocks);
+  for_each_block(plan, nthreads, [&](int64_t c, int64_t b) {
+    parts[c * plan.blocks + b] = block_moments_isa(a.x, plan.block(c, b));
   });
-  std::vector<Affine<A>> f(sh.c);
+  AffineColumns<A> f(sh.c);
   for (int64_t c = 0; c < sh.c; ++c) {
     Moments<double> m;
-    for (int64_t n = 0; n < sh.n; ++n)
-      for (int64_t k = 0; k < pu.per_plane; ++k) m = batch_norm::merge(m, parts[(n * sh.c + c) * pu.per_plane + k]);
-    f[c] = finish_stats(a, c, m, mean, var);
+    for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, parts[c * plan.blocks + b]);
+    f.set(c, finish_stats(a, c, m, mean, var));
   }
-  apply_planar(a, pu, f.data(), nthreads);
+  apply_planar(a, plan, f, nthreads);
 }
 
 template <class T>
-void apply_packed(const ForwardArgs<T>& a, int64_t rows, int64_t C, const Affine<compute_t<T>>* f, int nthreads) {
+void apply_packed(const ForwardArgs<T>& a, int64_t rows, int64_t C, const AffineColumns<compute_t<T>>& f,
+                  int nthreads) {
   parallel_for(0, rows, apply_grain(C), nthreads,
                [&](int64_t r0, int64_t r1) { apply_rows_isa(a.x, a.res, a.y, r0, r1, C, f, a.relu); });
 }
@@ -395,13 +452,13 @@ void train_packed(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
     for (int64_t q = q0; q < q1; ++q)
       rows_moments_isa(a.x, rows * q / ranges, rows * (q + 1) / ranges, C, parts.data() + q * C);
   });
-  std::vector<Affine<A>> f(C);
+  AffineColumns<A> f(C);
   for (int64_t c = 0; c < C; ++c) {
     Moments<double> m;
     for (int64_t q = 0; q < ranges; ++q) m = batch_norm::merge(m, parts[q * C + c]);
-    f[c] = finish_stats(a, c, m, mean, var);
+    f.set(c, finish_stats(a, c, m, mean, var));
   }
-  apply_packed(a, rows, C, f.data(), nthreads);
+  apply_packed(a, rows, C, f, nthreads);
 }
 
 template <class T>
@@ -438,12 +495,12 @@ void batch_norm_forward_eval_cpu(const TensorView& x, const TensorView& mean, co
     using T = decltype(tag);
     using A = compute_t<T>;
     const ForwardArgs<T> a = forward_args<T>(x, weight, bias, residual, relu, eps, y);
-    std::vector<Affine<A>> f(sh.c);
-    for (int64_t c = 0; c < sh.c; ++c) f[c] = channel_affine(a, c, mean.ptr<A>()[c], var.ptr<A>()[c]);
+    AffineColumns<A> f(sh.c);
+    for (int64_t c = 0; c < sh.c; ++c) f.set(c, channel_affine(a, c, mean.ptr<A>()[c], var.ptr<A>()[c]));
     if (sh.packed)
-      apply_packed(a, sh.n * sh.s, sh.c, f.data(), nthreads);
+      apply_packed(a, sh.n * sh.s, sh.c, f, nthreads);
     else
-      apply_planar(a, planar_units(sh), f.data(), nthreads);
+      apply_planar(a, PlanarPlan(sh), f, nthreads);
   });
 }
 
@@ -465,96 +522,99 @@ struct BackwardArgs {
   bool elementwise() const { return dx || dres; }
 };
 
-// A channel's sums -> its parameter gradients and the coefficients of its input gradient.
+// A channel's sums -> its parameter gradients, and the coefficients of its input gradient (in
+// evaluation mode these do not depend on the sums).
 template <class T>
-GradCoeffs<compute_t<T>> finish_channel(const BackwardArgs<T>& a, int64_t c, const GradSums& s) {
+void param_grads(const BackwardArgs<T>& a, int64_t c, const GradSums& s) {
   using A = compute_t<T>;
-  const A sum_g = A(s.g), sum_gx = A(s.gx);
-  if (a.grad_weight) a.grad_weight[c] = sum_gx * batch_norm::inverse_std(a.var[c], a.eps);
-  if (a.grad_bias) a.grad_bias[c] = sum_g;
-  return batch_norm::grad_coeffs<A>(a.mean[c], a.var[c], a.eps, param<A>(a.weight, c, A(1)), sum_g, sum_gx,
+  if (a.grad_weight) a.grad_weight[c] = A(s.gx) * batch_norm::inverse_std(a.var[c], a.eps);
+  if (a.grad_bias) a.grad_bias[c] = A(s.g);
+}
+
+template <class T>
+GradCoeffs<compute_t<T>> coeffs(const BackwardArgs<T>& a, int64_t c, const GradSums& s) {
+  using A = compute_t<T>;
+  return batch_norm::grad_coeffs<A>(a.mean[c], a.var[c], a.eps, param<A>(a.weight, c, A(1)), A(s.g), A(s.gx),
                                     a.count, a.training);
 }
 
 GradSums add(GradSums a, const GradSums& b) { return {a.g + b.g, a.gx + b.gx}; }
 
-template <class T>
-void grad_planar_units(const BackwardArgs<T>& a, const PlanarUnits& pu, const GradCoeffs<compute_t<T>>* k,
-                       int nthreads) {
-  parallel_for(0, pu.count(), std::max<int64_t>(1, kSplit / pu.len), nthreads, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      int64_t image, channel, begin, size;
-      pu.locate(u, image, channel, begin, size);
-      const int64_t o = pu.offset(image, channel, begin);
-      grad_segment_isa(a.dy + o, a.x + o, a.y ? a.y + o : nullptr, a.dx ? a.dx + o : nullptr,
-                       a.dres ? a.dres + o : nullptr, size, k[channel]);
-    }
-  });
-}
-
+// Training: every block's sums, then the input gradient (two passes; the second finds a channel in
+// cache when whole channels go to threads). Evaluation: one pass, each block's sums and gradient
+// back to back while the block is in L1.
 template <class T>
 void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nthreads) {
   using A = compute_t<T>;
-  const PlanarUnits pu = planar_units(sh);
-  if (by_channel(sh, nthreads) && a.reduce) {
+  const PlanarPlan plan(sh);
+  const auto sums = [&](int64_t c, Block blk) { return block_grad_sums_isa(a.dy, a.x, a.y, blk, a.mean[c]); };
+  const auto grad = [&](Block blk, const GradCoeffs<A>& k) { grad_block_isa(a.dy, a.x, a.y, a.dx, a.dres, blk, k); };
+  std::vector<GradSums> parts(a.reduce ? sh.c * plan.blocks : 0);
+  const auto fold = [&](int64_t c) {
+    GradSums s;
+    for (int64_t b = 0; a.reduce && b < plan.blocks; ++b) s = add(s, parts[c * plan.blocks + b]);
+    param_grads(a, c, s);
+    return s;
+  };
+  if (!a.training) {
+    std::vector<GradCoeffs<A>> k(sh.c);
+    for (int64_t c = 0; c < sh.c; ++c) k[c] = coeffs(a, c, GradSums{});
+    for_each_block(plan, nthreads, [&](int64_t c, int64_t b) {
+      if (a.reduce) parts[c * plan.blocks + b] = sums(c, plan.block(c, b));
+      if (a.elementwise()) grad(plan.block(c, b), k[c]);
+    });
+    for (int64_t c = 0; c < sh.c; ++c) fold(c);
+    return;
+  }
+  if (plan.by_channel(nthreads)) {
     parallel_for(0, sh.c, 1, nthreads, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        GradSums s;
-        for (int64_t n = 0; n < sh.n; ++n) {
-          const int64_t o = pu.offset(n, c, 0);
-          s = add(s, segment_grad_sums_isa(a.dy + o, a.x + o, a.y ? a.y + o : nullptr, sh.s, a.mean[c]));
-        }
-        const GradCoeffs<A> k = finish_channel(a, c, s);
-        if (!a.elementwise()) continue;
-        for (int64_t n = 0; n < sh.n; ++n) {
-          const int64_t o = pu.offset(n, c, 0);
-          grad_segment_isa(a.dy + o, a.x + o, a.y ? a.y + o : nullptr, a.dx ? a.dx + o : nullptr,
-                           a.dres ? a.dres + o : nullptr, sh.s, k);
-        }
+        for (int64_t b = 0; b < plan.blocks; ++b) parts[c * plan.blocks + b] = sums(c, plan.block(c, b));
+        const GradCoeffs<A> k = coeffs(a, c, fold(c));
+        if (a.elementwise()) grad(plan.channel(c), k);
       }
     });
     return;
   }
-  std::vector<GradSums> parts(a.reduce ? pu.count() : 0);
-  if (a.reduce)
-    parallel_for(0, pu.count(), 1, nthreads, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        int64_t image, channel, begin, size;
-        pu.locate(u, image, channel, begin, size);
-        const int64_t o = pu.offset(image, channel, begin);
-        parts[u] = segment_grad_sums_isa(a.dy + o, a.x + o, a.y ? a.y + o : nullptr, size, a.mean[channel]);
-      }
-    });
+  for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { parts[c * plan.blocks + b] = sums(c, plan.block(c, b)); });
   std::vector<GradCoeffs<A>> k(sh.c);
-  for (int64_t c = 0; c < sh.c; ++c) {
-    GradSums s;
-    for (int64_t n = 0; a.reduce && n < sh.n; ++n)
-      for (int64_t j = 0; j < pu.per_plane; ++j) s = add(s, parts[(n * sh.c + c) * pu.per_plane + j]);
-    k[c] = finish_channel(a, c, s);
-  }
-  if (a.elementwise()) grad_planar_units(a, pu, k.data(), nthreads);
+  for (int64_t c = 0; c < sh.c; ++c) k[c] = coeffs(a, c, fold(c));
+  if (a.elementwise()) for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { grad(plan.block(c, b), k[c]); });
 }
 
 template <class T>
 void backward_packed(const BackwardArgs<T>& a, const BatchNormShape& sh, int nthreads) {
   using A = compute_t<T>;
   const int64_t rows = sh.n * sh.s, C = sh.c, ranges = row_ranges(rows, C);
+  const int64_t chunk = std::max<int64_t>(16, kRowBlockBytes / int64_t(sizeof(T) * C));
   std::vector<GradSums> parts(a.reduce ? ranges * C : 0);
-  if (a.reduce)
+  GradColumns<A> k(C);
+  if (!a.training) {  // evaluation: per chunk of rows, the sums and the gradient while it is in L2
+    for (int64_t c = 0; c < C; ++c) k.set(c, coeffs(a, c, GradSums{}));
+    parallel_for(0, ranges, 1, nthreads, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q)
+        for (int64_t r0 = rows * q / ranges, end = rows * (q + 1) / ranges; r0 < end; r0 += chunk) {
+          const int64_t r1 = std::min(end, r0 + chunk);
+          if (a.reduce) rows_grad_sums_isa(a.dy, a.x, a.y, r0, r1, C, a.mean, parts.data() + q * C);
+          if (a.elementwise()) grad_rows_isa(a.dy, a.x, a.y, a.dx, a.dres, r0, r1, C, k);
+        }
+    });
+  } else {
     parallel_for(0, ranges, 1, nthreads, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q)
         rows_grad_sums_isa(a.dy, a.x, a.y, rows * q / ranges, rows * (q + 1) / ranges, C, a.mean,
                            parts.data() + q * C);
     });
-  std::vector<GradCoeffs<A>> k(C);
+  }
   for (int64_t c = 0; c < C; ++c) {
     GradSums s;
     for (int64_t q = 0; a.reduce && q < ranges; ++q) s = add(s, parts[q * C + c]);
-    k[c] = finish_channel(a, c, s);
+    param_grads(a, c, s);
+    if (a.training) k.set(c, coeffs(a, c, s));
   }
-  if (a.elementwise())
+  if (a.training && a.elementwise())
     parallel_for(0, rows, apply_grain(C), nthreads,
-                 [&](int64_t r0, int64_t r1) { grad_rows_isa(a.dy, a.x, a.y, a.dx, a.dres, r0, r1, C, k.data()); });
+                 [&](int64_t r0, int64_t r1) { grad_rows_isa(a.dy, a.x, a.y, a.dx, a.dres, r0, r1, C, k); });
 }
 
 }  // namespace

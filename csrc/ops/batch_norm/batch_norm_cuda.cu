@@ -678,11 +678,6 @@ ChannelParams<A> channel_params(const TensorView& mean, const TensorView& var, c
   return {mean.ptr<A>(), var.ptr<A>(), optional_ptr<A>(weight), optional_ptr<A>(bias), A(eps)};
 }
 
-// grad_y, grad_x and grad_residual must match x as a residual does (sizes, dtype, layout, device).
-void check_like_input(const TensorView& t, const TensorView& x) {
-  check_batch_norm_args(x, nullptr, nullptr, nullptr, nullptr, &t, nullptr, DeviceType::CUDA);
-}
-
 }  // namespace
 
 void batch_norm_forward_train_cuda(const TensorView& x, const TensorView* weight, const TensorView* bias,
@@ -722,9 +717,9 @@ void batch_norm_backward_cuda(const TensorView& grad_y, const TensorView& x, con
                               double eps, const TensorView* grad_x, const TensorView* grad_residual,
                               const TensorView* grad_weight, const TensorView* grad_bias, uintptr_t stream) {
   const BatchNormShape sh = check_batch_norm_args(x, weight, grad_bias, &mean, &var, nullptr, y, DeviceType::CUDA);
-  check_like_input(grad_y, x);
-  if (grad_x) check_like_input(*grad_x, x);
-  if (grad_residual) check_like_input(*grad_residual, x);
+  check_batch_norm_like(grad_y, "grad_output", x, sh, DeviceType::CUDA);
+  if (grad_x) check_batch_norm_like(*grad_x, "grad_input", x, sh, DeviceType::CUDA);
+  if (grad_residual) check_batch_norm_like(*grad_residual, "grad_residual", x, sh, DeviceType::CUDA);
   if (grad_weight) check_batch_norm_args(x, grad_weight, nullptr, nullptr, nullptr, nullptr, nullptr, DeviceType::CUDA);
   if (sh.c == 0) return;
   DeviceGuard guard(x);
