@@ -33,3 +33,18 @@ def define(
     if autocast_to is not None:
         for device_type in ("cpu", "cuda"):
             torch.library.register_autocast(f"fastcv::{name}", device_type, autocast_to, lib=lib)
+
+
+def eager_direct(*tensors) -> bool:
+    """Whether a call may run its implementation directly instead of through torch.ops: plain eager
+    tensors, no gradient to record, no compiler, dispatch mode, tensor subclass or functorch
+    transform that must see the op. The dispatcher and the autograd wrapper cost tens of
+    microseconds a call, as much as a small batch norm itself."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    present = [t for t in tensors if t is not None]
+    grad = torch.is_grad_enabled()
+    for t in present:
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+    return not torch.overrides.has_torch_function(present)

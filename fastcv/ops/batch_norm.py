@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import define
+from fastcv._library import define, eager_direct
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
 
@@ -40,6 +40,9 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- layouts
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _as_3d(t: Tensor) -> Tensor | None:
     """t as [N, C, S] without a copy (planar NCHW or packed channels_last), or None if t is neither."""
     n, c, s = t.shape[0], t.shape[1], math.prod(t.shape[2:])
@@ -47,15 +50,19 @@ def _as_3d(t: Tensor) -> Tensor | None:
         return t.unsqueeze(-1) if t.is_contiguous() else None
     if t.is_contiguous():
         return t.view(n, c, s)
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    fmt = _CHANNELS_LAST.get(t.dim())
     if fmt is not None and t.is_contiguous(memory_format=fmt):
         return t.movedim(1, -1).reshape(n, s, c).transpose(1, 2)
     return None
 
 
 def _dense(x: Tensor) -> Tensor:
-    """x itself when the kernels can read it in place, else a contiguous copy (unusual strides only)."""
-    return x if _as_3d(x) is not None else x.contiguous()
+    """x itself when the kernels can read it in place (contiguous or channels_last), else a contiguous
+    copy (unusual strides only)."""
+    if x.is_contiguous():
+        return x
+    fmt = _CHANNELS_LAST.get(x.dim())
+    return x if fmt is not None and x.is_contiguous(memory_format=fmt) else x.contiguous()
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -86,48 +93,51 @@ def _triton():
     return triton_batch_norm
 
 
+# The C++ kernels take the tensors in their own shape (rank 2 to 5) and read the layout from the
+# strides; the Triton launchers take [N, C, S] views.
+
+
+def _opt_3d(t):
+    return None if t is None else _as_3d(t)
+
+
 def _run_train(x, weight, bias, residual, relu, eps, y, mean, var):
-    x3, y3, r3 = _as_3d(x), _as_3d(y), None if residual is None else _as_3d(residual)
     backend = _backend(x)
     if backend == "triton":
-        _triton().forward_train(x3, weight, bias, r3, relu, eps, y3, mean, var)
+        _triton().forward_train(_as_3d(x), weight, bias, _opt_3d(residual), relu, eps, _as_3d(y), mean, var)
     elif backend == "cuda":
-        _C.batch_norm_forward_train_cuda(view(x3), opt_view(weight), opt_view(bias), opt_view(r3), relu, eps,
-                                         view(y3), view(mean), view(var), cuda_stream(x))
+        _C.batch_norm_forward_train_cuda(view(x), opt_view(weight), opt_view(bias), opt_view(residual), relu, eps,
+                                         view(y), view(mean), view(var), cuda_stream(x))
     else:
-        _C.batch_norm_forward_train_cpu(view(x3), opt_view(weight), opt_view(bias), opt_view(r3), relu, eps,
-                                        view(y3), view(mean), view(var), num_threads())
+        _C.batch_norm_forward_train_cpu(view(x), opt_view(weight), opt_view(bias), opt_view(residual), relu, eps,
+                                        view(y), view(mean), view(var), num_threads())
 
 
 def _run_eval(x, mean, var, weight, bias, residual, relu, eps, y):
-    x3, y3, r3 = _as_3d(x), _as_3d(y), None if residual is None else _as_3d(residual)
     backend = _backend(x)
     if backend == "triton":
-        _triton().forward_eval(x3, mean, var, weight, bias, r3, relu, eps, y3)
+        _triton().forward_eval(_as_3d(x), mean, var, weight, bias, _opt_3d(residual), relu, eps, _as_3d(y))
     elif backend == "cuda":
-        _C.batch_norm_forward_eval_cuda(view(x3), view(mean), view(var), opt_view(weight), opt_view(bias),
-                                        opt_view(r3), relu, eps, view(y3), cuda_stream(x))
+        _C.batch_norm_forward_eval_cuda(view(x), view(mean), view(var), opt_view(weight), opt_view(bias),
+                                        opt_view(residual), relu, eps, view(y), cuda_stream(x))
     else:
-        _C.batch_norm_forward_eval_cpu(view(x3), view(mean), view(var), opt_view(weight), opt_view(bias),
-                                       opt_view(r3), relu, eps, view(y3), num_threads())
+        _C.batch_norm_forward_eval_cpu(view(x), view(mean), view(var), opt_view(weight), opt_view(bias),
+                                       opt_view(residual), relu, eps, view(y), num_threads())
 
 
 def _run_backward(grad, x, y, mean, var, weight, training, eps, grads):
-    g3, x3 = _as_3d(grad), _as_3d(x)
-    y3 = None if y is None else _as_3d(y)
     gx, gr, gw, gb = grads
-    gx3 = None if gx is None else _as_3d(gx)
-    gr3 = None if gr is None else _as_3d(gr)
     backend = _backend(x)
     if backend == "triton":
-        _triton().backward(g3, x3, y3, mean, var, weight, training, eps, gx3, gr3, gw, gb)
+        _triton().backward(_as_3d(grad), _as_3d(x), _opt_3d(y), mean, var, weight, training, eps, _opt_3d(gx),
+                           _opt_3d(gr), gw, gb)
     elif backend == "cuda":
-        _C.batch_norm_backward_cuda(view(g3), view(x3), opt_view(y3), view(mean), view(var), opt_view(weight),
-                                    training, eps, opt_view(gx3), opt_view(gr3), opt_view(gw), opt_view(gb),
+        _C.batch_norm_backward_cuda(view(grad), view(x), opt_view(y), view(mean), view(var), opt_view(weight),
+                                    training, eps, opt_view(gx), opt_view(gr), opt_view(gw), opt_view(gb),
                                     cuda_stream(x))
     else:
-        _C.batch_norm_backward_cpu(view(g3), view(x3), opt_view(y3), view(mean), view(var), opt_view(weight),
-                                   training, eps, opt_view(gx3), opt_view(gr3), opt_view(gw), opt_view(gb),
+        _C.batch_norm_backward_cpu(view(grad), view(x), opt_view(y), view(mean), view(var), opt_view(weight),
+                                   training, eps, opt_view(gx), opt_view(gr), opt_view(gw), opt_view(gb),
                                    num_threads())
 
 
@@ -334,14 +344,18 @@ def _momentum(momentum, num_batches_tracked):
 
 @torch.no_grad()
 def _update_running(running_mean, running_var, mean, var, m, factor):
-    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-    unbiased = var * (m / (m - 1)) if m > 1 else var
-    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    """running = (1 - factor) * running + factor * batch, with the unbiased variance: three small ops
+    (tiny calls are where per-op overhead shows)."""
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.mul_(1 - factor).add_(var, alpha=factor * m / (m - 1) if m > 1 else factor)
 
 
 def _params(t, input):
     """Per-channel tensors in the kernels' dtype (float32 for reduced precision): a cast of C values."""
-    return None if t is None else t.to(_stats_dtype(input.dtype))
+    if t is None:
+        return None
+    dtype = _stats_dtype(input.dtype)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _batch_norm(input, identity, running_mean, running_var, weight, bias, training, momentum, eps, relu,
@@ -349,10 +363,13 @@ def _batch_norm(input, identity, running_mean, running_var, weight, bias, traini
     use_batch_stats = training or running_mean is None
     _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats)
     w, b = _params(weight, input), _params(bias, input)
+    direct = eager_direct(input, identity, w, b)
     if not use_batch_stats:
         mean, var = _params(running_mean, input), _params(running_var, input)
-        return torch.ops.fastcv.batch_norm_eval(input, mean, var, w, b, identity, relu, float(eps))
-    y, mean, var = torch.ops.fastcv.batch_norm_train(input, w, b, identity, relu, float(eps))
+        op = _eval_impl if direct else torch.ops.fastcv.batch_norm_eval
+        return op(input, mean, var, w, b, identity, relu, float(eps))
+    op = _train_impl if direct else torch.ops.fastcv.batch_norm_train
+    y, mean, var = op(input, w, b, identity, relu, float(eps))
     if training and running_mean is not None:
         factor = _momentum(momentum, num_batches_tracked)  # counts the batch, as nn.BatchNorm does
         if _m(input) > 0:  # an empty batch leaves the statistics alone (as PyTorch does)

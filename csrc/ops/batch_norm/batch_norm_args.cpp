@@ -7,16 +7,24 @@
 namespace fastcv {
 namespace {
 
-// Dense [N, C, S] in the given layout (strides of size-1 dimensions do not matter, as in torch).
+// Dense [N, C, *spatial] in the given layout: planar (NCHW order) or packed (channels innermost, then
+// the spatial dimensions in order, then N). Strides of size-1 dimensions do not matter, as in torch.
 bool dense(const TensorView& t, bool packed) {
   if (t.numel() == 0) return true;
-  const int64_t n = t.size(0), c = t.size(1), s = t.size(2);
   const auto ok = [&](int d, int64_t stride) { return t.size(d) == 1 || t.stride(d) == stride; };
-  return packed ? ok(0, s * c) && ok(1, 1) && ok(2, c) : ok(0, c * s) && ok(1, s) && ok(2, 1);
+  int64_t expected = packed ? t.size(1) : 1;
+  for (int d = t.ndim - 1; d >= 2; --d) {
+    if (!ok(d, expected)) return false;
+    expected *= t.size(d);
+  }
+  if (packed) return ok(1, 1) && ok(0, expected);
+  return ok(1, expected) && ok(0, expected * t.size(1));
 }
 
 void check_like(const TensorView& t, const char* arg, const TensorView& x, bool packed, DeviceType device) {
-  check_shape(t, arg, {x.size(0), x.size(1), x.size(2)});
+  check_arg(t.ndim == x.ndim, std::string(arg) + " must have the shape of input");
+  for (int d = 0; d < x.ndim; ++d)
+    check_arg(t.size(d) == x.size(d), std::string(arg) + " must have the shape of input");
   check_dtype(t, arg, x.dtype);
   check_device(t, arg, device);
   check_arg(t.device_index == x.device_index, std::string(arg) + " must be on the device of input");
@@ -28,9 +36,10 @@ void check_like(const TensorView& t, const char* arg, const TensorView& x, bool 
 BatchNormShape check_batch_norm_args(const TensorView& x, const TensorView* weight, const TensorView* bias,
                                      const TensorView* mean, const TensorView* var, const TensorView* residual,
                                      const TensorView* y, DeviceType device) {
-  check_arg(x.ndim == 3, "input must be viewed as [N, C, S] by the caller");
+  check_arg(x.ndim >= 2 && x.ndim <= 5, "input must have rank 2 to 5 ([N, C, *spatial])");
   check_device(x, "input", device);
-  BatchNormShape s{x.size(0), x.size(1), x.size(2), false};
+  BatchNormShape s{x.size(0), x.size(1), 1, false};
+  for (int d = 2; d < x.ndim; ++d) s.s *= x.size(d);
   // S == 1 ([N, C] inputs) is packed whatever the strides say; otherwise the channel stride decides.
   s.packed = s.s == 1 || (x.stride(1) == 1 && s.c > 1);
   check_arg(dense(x, s.packed), "input must be contiguous in NCHW or channels_last memory format");

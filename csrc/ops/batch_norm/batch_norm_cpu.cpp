@@ -33,7 +33,7 @@ using batch_norm::Moments;
 
 constexpr int64_t kLanes = 16;           // independent partial sums: one AVX-512 register of floats
 constexpr int64_t kSegment = 4096;       // values per block: summed in the compute type, re-read from L1
-constexpr int64_t kRowBlockBytes = 64 << 10;  // packed: bytes of a block of rows, re-read from L2
+constexpr int64_t kRowBlockBytes = 128 << 10;  // packed: bytes of a block of rows, re-read from L2
 
 template <class T>
 FASTCV_BN_INLINE compute_t<T> load(const T* p, int64_t i) {
@@ -96,34 +96,45 @@ FASTCV_BN_INLINE Moments<double> block_moments(const T* x, Block b) {
   return {n, double(m0) + shift, double(lane_total(d2)) - sum_d * shift};
 }
 
-// Packed: the moments of rows [r0, r1) of x[rows, C], merged into out[C]. Each block of rows is
-// summed along the channels (contiguous, so the loops vectorise), then re-read from L2 for the
-// deviations from the block's mean.
+// Packed: channels are taken kTile at a time (128 bytes: their accumulators stay in registers while
+// the loop walks down the rows), then one at a time for the rest.
+template <class A>
+constexpr int64_t kTile = 128 / int64_t(sizeof(A));
+
+// The moments of channels [c0, c0 + W) over rows [b0, b1) of x[rows, C] (a block that fits in L2),
+// by two passes, merged into out[0, W).
+template <int64_t W, class T>
+FASTCV_BN_INLINE void tile_moments(const T* x, int64_t b0, int64_t b1, int64_t C, int64_t c0,
+                                   Moments<double>* out) {
+  using A = compute_t<T>;
+  A m[W] = {}, d1[W] = {}, d2[W] = {};
+  for (int64_t r = b0; r < b1; ++r)
+    for (int64_t j = 0; j < W; ++j) m[j] += load(x, r * C + c0 + j);
+  const A rows = A(b1 - b0);
+  for (int64_t j = 0; j < W; ++j) m[j] /= rows;
+  for (int64_t r = b0; r < b1; ++r)
+    for (int64_t j = 0; j < W; ++j) {
+      const A d = load(x, r * C + c0 + j) - m[j];
+      d1[j] += d;
+      d2[j] += d * d;
+    }
+  for (int64_t j = 0; j < W; ++j) {
+    const double shift = double(d1[j]) / double(rows);
+    out[j] = batch_norm::merge(
+        out[j], Moments<double>{double(rows), double(m[j]) + shift, double(d2[j]) - double(d1[j]) * shift});
+  }
+}
+
+// Packed: the moments of rows [r0, r1) of x[rows, C], merged into out[C], block of rows by block.
 template <class T>
 FASTCV_BN_INLINE void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out) {
-  using A = compute_t<T>;
+  constexpr int64_t W = kTile<compute_t<T>>;
   const int64_t block = std::max<int64_t>(16, kRowBlockBytes / int64_t(sizeof(T) * C));
-  std::vector<A> mean(C), s1(C), s2(C);
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
-    const A rows = A(b1 - b0);
-    std::fill(mean.begin(), mean.end(), A(0));
-    std::fill(s1.begin(), s1.end(), A(0));
-    std::fill(s2.begin(), s2.end(), A(0));
-    for (int64_t r = b0; r < b1; ++r)
-      for (int64_t c = 0; c < C; ++c) mean[c] += load(x, r * C + c);
-    for (int64_t c = 0; c < C; ++c) mean[c] /= rows;
-    for (int64_t r = b0; r < b1; ++r)
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = load(x, r * C + c) - mean[c];
-        s1[c] += d;
-        s2[c] += d * d;
-      }
-    for (int64_t c = 0; c < C; ++c) {
-      const double shift = double(s1[c]) / double(rows);
-      out[c] = batch_norm::merge(
-          out[c], Moments<double>{double(rows), double(mean[c]) + shift, double(s2[c]) - double(s1[c]) * shift});
-    }
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W) tile_moments<W>(x, b0, b1, C, c0, out + c0);
+    for (; c0 < C; ++c0) tile_moments<1>(x, b0, b1, C, c0, out + c0);
   }
 }
 
@@ -192,27 +203,36 @@ FASTCV_BN_INLINE GradSums block_grad_sums(const T* dy, const T* x, const T* y, B
   return {double(lane_total(sg)), double(lane_total(sgx))};
 }
 
+// Packed: the sums of channels [c0, c0 + W) over rows [b0, b1), added into out[0, W).
+template <int64_t W, class T>
+FASTCV_BN_INLINE void tile_grad_sums(const T* dy, const T* x, const T* y, int64_t b0, int64_t b1, int64_t C,
+                                     int64_t c0, const compute_t<T>* mean, GradSums* out) {
+  using A = compute_t<T>;
+  A sg[W] = {}, sgx[W] = {}, m[W];
+  for (int64_t j = 0; j < W; ++j) m[j] = mean[c0 + j];
+  for (int64_t r = b0; r < b1; ++r) {
+    const int64_t o = r * C + c0;
+    const T* yr = y ? y + o : nullptr;
+    for (int64_t j = 0; j < W; ++j) {
+      const A g = masked(dy + o, yr, j);
+      sg[j] += g;
+      sgx[j] += g * (load(x, o + j) - m[j]);
+    }
+  }
+  for (int64_t j = 0; j < W; ++j) out[j].g += sg[j], out[j].gx += sgx[j];
+}
+
 // Packed: sums of rows [r0, r1), added into out[C]; blocks of rows in the compute type, then double.
 template <class T>
 FASTCV_BN_INLINE void rows_grad_sums(const T* dy, const T* x, const T* y, int64_t r0, int64_t r1, int64_t C,
                                      const compute_t<T>* mean, GradSums* out) {
-  using A = compute_t<T>;
-  const int64_t block = std::max<int64_t>(16, kRowBlockBytes / int64_t(sizeof(T) * C));
-  std::vector<A> sg(C), sgx(C);
+  constexpr int64_t W = kTile<compute_t<T>>;
+  const int64_t block = std::max<int64_t>(16, kSegment / C);
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
-    std::fill(sg.begin(), sg.end(), A(0));
-    std::fill(sgx.begin(), sgx.end(), A(0));
-    for (int64_t r = b0; r < b1; ++r) {
-      const int64_t o = r * C;
-      const T* yr = y ? y + o : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
-        const A g = masked(dy + o, yr, c);
-        sg[c] += g;
-        sgx[c] += g * (load(x, o + c) - mean[c]);
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) out[c].g += sg[c], out[c].gx += sgx[c];
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W) tile_grad_sums<W>(dy, x, y, b0, b1, C, c0, mean, out + c0);
+    for (; c0 < C; ++c0) tile_grad_sums<1>(dy, x, y, b0, b1, C, c0, mean, out + c0);
   }
 }
 
@@ -333,13 +353,22 @@ struct PlanarPlan {
   bool by_channel(int nthreads) const { return !image_major && c >= 4 * int64_t(nthreads); }
 };
 
-// Packed: row ranges of at least this many rows, at most kMaxRanges of them (a fixed division, so the
-// merged statistics do not depend on the thread count).
-constexpr int64_t kMinRangeRows = 64, kMaxRanges = 64;
+// Packed: rows are cut into ranges of at least kRangeValues values (at most kMaxRanges ranges),
+// each reduced by one task into per-channel partials. The division depends on the shape alone, so the
+// merged statistics do not depend on the thread count; few ranges keep the serial merge short.
+constexpr int64_t kRangeValues = 1 << 18, kMaxRanges = 64;
 
 int64_t row_ranges(int64_t rows, int64_t C) {
-  const int64_t min_rows = std::max<int64_t>(kMinRangeRows, (1 << 14) / std::max<int64_t>(C, 1));
-  return std::clamp<int64_t>(rows / min_rows, 1, kMaxRanges);
+  return std::clamp<int64_t>(rows * C / kRangeValues, 1, std::min(kMaxRanges, rows));
+}
+
+// Per-channel work after a reduction (merging partials, coefficients), spread over the threads when
+// there are many channels.
+template <class F>
+void for_each_channel(int64_t C, int nthreads, const F& f) {
+  parallel_for(0, C, 256, nthreads, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c);
+  });
 }
 
 int64_t apply_grain(int64_t C) { return std::max<int64_t>(1, (1 << 14) / C); }  // rows per task
@@ -427,11 +456,11 @@ void train_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
     parts[c * plan.blocks + b] = block_moments_isa(a.x, plan.block(c, b));
   });
   AffineColumns<A> f(sh.c);
-  for (int64_t c = 0; c < sh.c; ++c) {
+  for_each_channel(sh.c, nthreads, [&](int64_t c) {
     Moments<double> m;
     for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, parts[c * plan.blocks + b]);
     f.set(c, finish_stats(a, c, m, mean, var));
-  }
+  });
   apply_planar(a, plan, f, nthreads);
 }
 
@@ -453,11 +482,11 @@ void train_packed(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
       rows_moments_isa(a.x, rows * q / ranges, rows * (q + 1) / ranges, C, parts.data() + q * C);
   });
   AffineColumns<A> f(C);
-  for (int64_t c = 0; c < C; ++c) {
+  for_each_channel(C, nthreads, [&](int64_t c) {
     Moments<double> m;
     for (int64_t q = 0; q < ranges; ++q) m = batch_norm::merge(m, parts[q * C + c]);
     f.set(c, finish_stats(a, c, m, mean, var));
-  }
+  });
   apply_packed(a, rows, C, f, nthreads);
 }
 
@@ -563,7 +592,7 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
       if (a.reduce) parts[c * plan.blocks + b] = sums(c, plan.block(c, b));
       if (a.elementwise()) grad(plan.block(c, b), k[c]);
     });
-    for (int64_t c = 0; c < sh.c; ++c) fold(c);
+    for_each_channel(sh.c, nthreads, fold);
     return;
   }
   if (plan.by_channel(nthreads)) {
@@ -578,7 +607,7 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
   }
   for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { parts[c * plan.blocks + b] = sums(c, plan.block(c, b)); });
   std::vector<GradCoeffs<A>> k(sh.c);
-  for (int64_t c = 0; c < sh.c; ++c) k[c] = coeffs(a, c, fold(c));
+  for_each_channel(sh.c, nthreads, [&](int64_t c) { k[c] = coeffs(a, c, fold(c)); });
   if (a.elementwise()) for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { grad(plan.block(c, b), k[c]); });
 }
 
@@ -606,12 +635,12 @@ void backward_packed(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
                            parts.data() + q * C);
     });
   }
-  for (int64_t c = 0; c < C; ++c) {
+  for_each_channel(C, nthreads, [&](int64_t c) {
     GradSums s;
     for (int64_t q = 0; a.reduce && q < ranges; ++q) s = add(s, parts[q * C + c]);
     param_grads(a, c, s);
     if (a.training) k.set(c, coeffs(a, c, s));
-  }
+  });
   if (a.training && a.elementwise())
     parallel_for(0, rows, apply_grain(C), nthreads,
                  [&](int64_t r0, int64_t r1) { grad_rows_isa(a.dy, a.x, a.y, a.dx, a.dres, r0, r1, C, k); });

@@ -1,8 +1,9 @@
 #pragma once
 // Entry points of batch norm, called from batch_norm_bind.cpp. One set per backend (_cpu, _cuda).
 //
-// Tensors: x, y, residual, grad_y, grad_x, grad_residual are 3-D views [N, C, S] of one dtype
-// (float32, float64, float16, bfloat16) and one layout, planar or packed (batch_norm.h). Per-channel
+// Tensors: x, y, residual, grad_y, grad_x, grad_residual are [N, C, *spatial] (rank 2 to 5, seen as
+// [N, C, S] with S the product of the spatial sizes) of one shape, dtype (float32, float64, float16,
+// bfloat16) and layout: planar (contiguous) or packed (channels innermost: channels_last, or S == 1). Per-channel
 // tensors (weight, bias, mean, var, grad_weight, grad_bias) are contiguous [C] in the compute type:
 // float32, or float64 for float64 inputs. Optional tensors are null pointers when absent: weight
 // absent means 1, bias absent means 0. var is always the biased variance (divided by M = N*S).
