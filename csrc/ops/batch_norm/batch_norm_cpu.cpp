@@ -46,22 +46,26 @@ struct Block {
   double size() const { return double(count) * double(len); }
 };
 
-// Adds f(i) for i < len into kLanes independent accumulators, so that the loop vectorises without
-// reassociating (we compile without -ffast-math).
-template <class A, class F>
-FASTCV_BN_INLINE void lane_add(A* lanes, int64_t len, const F& f) {
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(i + j);
-  for (int64_t j = 0; i + j < len; ++j) lanes[j] += f(i + j);
-}
-
+// Sums f(i) for i < len into kLanes independent accumulators, so that the loop vectorises without
+// reassociating (we compile without -ffast-math); the remainder goes to a scalar accumulator, which
+// keeps the compiler from vectorising the tail into shuffles.
 template <class A>
-FASTCV_BN_INLINE A lane_total(const A* lanes) {
-  A total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
+struct LaneSum {
+  A lanes[kLanes] = {};
+  A rest = 0;
+  template <class F>
+  FASTCV_BN_INLINE void add(int64_t len, const F& f) {
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) lanes[j] += f(i + j);
+    for (; i < len; ++i) rest += f(i);
+  }
+  FASTCV_BN_INLINE A total() const {
+    A t = rest;
+    for (int64_t j = 0; j < kLanes; ++j) t += lanes[j];
+    return t;
+  }
+};
 
 // ---------------------------------------------------------------- the inner loops, per storage type
 
@@ -71,29 +75,22 @@ FASTCV_BN_INLINE A lane_total(const A* lanes) {
 template <class T>
 FASTCV_BN_INLINE Moments<double> block_moments(const T* x, Block b) {
   using A = compute_t<T>;
-  A s[kLanes] = {}, d1[kLanes] = {}, d2[kLanes] = {};
+  LaneSum<A> s, d1, d2;
   for (int64_t q = 0; q < b.count; ++q) {
     const T* r = x + b.offset + q * b.stride;
-    lane_add(s, b.len, [&](int64_t i) { return load(r, i); });
+    s.add(b.len, [&](int64_t i) { return load(r, i); });
   }
-  const A m0 = lane_total(s) / A(b.size());
+  const A m0 = s.total() / A(b.size());
   for (int64_t q = 0; q < b.count; ++q) {
     const T* r = x + b.offset + q * b.stride;
-    int64_t i = 0;
-    for (; i + kLanes <= b.len; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const A d = load(r, i + j) - m0;
-        d1[j] += d;
-        d2[j] += d * d;
-      }
-    for (int64_t j = 0; i + j < b.len; ++j) {
-      const A d = load(r, i + j) - m0;
-      d1[j] += d;
-      d2[j] += d * d;
-    }
+    d1.add(b.len, [&](int64_t i) { return load(r, i) - m0; });
+    d2.add(b.len, [&](int64_t i) {
+      const A d = load(r, i) - m0;
+      return d * d;
+    });
   }
-  const double n = b.size(), sum_d = double(lane_total(d1)), shift = sum_d / n;
-  return {n, double(m0) + shift, double(lane_total(d2)) - sum_d * shift};
+  const double n = b.size(), sum_d = double(d1.total()), shift = sum_d / n;
+  return {n, double(m0) + shift, double(d2.total()) - sum_d * shift};
 }
 
 // Packed: channels are taken kTile at a time (128 bytes: their accumulators stay in registers while
@@ -138,18 +135,24 @@ FASTCV_BN_INLINE void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t C
   }
 }
 
-// y = bn(x) [+ res] [ReLU] over a block of one channel.
+// y = bn(x) [+ res] [ReLU] over a run of n values of one channel (restrict-qualified: see grad_run).
+template <class T>
+FASTCV_BN_INLINE void apply_run(const T* __restrict x, const T* __restrict res, T* __restrict y, int64_t n,
+                                Affine<compute_t<T>> f, bool relu) {
+  using A = compute_t<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    A v = batch_norm::apply(load(x, i), f);
+    if (res) v += load(res, i);
+    if (relu) v = batch_norm::relu(v);
+    y[i] = from_compute<T>(v);
+  }
+}
+
 template <class T>
 FASTCV_BN_INLINE void apply_block(const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f, bool relu) {
-  using A = compute_t<T>;
   for (int64_t q = 0; q < b.count; ++q) {
     const int64_t o = b.offset + q * b.stride;
-    for (int64_t i = o; i < o + b.len; ++i) {
-      A v = batch_norm::apply(load(x, i), f);
-      if (res) v += load(res, i);
-      if (relu) v = batch_norm::relu(v);
-      y[i] = from_compute<T>(v);
-    }
+    apply_run(x + o, res ? res + o : nullptr, y + o, b.len, f, relu);
   }
 }
 
@@ -162,21 +165,29 @@ struct AffineColumns {
   Affine<A> get(int64_t c) const { return {mean[c], scale[c], shift[c], mean_lo[c]}; }
 };
 
+// Packed: one row of C channels, the coefficients as restrict-qualified columns.
+template <class T>
+FASTCV_BN_INLINE void apply_row(const T* __restrict x, const T* __restrict res, T* __restrict y, int64_t C,
+                                const compute_t<T>* __restrict mean, const compute_t<T>* __restrict scale,
+                                const compute_t<T>* __restrict shift, const compute_t<T>* __restrict mean_lo,
+                                bool relu) {
+  using A = compute_t<T>;
+  for (int64_t c = 0; c < C; ++c) {
+    A v = batch_norm::apply(load(x, c), Affine<A>{mean[c], scale[c], shift[c], mean_lo[c]});
+    if (res) v += load(res, c);
+    if (relu) v = batch_norm::relu(v);
+    y[c] = from_compute<T>(v);
+  }
+}
+
 // Packed: rows [r0, r1) of x[rows, C].
 template <class T>
 FASTCV_BN_INLINE void apply_rows(const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C,
                                  const AffineColumns<compute_t<T>>& f, bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * C;
-    const T* xr = x + o;
-    const T* rr = res ? res + o : nullptr;
-    T* yr = y + o;
-    for (int64_t c = 0; c < C; ++c) {
-      auto v = batch_norm::apply(load(xr, c), f.get(c));
-      if (rr) v += load(rr, c);
-      if (relu) v = batch_norm::relu(v);
-      yr[c] = from_compute<T>(v);
-    }
+    apply_row(x + o, res ? res + o : nullptr, y + o, C, f.mean.data(), f.scale.data(), f.shift.data(),
+              f.mean_lo.data(), relu);
   }
 }
 
@@ -193,14 +204,14 @@ struct GradSums {
 template <class T>
 FASTCV_BN_INLINE GradSums block_grad_sums(const T* dy, const T* x, const T* y, Block b, compute_t<T> mean) {
   using A = compute_t<T>;
-  A sg[kLanes] = {}, sgx[kLanes] = {};
+  LaneSum<A> sg, sgx;
   for (int64_t q = 0; q < b.count; ++q) {
     const int64_t o = b.offset + q * b.stride;
     const T *dq = dy + o, *xq = x + o, *yq = y ? y + o : nullptr;
-    lane_add(sg, b.len, [&](int64_t i) { return masked(dq, yq, i); });
-    lane_add(sgx, b.len, [&](int64_t i) { return masked(dq, yq, i) * (load(xq, i) - mean); });
+    sg.add(b.len, [&](int64_t i) { return masked(dq, yq, i); });
+    sgx.add(b.len, [&](int64_t i) { return masked(dq, yq, i) * (load(xq, i) - mean); });
   }
-  return {double(lane_total(sg)), double(lane_total(sgx))};
+  return {double(sg.total()), double(sgx.total())};
 }
 
 // Packed: the sums of channels [c0, c0 + W) over rows [b0, b1), added into out[0, W).
@@ -236,16 +247,23 @@ FASTCV_BN_INLINE void rows_grad_sums(const T* dy, const T* x, const T* y, int64_
   }
 }
 
+// One run of n values of a channel. The outputs are restrict-qualified and written by separate
+// loops, so that each loop vectorises (with two possibly aliasing outputs, the compiler gives up).
+template <class T>
+FASTCV_BN_INLINE void grad_run(const T* __restrict dy, const T* __restrict x, const T* __restrict y,
+                               T* __restrict dx, T* __restrict dres, int64_t n, GradCoeffs<compute_t<T>> k) {
+  if (dx)
+    for (int64_t i = 0; i < n; ++i) dx[i] = from_compute<T>(batch_norm::grad_input(masked(dy, y, i), load(x, i), k));
+  if (dres)
+    for (int64_t i = 0; i < n; ++i) dres[i] = from_compute<T>(masked(dy, y, i));
+}
+
 template <class T>
 FASTCV_BN_INLINE void grad_block(const T* dy, const T* x, const T* y, T* dx, T* dres, Block b,
                                  GradCoeffs<compute_t<T>> k) {
   for (int64_t q = 0; q < b.count; ++q) {
     const int64_t o = b.offset + q * b.stride;
-    for (int64_t i = o; i < o + b.len; ++i) {
-      const auto g = masked(dy, y, i);
-      if (dx) dx[i] = from_compute<T>(batch_norm::grad_input(g, load(x, i), k));
-      if (dres) dres[i] = from_compute<T>(g);
-    }
+    grad_run(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dres ? dres + o : nullptr, b.len, k);
   }
 }
 
@@ -257,17 +275,26 @@ struct GradColumns {
   GradCoeffs<A> get(int64_t c) const { return {mean[c], k[c], cx[c], c0[c]}; }
 };
 
+// One row of C channels, with the coefficients as restrict-qualified columns (see grad_run).
+template <class T>
+FASTCV_BN_INLINE void grad_row(const T* __restrict dy, const T* __restrict x, const T* __restrict y,
+                               T* __restrict dx, T* __restrict dres, int64_t C, const compute_t<T>* __restrict mean,
+                               const compute_t<T>* __restrict k, const compute_t<T>* __restrict cx,
+                               const compute_t<T>* __restrict c0) {
+  if (dx)
+    for (int64_t c = 0; c < C; ++c)
+      dx[c] = from_compute<T>(batch_norm::grad_input(masked(dy, y, c), load(x, c), {mean[c], k[c], cx[c], c0[c]}));
+  if (dres)
+    for (int64_t c = 0; c < C; ++c) dres[c] = from_compute<T>(masked(dy, y, c));
+}
+
 template <class T>
 FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1,
                                 int64_t C, const GradColumns<compute_t<T>>& k) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * C;
-    const T* yr = y ? y + o : nullptr;
-    for (int64_t c = 0; c < C; ++c) {
-      const auto g = masked(dy + o, yr, c);
-      if (dx) dx[o + c] = from_compute<T>(batch_norm::grad_input(g, load(x, o + c), k.get(c)));
-      if (dres) dres[o + c] = from_compute<T>(g);
-    }
+    grad_row(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dres ? dres + o : nullptr, C,
+             k.mean.data(), k.k.data(), k.cx.data(), k.c0.data());
   }
 }
 
@@ -350,6 +377,13 @@ struct PlanarPlan {
     else
       channel = u / blocks, b = u % blocks;
   }
+  void next(int64_t& channel, int64_t& b) const {
+    if (image_major) {
+      if (++channel == c) channel = 0, ++b;
+    } else if (++b == blocks) {
+      b = 0, ++channel;
+    }
+  }
   bool by_channel(int nthreads) const { return !image_major && c >= 4 * int64_t(nthreads); }
 };
 
@@ -420,10 +454,11 @@ template <class F>
 void for_each_block(const PlanarPlan& plan, int nthreads, const F& job) {
   const int64_t grain = plan.image_major ? std::max<int64_t>(1, kSegment / plan.s) : 1;
   parallel_for(0, plan.c * plan.blocks, grain, nthreads, [&](int64_t u0, int64_t u1) {
+    int64_t c, b;
+    plan.item(u0, c, b);
     for (int64_t u = u0; u < u1; ++u) {
-      int64_t c, b;
-      plan.item(u, c, b);
       job(c, b);
+      plan.next(c, b);  // no division per item: small planes make items short
     }
   });
 }
