@@ -64,4 +64,17 @@ void check_batch_norm_like(const TensorView& t, const char* arg, const TensorVie
   check_like(t, arg, x, s.packed, device);
 }
 
+BatchNormShape check_batch_norm_backward_args(const TensorView& grad_y, const TensorView& x, const TensorView* y,
+                                              const TensorView& mean, const TensorView& var,
+                                              const TensorView* weight, const TensorView* grad_x,
+                                              const TensorView* grad_residual, const TensorView* grad_weight,
+                                              const TensorView* grad_bias, DeviceType device) {
+  const BatchNormShape sh = check_batch_norm_args(x, weight, grad_bias, &mean, &var, nullptr, y, device);
+  check_batch_norm_like(grad_y, "grad_output", x, sh, device);
+  if (grad_x) check_batch_norm_like(*grad_x, "grad_input", x, sh, device);
+  if (grad_residual) check_batch_norm_like(*grad_residual, "grad_residual", x, sh, device);
+  if (grad_weight) check_batch_norm_args(x, grad_weight, nullptr, nullptr, nullptr, nullptr, nullptr, device);
+  return sh;
+}
+
 }  // namespace fastcv

@@ -690,11 +690,8 @@ void batch_norm_backward_cpu(const TensorView& grad_y, const TensorView& x, cons
                              const TensorView& mean, const TensorView& var, const TensorView* weight, bool training,
                              double eps, const TensorView* grad_x, const TensorView* grad_residual,
                              const TensorView* grad_weight, const TensorView* grad_bias, int nthreads) {
-  const BatchNormShape sh = check_batch_norm_args(x, weight, grad_bias, &mean, &var, nullptr, y, DeviceType::CPU);
-  check_batch_norm_like(grad_y, "grad_output", x, sh, DeviceType::CPU);
-  if (grad_x) check_batch_norm_like(*grad_x, "grad_input", x, sh, DeviceType::CPU);
-  if (grad_residual) check_batch_norm_like(*grad_residual, "grad_residual", x, sh, DeviceType::CPU);
-  if (grad_weight) check_batch_norm_args(x, grad_weight, nullptr, nullptr, nullptr, nullptr, nullptr, DeviceType::CPU);
+  const BatchNormShape sh = check_batch_norm_backward_args(grad_y, x, y, mean, var, weight, grad_x, grad_residual,
+                                                           grad_weight, grad_bias, DeviceType::CPU);
   dispatch_floating(x.dtype, "input", [&](auto tag) {
     using T = decltype(tag);
     using A = compute_t<T>;

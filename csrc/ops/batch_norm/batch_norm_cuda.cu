@@ -716,11 +716,8 @@ void batch_norm_backward_cuda(const TensorView& grad_y, const TensorView& x, con
                               const TensorView& mean, const TensorView& var, const TensorView* weight, bool training,
                               double eps, const TensorView* grad_x, const TensorView* grad_residual,
                               const TensorView* grad_weight, const TensorView* grad_bias, uintptr_t stream) {
-  const BatchNormShape sh = check_batch_norm_args(x, weight, grad_bias, &mean, &var, nullptr, y, DeviceType::CUDA);
-  check_batch_norm_like(grad_y, "grad_output", x, sh, DeviceType::CUDA);
-  if (grad_x) check_batch_norm_like(*grad_x, "grad_input", x, sh, DeviceType::CUDA);
-  if (grad_residual) check_batch_norm_like(*grad_residual, "grad_residual", x, sh, DeviceType::CUDA);
-  if (grad_weight) check_batch_norm_args(x, grad_weight, nullptr, nullptr, nullptr, nullptr, nullptr, DeviceType::CUDA);
+  const BatchNormShape sh = check_batch_norm_backward_args(grad_y, x, y, mean, var, weight, grad_x, grad_residual,
+                                                           grad_weight, grad_bias, DeviceType::CUDA);
   if (sh.c == 0) return;
   DeviceGuard guard(x);
   const cudaStream_t s = as_stream(stream);

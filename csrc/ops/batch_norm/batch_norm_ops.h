@@ -25,6 +25,12 @@ BatchNormShape check_batch_norm_args(const TensorView& x, const TensorView* weig
 // One more [N, C, S] tensor (a gradient) against x: same sizes, dtype, layout and device.
 void check_batch_norm_like(const TensorView& t, const char* arg, const TensorView& x, const BatchNormShape& s,
                            DeviceType device);
+// Every argument of a backward entry point (below).
+BatchNormShape check_batch_norm_backward_args(const TensorView& grad_y, const TensorView& x, const TensorView* y,
+                                              const TensorView& mean, const TensorView& var,
+                                              const TensorView* weight, const TensorView* grad_x,
+                                              const TensorView* grad_residual, const TensorView* grad_weight,
+                                              const TensorView* grad_bias, DeviceType device);
 
 // Training forward: the batch's per-channel mean and biased variance into mean, var (outputs), and
 // y = bn(x) [+ residual] [ReLU] normalised with them.
