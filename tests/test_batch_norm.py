@@ -405,3 +405,14 @@ def test_odd_strides_are_copied_not_misread():
     # A residual in another memory format than the input.
     y = batch_norm_add_relu(x.contiguous(memory_format=torch.channels_last), x.contiguous(), None, None, training=True)
     close(y, F.relu(F.batch_norm(x.double(), None, None, training=True) + x.double()), torch.float32)
+
+
+def test_nan_passes_the_fused_relu(device):
+    """relu(NaN) is NaN in PyTorch; the fused ReLU must not turn it into 0."""
+    x = torch.randn(2, 3, 4, 4, device=device)
+    x[0, 1, 2, 2] = math.nan
+    w, b, rm, rv = params(3, torch.float32, device)
+    y = batch_norm_relu(x, rm, rv, w, b, False)
+    expected = F.relu(F.batch_norm(x, rm, rv, w, b, False))
+    assert torch.isnan(y[0, 1, 2, 2]) and torch.equal(torch.isnan(y), torch.isnan(expected))
+    torch.testing.assert_close(y.nan_to_num(), expected.nan_to_num())
