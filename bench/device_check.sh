@@ -40,15 +40,16 @@ grep -E "registers|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -5 
 step peaks 60 "$PY" bench/peaks/gpu_peaks.py "$OUT/peaks.json"
 # CUDA C++ kernels (NMS, RoI Align, im2col, depthwise) and the conv op layer on the GPU
 step tests_cuda 120 "$PY" -m pytest -q -x tests -k cuda --ignore=tests/test_conv2d_triton.py \
-  --ignore=tests/test_nms_triton.py --ignore=tests/test_roi_align_triton.py
+  --ignore=tests/test_nms_triton.py --ignore=tests/test_roi_align_triton.py --ignore=tests/test_batch_norm_triton.py
 tail -3 "$OUT/tests_cuda.log"
 # Triton kernels compiled for real; one configuration per kernel keeps compile time bounded
 FASTCV_TRITON_AUTOTUNE=0 step tests_triton 150 "$PY" -m pytest -q tests/test_conv2d_triton.py \
-  tests/test_nms_triton.py tests/test_roi_align_triton.py
+  tests/test_nms_triton.py tests/test_roi_align_triton.py tests/test_batch_norm_triton.py
 tail -3 "$OUT/tests_triton.log"
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
-    tests/test_conv2d_depthwise.py tests/test_im2col.py tests/test_nms.py -k "cuda and not gradcheck"
+    tests/test_conv2d_depthwise.py tests/test_im2col.py tests/test_nms.py tests/test_batch_norm.py \
+    -k "cuda and not gradcheck"
   tail -3 "$OUT/sanitizer.log"
 fi
 # The GPU target: the ResNet-50 layers in bfloat16 channels_last against cuDNN, forward and backward
@@ -56,5 +57,9 @@ fi
 step bench 150 "$PY" -m fastcv bench --device cuda --op conv2d --match "${BENCH_MATCH:-bfloat16}" \
   --json "$OUT/bench_conv.json"
 cat "$OUT/bench.log"
+# Batch norm against PyTorch's (cuDNN-free) CUDA kernels: GB/s next to the measured copy bandwidth
+step bench_bn 120 "$PY" -m fastcv bench --device cuda --op batch_norm --op batch_norm_relu \
+  --op batch_norm_add_relu --json "$OUT/bench_batch_norm.json"
+cat "$OUT/bench_bn.log"
 echo "---- summary"; cat "$OUT/summary.txt"
 exit $status
