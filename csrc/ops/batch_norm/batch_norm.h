@@ -41,24 +41,25 @@ FASTCV_HD A inverse_std(A var, A eps) {
 }
 
 // Forward, per element: y = (x - mean) * scale + shift [+ residual] [then ReLU], with
-// scale = weight * invstd and shift = bias. Subtracting the mean first (not x * scale + (bias - mean *
-// scale)) keeps the result exact when |mean| is far above the standard deviation; mean_lo, the part
-// of a double-precision mean that float cannot hold, is subtracted after it (x - mean is exact for x
-// near the mean), so a float32 channel with mean 1e4 and standard deviation 1e-2 loses nothing to
-// the mean's rounding (about 5e-4 there, 5% of a standard deviation).
+// scale = weight * invstd and shift = bias - mean_lo * scale. Subtracting the mean first (not
+// x * scale + (bias - mean * scale)) keeps the result exact when |mean| is far above the standard
+// deviation: x - mean is exact for x near the mean. mean_lo, the part of a double-precision mean that
+// float cannot hold, enters through the shift, so a float32 channel with mean 1e4 and standard
+// deviation 1e-2 loses nothing to the mean's rounding (about 5e-4 there, 5% of a standard deviation).
 template <class A>
 struct Affine {
-  A mean, scale, shift, mean_lo;
+  A mean, scale, shift;
 };
 
 template <class A>
 FASTCV_HD Affine<A> affine(A mean, A var, A eps, A weight, A bias, A mean_lo = A(0)) {
-  return {mean, weight * inverse_std(var, eps), bias, mean_lo};
+  const A scale = weight * inverse_std(var, eps);
+  return {mean, scale, bias - mean_lo * scale};
 }
 
 template <class A>
 FASTCV_HD A apply(A x, const Affine<A>& f) {
-  return ((x - f.mean) - f.mean_lo) * f.scale + f.shift;
+  return (x - f.mean) * f.scale + f.shift;
 }
 
 // NaN passes through, as in torch.relu.

@@ -160,21 +160,21 @@ FASTCV_BN_INLINE void apply_block(const T* x, const T* res, T* y, Block b, Affin
 // Per-channel coefficients as separate arrays, so that loops along the channels load them as vectors.
 template <class A>
 struct AffineColumns {
-  std::vector<A> mean, scale, shift, mean_lo;
-  explicit AffineColumns(int64_t C) : mean(C), scale(C), shift(C), mean_lo(C) {}
-  void set(int64_t c, const Affine<A>& f) { mean[c] = f.mean, scale[c] = f.scale, shift[c] = f.shift, mean_lo[c] = f.mean_lo; }
-  Affine<A> get(int64_t c) const { return {mean[c], scale[c], shift[c], mean_lo[c]}; }
+  std::vector<A> mean, scale, shift;
+  explicit AffineColumns(int64_t C) : mean(C), scale(C), shift(C) {}
+  void set(int64_t c, const Affine<A>& f) { mean[c] = f.mean, scale[c] = f.scale, shift[c] = f.shift; }
+  Affine<A> get(int64_t c) const { return {mean[c], scale[c], shift[c]}; }
 };
 
 // Packed: one row of C channels, the coefficients as restrict-qualified columns.
 template <class T>
 FASTCV_BN_INLINE void apply_row(const T* __restrict x, const T* __restrict res, T* __restrict y, int64_t C,
                                 const compute_t<T>* __restrict mean, const compute_t<T>* __restrict scale,
-                                const compute_t<T>* __restrict shift, const compute_t<T>* __restrict mean_lo,
+                                const compute_t<T>* __restrict shift,
                                 bool relu) {
   using A = compute_t<T>;
   for (int64_t c = 0; c < C; ++c) {
-    A v = batch_norm::apply(load(x, c), Affine<A>{mean[c], scale[c], shift[c], mean_lo[c]});
+    A v = batch_norm::apply(load(x, c), Affine<A>{mean[c], scale[c], shift[c]});
     if (res) v += load(res, c);
     if (relu) v = batch_norm::relu(v);
     y[c] = from_compute<T>(v);
@@ -187,8 +187,7 @@ FASTCV_BN_INLINE void apply_rows(const T* x, const T* res, T* y, int64_t r0, int
                                  const AffineColumns<compute_t<T>>& f, bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * C;
-    apply_row(x + o, res ? res + o : nullptr, y + o, C, f.mean.data(), f.scale.data(), f.shift.data(),
-              f.mean_lo.data(), relu);
+    apply_row(x + o, res ? res + o : nullptr, y + o, C, f.mean.data(), f.scale.data(), f.shift.data(), relu);
   }
 }
 
@@ -464,11 +463,39 @@ void for_each_block(const PlanarPlan& plan, int nthreads, const F& job) {
   });
 }
 
+// Planar passes that need no per-channel order (normalisation, input gradient, evaluation's
+// backward) go through memory in order: planes image by image, each cut into segments of at most
+// kSegment values, so that threads stream. Segment i of a channel is (image, segment) = divmod(i, per_plane).
+struct Segments {
+  int64_t n, c, s, per_plane, len;
+  explicit Segments(const BatchNormShape& sh)
+      : n(sh.n), c(sh.c), s(sh.s), per_plane(std::max<int64_t>(1, (sh.s + kSegment - 1) / kSegment)),
+        len((sh.s + per_plane - 1) / per_plane) {}
+  int64_t per_channel() const { return n * per_plane; }
+};
+
+// job(channel, index of the segment within its channel, block), for every segment.
+template <class F>
+void for_each_segment(const Segments& sg, int nthreads, const F& job) {
+  const int64_t count = sg.n * sg.c * sg.per_plane;
+  parallel_for(0, count, std::max<int64_t>(1, kSegment / sg.len), nthreads, [&](int64_t u0, int64_t u1) {
+    int64_t seg = u0 % sg.per_plane, plane = u0 / sg.per_plane, c = plane % sg.c, n = plane / sg.c;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t begin = seg * sg.len;
+      job(c, n * sg.per_plane + seg, Block{(n * sg.c + c) * sg.s + begin, 1, 0, std::min(sg.len, sg.s - begin)});
+      if (++seg == sg.per_plane) {  // the next plane: advance without a division per item
+        seg = 0;
+        if (++c == sg.c) c = 0, ++n;
+      }
+    }
+  });
+}
+
 template <class T>
-void apply_planar(const ForwardArgs<T>& a, const PlanarPlan& plan, const AffineColumns<compute_t<T>>& f,
+void apply_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, const AffineColumns<compute_t<T>>& f,
                   int nthreads) {
-  for_each_block(plan, nthreads, [&](int64_t c, int64_t b) {
-    apply_block_isa(a.x, a.res, a.y, plan.block(c, b), f.get(c), a.relu);
+  for_each_segment(Segments(sh), nthreads, [&](int64_t c, int64_t, Block blk) {
+    apply_block_isa(a.x, a.res, a.y, blk, f.get(c), a.relu);
   });
 }
 
@@ -497,7 +524,7 @@ void train_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
     for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, parts[c * plan.blocks + b]);
     f.set(c, finish_stats(a, c, m, mean, var));
   });
-  apply_planar(a, plan, f, nthreads);
+  apply_planar(a, sh, f, nthreads);
 }
 
 template <class T>
@@ -567,7 +594,7 @@ void batch_norm_forward_eval_cpu(const TensorView& x, const TensorView& mean, co
     if (sh.packed)
       apply_packed(a, sh.n * sh.s, sh.c, f, nthreads);
     else
-      apply_planar(a, PlanarPlan(sh), f, nthreads);
+      apply_planar(a, sh, f, nthreads);
   });
 }
 
@@ -623,14 +650,20 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
     param_grads(a, c, s);
     return s;
   };
-  if (!a.training) {
+  if (!a.training) {  // one pass in memory order: each segment's sums, then its gradient from L1
+    const Segments sg(sh);
     std::vector<GradCoeffs<A>> k(sh.c);
     for (int64_t c = 0; c < sh.c; ++c) k[c] = coeffs(a, c, GradSums{});
-    for_each_block(plan, nthreads, [&](int64_t c, int64_t b) {
-      if (a.reduce) parts[c * plan.blocks + b] = sums(c, plan.block(c, b));
-      if (a.elementwise()) grad(plan.block(c, b), k[c]);
+    std::vector<GradSums> seg_parts(a.reduce ? sh.c * sg.per_channel() : 0);
+    for_each_segment(sg, nthreads, [&](int64_t c, int64_t i, Block blk) {
+      if (a.reduce) seg_parts[c * sg.per_channel() + i] = sums(c, blk);
+      if (a.elementwise()) grad(blk, k[c]);
     });
-    for_each_channel(sh.c, nthreads, fold);
+    for_each_channel(sh.c, nthreads, [&](int64_t c) {
+      GradSums s;
+      for (int64_t i = 0; a.reduce && i < sg.per_channel(); ++i) s = add(s, seg_parts[c * sg.per_channel() + i]);
+      param_grads(a, c, s);
+    });
     return;
   }
   if (plan.by_channel(nthreads)) {
@@ -646,7 +679,8 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
   for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { parts[c * plan.blocks + b] = sums(c, plan.block(c, b)); });
   std::vector<GradCoeffs<A>> k(sh.c);
   for_each_channel(sh.c, nthreads, [&](int64_t c) { k[c] = coeffs(a, c, fold(c)); });
-  if (a.elementwise()) for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { grad(plan.block(c, b), k[c]); });
+  if (a.elementwise())
+    for_each_segment(Segments(sh), nthreads, [&](int64_t c, int64_t, Block blk) { grad(blk, k[c]); });
 }
 
 template <class T>
