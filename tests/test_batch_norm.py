@@ -416,3 +416,31 @@ def test_nan_passes_the_fused_relu(device):
     expected = F.relu(F.batch_norm(x, rm, rv, w, b, False))
     assert torch.isnan(y[0, 1, 2, 2]) and torch.equal(torch.isnan(y), torch.isnan(expected))
     torch.testing.assert_close(y.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("shape,channels_last", [((4, 32, 181, 181), False), ((4, 33, 180, 180), True)])
+def test_large_outputs_streamed(shape, channels_last):
+    """Outputs of 16 MB and more are written with streaming stores (csrc: kStreamBytes): odd plane
+    lengths and channel counts put runs at every alignment."""
+    x = make(shape, channels_last, torch.float32, "cpu")
+    w, b, rm, rv = params(shape[1], torch.float32, "cpu")
+    identity = make(shape, channels_last, torch.float32, "cpu", 1.0, 0.0, seed=3)
+    g = make(shape, channels_last, torch.float32, "cpu", 1.0, 0.0, seed=7)
+    for training in (True, False):
+        y_ref, (xr, wr, br, _), _ = reference(x, rm, rv, w, b, training)
+        x1, w1 = (t.detach().clone().requires_grad_() for t in (x, w))
+        y = batch_norm(x1, rm.clone(), rv.clone(), w1, b, training)
+        close(y, y_ref, torch.float32, "output")
+        y.backward(g)
+        y_ref.backward(g.double())
+        close(x1.grad, xr.grad, torch.float32, "grad_input")
+        close(w1.grad, wr.grad, torch.float32, "grad_weight")
+        # The fused residual and ReLU, and identity's gradient (also streamed).
+        y_ref, (_, _, _, ir), _ = reference(x, rm, rv, w, b, training, identity=identity, relu=True)
+        i1 = identity.clone().requires_grad_()
+        y = batch_norm_add_relu(x, i1, rm.clone(), rv.clone(), w, b, training)
+        keep = (y_ref.detach().abs() > 1e-3) | (y_ref.detach() == 0)
+        close(y.double() * keep, y_ref * keep, torch.float32, "fused output")
+        y.backward(g)
+        y_ref.backward(g.double())
+        close(i1.grad.double() * keep, ir.grad * keep, torch.float32, "grad_identity")
