@@ -444,3 +444,11 @@ def test_large_outputs_streamed(shape, channels_last):
         y.backward(g)
         y_ref.backward(g.double())
         close(i1.grad.double() * keep, ir.grad * keep, torch.float32, "grad_identity")
+
+
+def test_double_backward_raises():
+    """A second derivative is not implemented: a clear error, not silently wrong (zero) gradients."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(batch_norm(x, None, None, training=True).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()

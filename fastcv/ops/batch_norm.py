@@ -283,6 +283,17 @@ def _eval_backward(ctx, grad):
     return gx, None, None, gw, gb, gr, None, None
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fastcv's batch_norm has no second derivative (double backward); use "
+                              "torch.nn.functional.batch_norm where one is needed")
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+# The backward is not differentiable: say so, rather than let autograd treat it as a constant.
+torch.library.register_autograd("fastcv::batch_norm_backward", _no_double_backward, setup_context=_no_setup)
 torch.library.register_autograd("fastcv::batch_norm_train", _train_backward, setup_context=_train_setup)
 torch.library.register_autograd("fastcv::batch_norm_eval", _eval_backward, setup_context=_eval_setup)
 
