@@ -48,3 +48,13 @@ def eager_direct(*tensors) -> bool:
         if type(t) is not torch.Tensor or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
     return not torch.overrides.has_torch_function(present)
+
+
+def no_second_derivative(name: str, what: str) -> None:
+    """Registers an autograd formula for the backward op torch.ops.fastcv.<name> that raises: without
+    one, autograd would treat the backward as a constant under create_graph=True and return silently
+    wrong (zero) second derivatives."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"fastcv's {what} has no second derivative (double backward)")
+
+    torch.library.register_autograd(f"fastcv::{name}", backward, setup_context=lambda ctx, inputs, output: None)

@@ -325,3 +325,12 @@ def test_cuda_deterministic_backward(channels_last):
     out = ops.roi_align(cpu, rois.cpu(), 7, 0.5, -1, True)
     out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
     torch.testing.assert_close(first.cpu(), cpu.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_raises():
+    """No second derivative: a clear error, not silently zero second derivatives."""
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]], dtype=torch.float64)
+    (g,) = torch.autograd.grad(ops.roi_align(x, rois, 2).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()

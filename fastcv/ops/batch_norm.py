@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import define, eager_direct
+from fastcv._library import define, eager_direct, no_second_derivative
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
 
@@ -283,17 +283,7 @@ def _eval_backward(ctx, grad):
     return gx, None, None, gw, gb, gr, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("fastcv's batch_norm has no second derivative (double backward); use "
-                              "torch.nn.functional.batch_norm where one is needed")
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
-# The backward is not differentiable: say so, rather than let autograd treat it as a constant.
-torch.library.register_autograd("fastcv::batch_norm_backward", _no_double_backward, setup_context=_no_setup)
+no_second_derivative("batch_norm_backward", "batch_norm")
 torch.library.register_autograd("fastcv::batch_norm_train", _train_backward, setup_context=_train_setup)
 torch.library.register_autograd("fastcv::batch_norm_eval", _eval_backward, setup_context=_eval_setup)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
-from fastcv._library import define
+from fastcv._library import define, no_second_derivative
 from fastcv.ops._args import pair
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
@@ -162,6 +162,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastcv::roi_align", _backward, setup_context=_setup_context)
+no_second_derivative("roi_align_backward", "roi_align")
 
 
 def _rois(boxes, input: Tensor) -> Tensor:
@@ -261,6 +262,7 @@ def _ms_backward(ctx, grad):
 
 
 torch.library.register_autograd("fastcv::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup_context)
+no_second_derivative("multi_scale_roi_align_backward", "multi_scale_roi_align")
 
 
 def infer_scales(features, image_shapes) -> list[float]:
