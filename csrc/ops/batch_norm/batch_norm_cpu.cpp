@@ -410,7 +410,9 @@ struct PlanarPlan {
     const int64_t first = b * group;
     return {(first * c + channel) * s, std::min(group, n - first), c * s, s};
   }
-  Block channel(int64_t channel) const { return {channel * s, n, c * s, s}; }
+  // A whole channel, planes last to first: the pass after a reduction over the channel starts with
+  // the planes the reduction read last, which are still in L2.
+  Block channel_backwards(int64_t channel) const { return {((n - 1) * c + channel) * s, n, -c * s, s}; }
   // Work item u -> (channel, block), in memory order for small planes.
   void item(int64_t u, int64_t& channel, int64_t& b) const {
     if (image_major)
@@ -553,7 +555,8 @@ void train_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
       for (int64_t c = c0; c < c1; ++c) {
         Moments<double> m;
         for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, block_moments_isa(a.x, plan.block(c, b)));
-        apply_block_isa(a.x, a.res, a.y, plan.channel(c), finish_stats(a, c, m, mean, var), a.relu, a.stream);
+        apply_block_isa(a.x, a.res, a.y, plan.channel_backwards(c), finish_stats(a, c, m, mean, var), a.relu,
+                        a.stream);
       }
     });
     return;
@@ -718,7 +721,7 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t b = 0; b < plan.blocks; ++b) parts[c * plan.blocks + b] = sums(c, plan.block(c, b));
         const GradCoeffs<A> k = coeffs(a, c, fold(c));
-        if (a.elementwise()) grad(plan.channel(c), k);
+        if (a.elementwise()) grad(plan.channel_backwards(c), k);
       }
     });
     return;
