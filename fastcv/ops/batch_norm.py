@@ -65,9 +65,9 @@ def _dense(x: Tensor) -> Tensor:
     return x if fmt is not None and x.is_contiguous(memory_format=fmt) else x.contiguous()
 
 
-def _like(t: Tensor, x: Tensor) -> Tensor:
+def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
     """t (of x's shape) in x's memory layout: a copy only when the two layouts differ."""
-    if t.stride() == x.stride() or t.numel() == 0:
+    if t is None or t.stride() == x.stride() or t.numel() == 0:
         return t
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
@@ -173,7 +173,7 @@ def _train_impl(input, weight, bias, residual, relu, eps):
     if _m(x) == 0:  # no values: empty output, undefined statistics (the caller leaves its buffers alone)
         return y, mean.fill_(math.nan), var.fill_(math.nan)
     if c:
-        _run_train(x, _contig(weight), _contig(bias), _residual(residual, x), relu, eps, y, mean, var)
+        _run_train(x, _contig(weight), _contig(bias), _like(residual, x), relu, eps, y, mean, var)
     return y, mean, var
 
 
@@ -188,7 +188,7 @@ def _eval_impl(input, mean, var, weight, bias, residual, relu, eps):
     x = _dense(input)
     y = _empty_like(x)
     if y.numel():
-        _run_eval(x, mean.contiguous(), var.contiguous(), _contig(weight), _contig(bias), _residual(residual, x), relu,
+        _run_eval(x, mean.contiguous(), var.contiguous(), _contig(weight), _contig(bias), _like(residual, x), relu,
                   eps, y)
     return y
 
@@ -202,18 +202,20 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
-def _residual(residual, x):
-    return None if residual is None else _like(residual, x)
+def _wanted(weight, output_mask):
+    """output_mask, less a weight gradient without a weight."""
+    want_x, want_res, want_w, want_b = output_mask
+    return want_x, want_res, want_w and weight is not None, want_b
 
 
 def _backward_outputs(x, weight, output_mask):
     """Allocations of (grad_input, grad_residual, grad_weight, grad_bias): empty where not wanted."""
     c, stats = x.shape[1], _stats_dtype(x.dtype)
-    want_x, want_res, want_w, want_b = output_mask
+    want_x, want_res, want_w, want_b = _wanted(weight, output_mask)
     return (
         _empty_like(x) if want_x else x.new_empty((0,)),
         _empty_like(x) if want_res else x.new_empty((0,)),
-        x.new_empty((c,), dtype=stats) if want_w and weight is not None else x.new_empty((0,), dtype=stats),
+        x.new_empty((c,), dtype=stats) if want_w else x.new_empty((0,), dtype=stats),
         x.new_empty((c,), dtype=stats) if want_b else x.new_empty((0,), dtype=stats),
     )
 
@@ -221,10 +223,10 @@ def _backward_outputs(x, weight, output_mask):
 def _backward_impl(grad_output, input, output, mean, var, weight, training, eps, output_mask):
     x = _dense(input)
     grad = _like(grad_output, x)
-    out = None if output is None else _like(output, x)
+    out = _like(output, x)
     outs = _backward_outputs(x, weight, output_mask)
     if x.shape[1]:
-        wanted = [t if output_mask[k] and not (k == 2 and weight is None) else None for k, t in enumerate(outs)]
+        wanted = [t if want else None for t, want in zip(outs, _wanted(weight, output_mask))]
         _run_backward(grad, x, out, mean.contiguous(), var.contiguous(), _contig(weight), training, eps, wanted)
     return outs
 
@@ -242,9 +244,12 @@ define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? output, Te
        impl=_backward_impl, fake=_backward_fake)
 
 
-def _mask(ctx, weight, bias, residual):
-    return [ctx.needs_input_grad[0], residual is not None and ctx.needs_input_grad[3],
-            weight is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+def _setup(ctx, optional, positions, relu, eps):
+    """Both forwards' autograd context. optional: (weight, bias, residual); positions: their indices
+    among the op's inputs. ctx.mask is batch_norm_backward's output_mask."""
+    needs = [t is not None and ctx.needs_input_grad[k] for t, k in zip(optional, positions)]
+    ctx.mask = [ctx.needs_input_grad[0], needs[2], needs[0], needs[1]]
+    ctx.relu, ctx.eps = relu, eps
 
 
 def _grads(ctx, grad, training):
@@ -260,7 +265,7 @@ def _train_setup(ctx, inputs, output):
     input, weight, bias, residual, relu, eps = inputs
     y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
-    ctx.relu, ctx.eps, ctx.mask = relu, eps, _mask(ctx, weight, bias, residual)
+    _setup(ctx, (weight, bias, residual), (1, 2, 3), relu, eps)
     ctx.save_for_backward(input, y if relu else None, mean, var, weight)
 
 
@@ -271,10 +276,7 @@ def _train_backward(ctx, grad, _grad_mean, _grad_var):
 
 def _eval_setup(ctx, inputs, output):
     input, mean, var, weight, bias, residual, relu, eps = inputs
-    ctx.relu, ctx.eps = relu, eps
-    mask = [ctx.needs_input_grad[0], residual is not None and ctx.needs_input_grad[5],
-            weight is not None and ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4]]
-    ctx.mask = mask
+    _setup(ctx, (weight, bias, residual), (3, 4, 5), relu, eps)
     ctx.save_for_backward(input, output if relu else None, mean, var, weight)
 
 
