@@ -27,6 +27,7 @@ void bind_roi_align(py::module_& m);
 void bind_im2col(py::module_& m);
 void bind_conv2d(py::module_& m);
 void bind_batch_norm(py::module_& m);
+void bind_attention(py::module_& m);
 }  // namespace fastcv
 
 #ifdef FASTCV_WITH_CUDA
@@ -89,4 +90,5 @@ PYBIND11_MODULE(_C, m) {
   fastcv::bind_im2col(m);
   fastcv::bind_conv2d(m);
   fastcv::bind_batch_norm(m);
+  fastcv::bind_attention(m);
 }
