@@ -70,6 +70,11 @@ def _check_op(q, k, v, mask):
                          f"{mask.dtype} {list(mask.shape)}")
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t with a contiguous last dimension (the kernels read rows as runs): itself, almost always."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def _forward_outputs(q, v):
     b, hq, l, _ = q.shape
     out = q.new_empty((b, hq, l, v.shape[3]))
@@ -82,6 +87,7 @@ def _forward_impl(q, k, v, mask, dropout_p, is_causal, scale, seed):
     out, lse = _forward_outputs(q, v)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
+    q, k, v = _rows(q), _rows(k), _rows(v)
     if q.device.type == "cpu":
         _C.attention_forward_cpu(view(q), view(k), view(v), opt_view(mask), scale, is_causal, dropout_p, seed, 0,
                                  view(out), view(lse), num_threads())
@@ -106,6 +112,7 @@ def _backward_outputs(q, k, v):
 def _backward_impl(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed):
     _check_op(q, k, v, mask)
     dq, dk, dv = _backward_outputs(q, k, v)
+    grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
     if q.device.type == "cpu":
         _C.attention_backward_cpu(view(grad_out), view(q), view(k), view(v), view(out.contiguous()),
                                   view(lse.contiguous()), opt_view(mask), scale, is_causal, dropout_p, seed, 0,

@@ -23,6 +23,11 @@ void check_same(const TensorView& t, const char* arg, const TensorView& q, Devic
   check_dtype(t, arg, q.dtype);
 }
 
+// Rows are read as runs: the last dimension must be contiguous.
+void check_rows(const TensorView& t, const char* arg) {
+  check_arg(t.size(3) <= 1 || t.stride(3) == 1, std::string(arg) + "'s last dimension must be contiguous (stride 1)");
+}
+
 }  // namespace
 
 AttentionShape check_attention_args(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -35,6 +40,9 @@ AttentionShape check_attention_args(const TensorView& q, const TensorView& k, co
   check_shape(v, "value", {q.size(0), k.size(1), k.size(2), -1});
   check_same(k, "key", q, device);
   check_same(v, "value", q, device);
+  check_rows(q, "query");
+  check_rows(k, "key");
+  check_rows(v, "value");
   const AttentionShape sh{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   check_arg(sh.hkv > 0 ? sh.hq % sh.hkv == 0 : sh.hq == 0,
             "the query's heads (" + std::to_string(sh.hq) + ") must be a multiple of the key's (" +
@@ -68,6 +76,7 @@ void check_attention_grads(const TensorView& grad_out, const TensorView& dq, con
     check_shape(p.t, p.arg, {p.like.size(0), p.like.size(1), p.like.size(2), p.like.size(3)});
     check_same(p.t, p.arg, q, q.device);
     if (p.contiguous) check_contiguous(p.t, p.arg);
+    check_rows(p.t, p.arg);
   }
 }
 

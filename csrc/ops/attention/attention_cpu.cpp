@@ -24,12 +24,14 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/gemm.h"
 #include "common/parallel.h"
+#include "common/transpose.h"
 #include "ops/attention/attention.h"
 #include "ops/attention/attention_ops.h"
 
@@ -44,13 +46,13 @@ using gemm::round_up;
 template <class S>
 struct Strided {
   const S* p;
-  int64_t sb, sh, sr, sc;
+  int64_t sb, sh, sr;  // the last dimension is contiguous (checked)
   const S* row(int64_t b, int64_t h, int64_t r) const { return p + b * sb + h * sh + r * sr; }
 };
 
 template <class S>
 Strided<S> strided(const TensorView& t) {
-  return {t.ptr<const S>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  return {t.ptr<const S>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
 template <class T>
@@ -89,6 +91,22 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 template <class T, class S>
 void pack_rows_k_major(const S* src, int64_t sr, int64_t nrows, int64_t cols, int64_t width, int64_t rows_pad,
                        T scale, T* dst) {
+  if constexpr (std::is_same_v<S, T>) {
+    // Transpose the whole block once (8 x 8 register blocks), then cut it into panels: contiguous runs.
+    thread_local std::vector<T> tmp;
+    tmp.resize(size_t(cols * rows_pad));
+    transpose(src, sr, nrows, cols, tmp.data(), rows_pad);
+    for (int64_t c = 0; c < cols; ++c) std::fill(tmp.data() + c * rows_pad + nrows, tmp.data() + (c + 1) * rows_pad, T(0));
+    for (int64_t r0 = 0; r0 < rows_pad; r0 += width) {
+      T* panel = dst + r0 * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const T* in = tmp.data() + c * rows_pad + r0;
+        T* out = panel + c * width;
+        for (int64_t i = 0; i < width; ++i) out[i] = scale * in[i];
+      }
+    }
+    return;
+  }
   const S* rows[64];
   for (int64_t r0 = 0; r0 < rows_pad; r0 += width) {
     const int64_t valid = std::max<int64_t>(0, std::min(width, nrows - r0));
@@ -99,6 +117,21 @@ void pack_rows_k_major(const S* src, int64_t sr, int64_t nrows, int64_t cols, in
       for (int64_t i = 0; i < valid; ++i) out[i] = scale * T(to_float(rows[i][c]));
       for (int64_t i = valid; i < width; ++i) out[i] = T(0);
     }
+  }
+}
+
+// Rows [0, n) of out (row stride ld) = the first n columns of a transposed accumulator acc [rows][nr],
+// each column multiplied by its factor (1 / l in the forward; 1 for gradients, factor null).
+template <class T, class S>
+void store_transposed(T* acc, int64_t rows, int64_t nr, int64_t n, const T* factor, S* out, int64_t ld) {
+  if (factor)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < nr; ++j) acc[r * nr + j] *= factor[j];
+  if constexpr (std::is_same_v<S, T>) {
+    transpose(acc, nr, rows, n, out, ld);
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t r = 0; r < rows; ++r) out[j * ld + r] = from_compute<S>(acc[r * nr + j]);
   }
 }
 
@@ -204,27 +237,33 @@ void score_grad(const double* p, double* dp, int64_t rows, int64_t nr, const dou
   score_grad_impl(p, dp, rows, nr, delta);
 }
 
-// ---- masking a score tile: additive mask, causal limit, padding. `transposed`: the tile is
-// [keys][queries] (forward), else [queries][keys] (backward). Entries past the valid queries/keys
-// get -inf too, so they contribute nothing.
+// ---- masking a score tile: the additive mask, then -inf for keys past the causal limit or past S.
+// `transposed`: the tile is [keys][queries] (forward), else [queries][keys] (backward). Queries past L
+// need nothing: the forward discards their lanes, and the backward's lse of +inf zeroes their rows.
 template <class T>
 void mask_tile(const Problem<T>& pr, int64_t b, int64_t h, T* tile, bool transposed, int64_t rows, int64_t nr,
                int64_t row0, int64_t col0) {
   const int64_t nq = transposed ? nr : rows, nk = transposed ? rows : nr;
   const int64_t q0 = transposed ? col0 : row0, k0 = transposed ? row0 : col0;
-  const int64_t sq = transposed ? 1 : nr, sk = transposed ? nr : 1;
   const int64_t q_end = std::min(nq, pr.sh.l - q0), k_end = std::min(nk, pr.sh.s - k0);
   const T neg = -T(kInf), log2e = T(attention::kLog2e);
   if (pr.mask) {
+    const int64_t sq = transposed ? 1 : nr, sk = transposed ? nr : 1;
     for (int64_t qi = 0; qi < q_end; ++qi)
       for (int64_t kj = 0; kj < k_end; ++kj) tile[qi * sq + kj * sk] += log2e * pr.mask_at(b, h, q0 + qi, k0 + kj);
   }
   const bool crosses = pr.causal && k0 + nk - 1 > q0;  // some key of the tile is after some query
-  const bool padded = q_end < nq || k_end < nk;
-  if (!crosses && !padded) return;
-  for (int64_t qi = 0; qi < nq; ++qi)
-    for (int64_t kj = 0; kj < nk; ++kj)
-      if (qi >= q_end || kj >= k_end || (pr.causal && k0 + kj > q0 + qi)) tile[qi * sq + kj * sk] = neg;
+  if (transposed) {
+    for (int64_t kj = k_end; kj < nk; ++kj) std::fill(tile + kj * nr, tile + (kj + 1) * nr, neg);
+    if (crosses)  // key k0 + kj is after queries q0 .. k0 + kj - 1: a prefix of its row
+      for (int64_t kj = 0; kj < k_end; ++kj)
+        std::fill(tile + kj * nr, tile + kj * nr + std::clamp<int64_t>(k0 + kj - q0, 0, nr), neg);
+  } else {
+    for (int64_t qi = 0; qi < nq; ++qi) {  // query q0 + qi sees keys up to itself: a suffix is excluded
+      const int64_t limit = crosses ? std::clamp<int64_t>(q0 + qi - k0 + 1, 0, k_end) : k_end;
+      std::fill(tile + qi * nr + limit, tile + (qi + 1) * nr, neg);
+    }
+  }
 }
 
 // Multiplies a probability tile by the dropout keep mask / (1 - p) (into `out`, which may be `tile`).
@@ -246,7 +285,7 @@ void dropout_tile(const Problem<T>& pr, int64_t b, int64_t h, const T* tile, T* 
 
 template <class T>
 struct ForwardScratch {
-  std::vector<T> q, acc, p, m, l, tmp;
+  std::vector<T> k, v, q, acc, p, m, l, tmp;
 };
 
 // One task: query rows [q0, q0 + nq) of head (b, h), in panels of NR queries. For each key block, each
@@ -280,16 +319,14 @@ void forward_task(const gemm::Kernel<T>& kern, const Problem<T>& pr, int64_t b, 
     }
   }
   // O = acc^T / l, lse = m + log(l); rows that saw no key get 0 and +inf.
+  T* inv = ws.tmp.data();
   for (int64_t pn = 0; pn < panels; ++pn) {
-    const T* acc = ws.acc.data() + pn * dv_pad * NR;
-    for (int64_t j = 0; j < NR && pn * NR + j < nq; ++j) {
-      const int64_t i = q0 + pn * NR + j;
-      const T l = ws.l[size_t(pn * NR + j)], m = ws.m[size_t(pn * NR + j)];
-      const T inv = l > T(0) ? T(1) / l : T(0);
-      S* o = out + ((b * pr.sh.hq + h) * L + i) * Dv;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = from_compute<S>(acc[d * NR + j] * inv);
-      lse[(b * pr.sh.hq + h) * L + i] = l > T(0) ? (m + std::log2(l)) * T(attention::kLn2) : T(kInf);
-    }
+    const int64_t n = std::min(NR, nq - pn * NR), row = (b * pr.sh.hq + h) * L + q0 + pn * NR;
+    const T* l = ws.l.data() + pn * NR;
+    const T* m = ws.m.data() + pn * NR;
+    for (int64_t j = 0; j < NR; ++j) inv[j] = l[j] > T(0) ? T(1) / l[j] : T(0);
+    store_transposed(ws.acc.data() + pn * dv_pad * NR, Dv, NR, n, inv, out + row * Dv, Dv);
+    for (int64_t j = 0; j < n; ++j) lse[row + j] = l[j] > T(0) ? (m[j] + std::log2(l[j])) * T(attention::kLn2) : T(kInf);
   }
 }
 
@@ -301,29 +338,21 @@ void attention_forward_impl(const TensorView& qv, const TensorView& kv, const Te
   const AttentionShape& sh = pr.sh;
   const int64_t D = sh.d, Dv = sh.dv;
   const int64_t s_pad = round_up(sh.s, MR), dv_pad = round_up(Dv, MR);
-  const int64_t k_size = s_pad * D, v_size = dv_pad * s_pad;
   const Strided<S> Q = strided<S>(qv), K = strided<S>(kv), V = strided<S>(vv);
-
-  // K as A panels of MR keys (k = d) and V^T as A panels of MR value columns (k = key), once per head.
-  thread_local CallBuffer<T> buffer;
-  T* kpack = buffer.get(size_t(sh.b * sh.hkv * (k_size + v_size)));
-  T* vpack = kpack + sh.b * sh.hkv * k_size;
-  parallel_for(0, sh.b * sh.hkv, 1, nthreads, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / sh.hkv, h = bh % sh.hkv;
-      pack_rows_k_major(K.row(b, h, 0), K.sr, sh.s, D, MR, s_pad, T(1), kpack + bh * k_size);
-      pack_cols_k_major(V.row(b, h, 0), V.sr, sh.s, Dv, MR, s_pad, dv_pad, T(1), vpack + bh * v_size);
-    }
-  });
-
-  // Tasks: (b, query head, block of kPanels panels of NR queries), handed out one at a time, so the
-  // longer causal blocks do not leave a thread idle at the end.
-  constexpr int64_t kPanels = 4;
+  constexpr int64_t kPanels = 4;             // query panels of NR per block
   const int64_t block_q = kPanels * NR;
   const int64_t block_k = round_up(64, MR);  // K and V blocks of 16 KB each at D = 64
   const int64_t q_blocks = (sh.l + block_q - 1) / block_q;
-  parallel_for(0, sh.b * sh.hq * q_blocks, 1, nthreads, [&](int64_t begin, int64_t end) {
+  // Tasks: a head's query blocks, split into interleaved chunks only when there are fewer heads than
+  // threads can share (chunk c takes blocks c, c + chunks, ...: causal blocks grow with the index).
+  // A task packs its head's K (A panels of MR keys, k = d) and V^T (A panels of MR value columns,
+  // k = key) into its thread's scratch, where they stay in L2 while its query blocks stream past.
+  const int64_t heads = sh.b * sh.hq;
+  const int64_t chunks = std::clamp<int64_t>((2 * int64_t(nthreads) + heads - 1) / heads, 1, q_blocks);
+  parallel_for(0, heads * chunks, 1, nthreads, [&](int64_t begin, int64_t end) {
     thread_local ForwardScratch<T> ws;
+    ws.k.resize(size_t(s_pad * D));
+    ws.v.resize(size_t(dv_pad * s_pad));
     ws.q.resize(size_t(kPanels * D * NR));
     ws.acc.resize(size_t(kPanels * dv_pad * NR));
     ws.p.resize(size_t(kPanels * block_k * NR));
@@ -331,15 +360,17 @@ void attention_forward_impl(const TensorView& qv, const TensorView& kv, const Te
     ws.l.resize(size_t(kPanels * NR));
     ws.tmp.resize(size_t(4 * NR));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / q_blocks, qb = task % q_blocks;
+      const int64_t bh = task / chunks, chunk = task % chunks;
       const int64_t b = bh / sh.hq, h = bh % sh.hq, hk = h / pr.group();
-      const int64_t q0 = qb * block_q;
-      forward_task(kern, pr, b, h, q0, std::min(block_q, sh.l - q0), Q, kpack + (b * sh.hkv + hk) * k_size,
-                   vpack + (b * sh.hkv + hk) * v_size, s_pad, dv_pad, block_k, ws, outv.ptr<S>(),
-                   lsev.ptr<T>());
+      pack_rows_k_major(K.row(b, hk, 0), K.sr, sh.s, D, MR, s_pad, T(1), ws.k.data());
+      pack_cols_k_major(V.row(b, hk, 0), V.sr, sh.s, Dv, MR, s_pad, dv_pad, T(1), ws.v.data());
+      for (int64_t qb = chunk; qb < q_blocks; qb += chunks) {
+        const int64_t q0 = qb * block_q;
+        forward_task(kern, pr, b, h, q0, std::min(block_q, sh.l - q0), Q, ws.k.data(), ws.v.data(), s_pad, dv_pad,
+                     block_k, ws, outv.ptr<S>(), lsev.ptr<T>());
+      }
     }
   });
-  buffer.trim();
 }
 
 // ====================================================================================== backward
@@ -504,16 +535,14 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
           }
         }
         // dK and dV rows of the block, out of their transposed accumulators.
-        for (int64_t jp = 0; jp < kpanels; ++jp)
-          for (int64_t j = 0; j < NR && k0 + jp * NR + j < Sk; ++j) {
-            const int64_t key = k0 + jp * NR + j;
-            S* dkr = dk + (bhk * Sk + key) * D;
-            S* dvr = dv + (bhk * Sk + key) * Dv;
-            const T* dkt = ws.dkt.data() + jp * d_mr * NR;
-            const T* dvt = ws.dvt.data() + jp * dv_mr * NR;
-            for (int64_t d = 0; d < D; ++d) dkr[d] = from_compute<S>(dkt[d * NR + j]);
-            for (int64_t d = 0; d < Dv; ++d) dvr[d] = from_compute<S>(dvt[d * NR + j]);
-          }
+        for (int64_t jp = 0; jp < kpanels; ++jp) {
+          const int64_t key = k0 + jp * NR, n = std::min(NR, Sk - key);
+          if (n <= 0) break;
+          store_transposed(ws.dkt.data() + jp * d_mr * NR, D, NR, n, static_cast<const T*>(nullptr),
+                           dk + (bhk * Sk + key) * D, D);
+          store_transposed(ws.dvt.data() + jp * dv_mr * NR, Dv, NR, n, static_cast<const T*>(nullptr),
+                           dv + (bhk * Sk + key) * Dv, Dv);
+        }
       }
     }
   });
