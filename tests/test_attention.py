@@ -144,10 +144,11 @@ def test_forward_backward(device, shape, dtype):
     assert out.shape == (*lead, L, Ev)
 
 
-def test_long_sequence(device):
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_long_sequence(device, is_causal):
     """One long case: L = S = 1000 (several key and query blocks, partial last blocks), float32."""
     q, k, v = qkv((1, 2), 1000, 1000, 64, 64, torch.float32, device)
-    check(q, k, v)
+    check(q, k, v, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -234,7 +235,7 @@ def test_masked_keys_do_not_leak(device):
 
 # ------------------------------------------------------------------ causal, scale, GQA
 
-@pytest.mark.parametrize("L,S", [(7, 7), (5, 13), (13, 5), (65, 65), (33, 70), (70, 33)])
+@pytest.mark.parametrize("L,S", [(7, 7), (5, 13), (13, 5), (65, 65), (33, 70), (70, 33), (530, 600), (600, 530)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_causal(device, L, S, dtype):
     q, k, v = qkv((2, 2), L, S, 32, 24, dtype, device)
