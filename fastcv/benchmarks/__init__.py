@@ -21,11 +21,14 @@ class Case:
     # (amount of work, unit per second) for one fastcv call, from its inputs and output
     work: Callable[[tuple, Any], tuple[float, str]] | None = None
     quick: bool = True  # part of `bench --quick`
+    # (rate in the unit of `work`, what it is) of the device's ceiling for this case, e.g. the measured
+    # GEMM rate (fastcv.benchmarks.peaks); the table shows the throughput as a fraction of it
+    peak: Callable[[], tuple[float, str]] | None = None
     tags: dict = field(default_factory=dict)
 
 
 def all_cases(device: str) -> list[Case]:
-    from fastcv.benchmarks import batch_norm, conv2d, depthwise, im2col, nms, roi_align
+    from fastcv.benchmarks import attention, batch_norm, conv2d, depthwise, im2col, nms, roi_align
 
     return (nms.cases(device) + roi_align.cases(device) + im2col.cases(device) + conv2d.cases(device)
-            + depthwise.cases(device) + batch_norm.cases(device))
+            + depthwise.cases(device) + batch_norm.cases(device) + attention.cases(device))

@@ -116,6 +116,9 @@ def run(device: str = "cpu", quick: bool = False, ops: list[str] | None = None, 
             if case.work is not None:
                 amount, unit = case.work(args, got)
                 row.update(throughput=amount / t_fast, unit=unit)
+                if case.peak is not None:
+                    peak, peak_name = case.peak()
+                    row.update(peak=peak, peak_name=peak_name)
         rows.append(row)
     _progress(len(cases), len(cases), "done")
     info = machine_info(device)
@@ -134,7 +137,9 @@ def format_table(rows: list[dict], info: dict) -> str:
     body = [
         (
             r["op"], r["case"], _fmt_time(r["fastcv_s"]), _fmt_time(r["reference_s"]), f"{r['speedup']:.2f}x",
-            f"{r['throughput']:.2f} {r['unit']}" if "throughput" in r else "",
+            (f"{r['throughput']:.2f} {r['unit']}" if "throughput" in r else "")
+            + (f" ({100 * r['throughput'] / r['peak']:.0f}% of {r['peak_name']} {r['peak']:.0f})"
+               if "peak" in r else ""),
         )
         for r in rows
     ]
