@@ -364,11 +364,12 @@ def _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, s
             else:
                 mk = tl.load(m_ptrs)
             st += mk * 1.4426950408889634
-        pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])  # lse = +inf: P = 0
+        # masked scores to -inf before exp2: a causally masked score can lie far above its row's lse
         if CAUSAL_MASK:
-            pt = tl.where(cols[:, None] <= rows[None, :], pt, 0.0)
+            st = tl.where(cols[:, None] <= rows[None, :], st, float("-inf"))
         if MASK_COLS:  # padded keys (k = 0, s = 0, possibly far above lse): no inf, even unstored
-            pt = tl.where(col_ok[:, None], pt, 0.0)
+            st = tl.where(col_ok[:, None], st, float("-inf"))
+        pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])  # lse = +inf: P = 0
         dpt = _dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), PRECISION, UPCAST)
         if DROPOUT:
             keep = tl.trans(_keep(seed, thr, bh, offset, rows, start_n, BLOCK_M, BLOCK_N))
@@ -482,12 +483,12 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, o
             else:
                 mk = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
             s += mk * 1.4426950408889634
-        p = tl.math.exp2(s - lse2[:, None])
-        if BOUNDARY:  # also keeps padded keys' exp2 (k = 0, s = 0 possibly far above lse) out
+        if BOUNDARY:  # before exp2: padded keys (k = 0) and masked scores can lie far above lse
             valid = col_ok[None, :]
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= rows[:, None])
-            p = tl.where(valid, p, 0.0)
+            s = tl.where(valid, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PRECISION, UPCAST)
         if DROPOUT:
             keep = _keep(seed, thr, bh, offset, rows, start_n, BLOCK_M, BLOCK_N)
