@@ -48,8 +48,10 @@ wrapping (L, S, B*Hq < 2^31; 0 <= offset < 2^32) and the forward, the backward a
 the same mask from (seed, offset) whatever their block sizes. Kept values are scaled by 1 / (1 - p).
 
 Tuning: triton.autotune over (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed on the padded head dim,
-causality, the dtype and power-of-two buckets of L and S; configurations whose shared memory or
-accumulator registers would not fit for the head dim are pruned. FASTCV_TRITON_AUTOTUNE=0 (and the
+causality, mask, dropout, the dtype and power-of-two buckets of L and S, over a few candidates per
+kernel, head dim (<= 64, 128, 256) and element size (_TABLE, picked from sm_90 compiles by register
+spills and shared memory); candidates whose shared memory would pass 220 KB (with a mask's tiles) are
+pruned. FASTCV_TRITON_AUTOTUNE=0 (and the
 interpreter) use one configuration per kernel, chosen by head dim. K/V loads are software-pipelined over
 num_stages. Tensor descriptors (TMA) are not used: the pointer path works for every stride and under the
 interpreter.
@@ -78,85 +80,84 @@ _BLOCKS_OVERRIDE: dict | None = None
 # Configurations
 
 
-def _fwd_shared(m, n, d, stages, es):
-    # Q tile, and `stages` buffers of a K and a V tile.
-    return es * (m * d + stages * 2 * n * d)
+def _shared_bytes(kind, m, n, d, stages, es, has_mask):
+    """Shared memory of a configuration, as Triton lays it out for sm_90 (these match the compiled
+    kernels' metadata.shared within 1 KB): the tiles loaded once, `stages` buffers of the tiles loaded
+    in the loop, and `stages` float32 mask tiles when there is a mask."""
+    if kind == "fwd":  # Q once; K and V per stage
+        tiles = m * d + stages * 2 * n * d
+    elif kind == "kv":  # K and V once; Q and dO per stage
+        tiles = 2 * n * d + stages * 2 * m * d
+    else:  # Q and dO once; K and V per stage
+        tiles = 2 * m * d + stages * 2 * n * d
+    return es * tiles + (stages * m * n * 4 if has_mask else 0)
 
 
-def _bwd_kv_shared(m, n, d, stages, es):
-    # K and V tiles, and `stages` buffers of Q and dO tiles.
-    return es * (2 * n * d + stages * 2 * m * d)
+_SHARED_LIMIT = 220 * 1024  # an H100/H200 block can have 227 KB
+
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim (padded: 64 covers 16..64)
+# and element size, the first being the default without tuning. Picked from sm_90 compiles
+# (bench/compile_attention_triton.py): no or few register spills (ptxas -v) and shared memory that fits.
+_TABLE = {
+    ("fwd", 64, 2): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", 128, 2): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 256, 2): [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+    ("kv", 64, 2): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
+    ("kv", 128, 2): [(32, 64, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3)],
+    ("kv", 256, 2): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 1)],
+    ("q", 64, 2): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("q", 128, 2): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    ("q", 256, 2): [(64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+    # float32 (IEEE dot products on FMA units, operands in registers): small tiles, mostly 8 warps (4 spill)
+    ("fwd", 64, 4): [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    ("fwd", 128, 4): [(16, 32, 4, 2), (32, 32, 8, 1), (32, 32, 8, 2)],
+    ("fwd", 256, 4): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("kv", 64, 4): [(32, 64, 8, 2), (16, 32, 4, 2)],
+    ("kv", 128, 4): [(16, 32, 8, 2), (16, 64, 8, 2)],
+    ("kv", 256, 4): [(16, 32, 8, 1), (16, 16, 4, 1)],
+    ("q", 64, 4): [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    ("q", 128, 4): [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)],
+    ("q", 256, 4): [(32, 32, 8, 2), (16, 32, 4, 2)],
+}
+_FALLBACK = (16, 16, 4, 1)  # fits everything (a mask with D = 256 in float32 included)
 
 
-def _bwd_q_shared(m, n, d, stages, es):
-    return es * (2 * m * d + stages * 2 * n * d)
+def _d_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
 
 
-_SHARED_LIMIT = 200 * 1024  # of the 227 KB an H100/H200 block can have; the rest for layout conversions
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_FWD_SHAPES = [
-    (128, 128, 8, 3),
-    (128, 64, 8, 3),
-    (128, 64, 4, 3),
-    (64, 64, 4, 3),
-    (128, 32, 4, 3),
-    (64, 32, 4, 2),
-]
-_BWD_KV_SHAPES = [
-    (64, 128, 8, 3),
-    (32, 128, 8, 3),
-    (64, 64, 4, 3),
-    (32, 64, 4, 2),
-]
-_BWD_Q_SHAPES = [
-    (128, 64, 8, 3),
-    (128, 32, 8, 3),
-    (64, 64, 4, 3),
-    (64, 32, 4, 2),
-]
+def _candidates(kind, block_d, es, has_mask):
+    """The table's candidates for a head dim that fit shared memory with or without a mask."""
+    shapes = _TABLE[(kind, _d_bucket(block_d), es)]
+    kept = [c for c in shapes if _shared_bytes(kind, c[0], c[1], block_d, c[3], es, has_mask) <= _SHARED_LIMIT]
+    return kept or [_FALLBACK]
 
 
-def _fits(kind, m, n, w, s, d, es):
-    """Whether a configuration fits a head dim: shared memory under _SHARED_LIMIT, and at most 128
-    float32 accumulator values per thread (more spills)."""
-    shared = {"fwd": _fwd_shared, "kv": _bwd_kv_shared, "q": _bwd_q_shared}[kind](m, n, d, s, es)
-    threads = 32 * w
-    acc = {"fwd": m * d + m * n, "kv": 2 * n * d + m * n, "q": m * d + m * n}[kind]
-    return shared <= _SHARED_LIMIT and acc <= 128 * threads
-
-
-def _default(kind, d, es):
-    """The one configuration used without tuning: the first that fits, from a list ordered by what is
-    usually fastest on an H100-class GPU for that head dim (the last ones fit D = 256 in float32)."""
+def _default(kind, block_d, es, has_mask=False):
+    """The one configuration used without tuning (the interpreter: one small tile; benchmarking there
+    would be slow and meaningless)."""
     if _INTERPRET:
-        return {"fwd": (16, 16, 1, 1), "kv": (16, 16, 1, 1), "q": (16, 16, 1, 1)}[kind]
-    order = {
-        "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1)],
-        "kv": [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
-        "q": [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1)],
-    }[kind]
-    for shape in order:
-        if _fits(kind, *shape, d, es):
-            return shape
-    return order[-1]
+        return (16, 16, 1, 1)
+    return _candidates(kind, block_d, es, has_mask)[0]
 
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
-        d = named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"]
-        es = named_args["Q"].element_size()
-        kept = [c for c in configs
-                if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, d, es)]
-        if not kept:
-            m, n, w, s = _default(kind, d, es)
-            kept = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)]
-        return kept
+        args = {**named_args, **kwargs}
+        wanted = _candidates(kind, args["BLOCK_D"], args["Q"].element_size(), args["HAS_MASK"])
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return kept or [_config(*wanted[0])]
     return prune
 
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _config(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _configs(kind):
+    """Every candidate of a kernel, for triton.autotune; the pruning keeps those of the head dim."""
+    shapes = dict.fromkeys(c for (k, _, _), lst in _TABLE.items() if k == kind for c in lst)
+    return [_config(*c) for c in list(shapes) + [_FALLBACK]]
 
 
 # seed, threshold and offset change every call: compile them as plain integers (no value specialisation)
@@ -571,11 +572,11 @@ def _dropout_mask_kernel(Out, L, S, seed, thr, offset, BLOCK_M: tl.constexpr, BL
 # ---------------------------------------------------------------------------------------------------
 # Tuned variants (the raw kernels stay callable with explicit blocks)
 
-_fwd_tuned = triton.autotune(_configs(_FWD_SHAPES), key=_KEY,
+_fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(_BWD_KV_SHAPES), key=_KEY,
+_dkdv_tuned = triton.autotune(_configs("kv"), key=_KEY,
                               prune_configs_by={"early_config_prune": _prune("kv")})(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs(_BWD_Q_SHAPES), key=_KEY,
+_dq_tuned = triton.autotune(_configs("q"), key=_KEY,
                             prune_configs_by={"early_config_prune": _prune("q")})(_bwd_dq_kernel)
 
 
@@ -658,7 +659,7 @@ def _launch(tuned, kind, c, grid_rows, grid_mult, args):
         m, n = _BLOCKS_OVERRIDE[kind]
         blocks = (m, n, 1 if _INTERPRET else 4, 1 if _INTERPRET else 2)
     elif _ONE_CONFIG:
-        blocks = _default(kind, c["block_d"], c["es"])
+        blocks = _default(kind, c["block_d"], c["es"], c["flags"]["HAS_MASK"])
     if blocks is not None:
         m, n, w, s = blocks
         per = m if kind != "kv" else n
