@@ -307,3 +307,54 @@ def test_bad_arguments(device):
                                  0, 0, out, lse)
     with pytest.raises(ValueError, match="lse"):
         triton_attention.forward(q, k, v, None, 0.25, False, 0.0, 0, 0, out, lse.double())
+
+
+# ---------------------------------------------------------------- through the public op
+
+
+@pytest.fixture
+def triton_route(monkeypatch):
+    """The public op's Triton path on the test device (on the CPU: CPU tensors, interpreted kernels)."""
+    import fastcv.ops.attention as attention_module
+    monkeypatch.setattr(attention_module, "_TRITON_ON_CPU", True)
+
+
+@pytest.mark.parametrize("case", ["plain", "value_dim", "gqa_mask_causal"])
+def test_public_op_on_triton(device, triton_route, case):
+    """fastcv.ops.scaled_dot_product_attention's Triton path: the mask conversion, GQA, the padding of a
+    value head dim that differs from the query's, and autograd, against PyTorch in float64."""
+    from fastcv.ops import scaled_dot_product_attention
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, ev = (4, 2, 16) if case == "gqa_mask_causal" else (2, 2, 24 if case == "value_dim" else 16)
+    q = torch.randn(1, hq, 9, 16, generator=g)
+    k = torch.randn(1, hkv, 13, 16, generator=g)
+    v = torch.randn(1, hkv, 13, ev, generator=g)
+    mask = torch.randn(9, 13, generator=g) > -0.5 if case == "gqa_mask_causal" else None
+    kwargs = dict(attn_mask=mask, is_causal=case == "gqa_mask_causal", enable_gqa=hq != hkv)
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(*leaves, **{**kwargs, "attn_mask": None if mask is None else mask.to(device)})
+    grad = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, grad.to(device))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_kwargs = dict(kwargs)
+    if case == "gqa_mask_causal":  # PyTorch takes a mask or is_causal, not both: merge them
+        ref_kwargs.update(attn_mask=mask & torch.ones(9, 13, dtype=torch.bool).tril(), is_causal=False)
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, **ref_kwargs)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    assert_matches(out, ref, 1e-4, "out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_matches(a, b, 1e-4, name)
+
+
+def test_cpu_and_triton_drop_the_same_elements():
+    """The C++ kernels draw the Triton kernels' Philox words: with value = identity, the CPU output row
+    is the row's dropped probabilities, zero exactly where dropout_mask says dropped."""
+    from fastcv.ops import attention as attention_ops
+    B, H, L, S, p, seed = 1, 2, 5, 24, 0.4, 12345
+    q = torch.randn(B, H, L, 8)
+    k = torch.randn(B, H, S, 8)
+    v = torch.eye(S).expand(B, H, S, S).contiguous()
+    out, _ = torch.ops.fastcv.attention_forward(q, k, v, None, p, False, 0.3, seed)
+    keep = triton_attention.dropout_mask(B, H, L, S, p, seed, 0, triton_device()).cpu()
+    assert torch.equal(out != 0, keep)
+    assert not attention_ops._TRITON_ON_CPU

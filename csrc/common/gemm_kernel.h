@@ -18,6 +18,11 @@ template <class T>
 struct Kernel {
   int mr, nr;
   void (*tile)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
+  // The same tile with unpacked operands: step k reads a[k * lda_k + i * lda_i] (broadcast loads take
+  // any address) and b[k * ldb + j], so row-major matrices are read in place whether their rows are the
+  // k-steps or the tile's rows (attention's K, V and probability tiles need no packing).
+  void (*tile_strided)(int64_t kc, const T* a, int64_t lda_k, int64_t lda_i, const T* b, int64_t ldb, T* c,
+                       int64_t ldc, bool accumulate);
   int dm, dn;
   void (*dot)(int64_t segments, int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc);
   // An A panel from mr rows that are contiguous along k: dst[k * mr + i] = rows[i][k] for k < kc

@@ -41,6 +41,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Tests set this under TRITON_INTERPRET=1 to run the op's Triton path (padding, launch arguments) on
+# CPU tensors; CPU tensors otherwise always run the C++ kernels.
+_TRITON_ON_CPU = False
+
+
+def _use_cpp(q: Tensor) -> bool:
+    return q.device.type == "cpu" and not _TRITON_ON_CPU
+
+
 def _triton():
     from fastcv.kernels import attention as triton_attention
     return triton_attention
@@ -75,6 +84,17 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _pad_last(t: Tensor, width: int) -> Tensor:
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+
+def _same_head_dims(q, k, v):
+    """The Triton kernels take one head dim: a value head dim that differs from the query's is padded
+    with zeros to the larger of the two (zero columns change neither q.k nor the output's own columns)."""
+    width = max(q.shape[3], v.shape[3])
+    return _pad_last(q, width), _pad_last(k, width), _pad_last(v, width), width
+
+
 def _forward_outputs(q, v):
     b, hq, l, _ = q.shape
     out = q.new_empty((b, hq, l, v.shape[3]))
@@ -88,13 +108,17 @@ def _forward_impl(q, k, v, mask, dropout_p, is_causal, scale, seed):
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     q, k, v = _rows(q), _rows(k), _rows(v)
-    if q.device.type == "cpu":
+    if _use_cpp(q):
         _C.attention_forward_cpu(view(q), view(k), view(v), opt_view(mask), scale, is_causal, dropout_p, seed, 0,
                                  view(out), view(lse), num_threads())
     elif k.shape[2] == 0:  # no keys: every row is empty
         out.zero_(), lse.fill_(math.inf)
     else:
-        _triton().forward(q, k, v, mask, scale, is_causal, dropout_p, seed, 0, out, lse)
+        q, k, v, width = _same_head_dims(q, k, v)
+        o = out if width == out.shape[3] else q.new_empty(q.shape)
+        _triton().forward(q, k, v, mask, scale, is_causal, dropout_p, seed, 0, o, lse)
+        if o is not out:
+            out.copy_(o[..., :out.shape[3]])
     return out, lse
 
 
@@ -113,15 +137,21 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
     _check_op(q, k, v, mask)
     dq, dk, dv = _backward_outputs(q, k, v)
     grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
-    if q.device.type == "cpu":
+    if _use_cpp(q):
         _C.attention_backward_cpu(view(grad_out), view(q), view(k), view(v), view(out.contiguous()),
                                   view(lse.contiguous()), opt_view(mask), scale, is_causal, dropout_p, seed, 0,
                                   view(dq), view(dk), view(dv), num_threads())
     elif 0 in (q.shape[2], k.shape[2]):  # no queries or no keys: nothing flows
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
-        _triton().backward(grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), mask, scale,
-                           is_causal, dropout_p, seed, 0, dq, dk, dv)
+        e, ev = q.shape[3], v.shape[3]
+        q, k, v, width = _same_head_dims(q, k, v)
+        grad_out, out = _pad_last(grad_out.contiguous(), width), _pad_last(out.contiguous(), width)
+        grads = (dq, dk, dv) if e == ev else tuple(torch.empty_like(t) for t in (q, k, v))
+        _triton().backward(grad_out, q, k, v, out, lse.contiguous(), mask, scale, is_causal, dropout_p, seed, 0,
+                           *grads)
+        if e != ev:
+            dq.copy_(grads[0][..., :e]), dk.copy_(grads[1][..., :e]), dv.copy_(grads[2][..., :ev])
     return dq, dk, dv
 
 

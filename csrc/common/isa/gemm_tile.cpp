@@ -27,7 +27,9 @@ struct Vec {
 
 // MR x (NV * W) tile; the MR * NV accumulators must fit the register file with room for NV B vectors.
 template <class T, int W, int MR, int NV>
-void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate) {
+inline __attribute__((always_inline)) void tile_strided_impl(int64_t kc, const T* a, int64_t lda_k, int64_t lda_i,
+                                                             const T* b, int64_t ldb, T* c, int64_t ldc,
+                                                             bool accumulate) {
   using V = typename Vec<T, W>::type;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -37,12 +39,24 @@ void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * W);
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) acc[i][v] += a[i] * bv[v];  // a[i] broadcasts; contracted to FMA
-    a += MR;
-    b += NV * W;
+      for (int v = 0; v < NV; ++v) acc[i][v] += a[i * lda_i] * bv[v];  // broadcasts; contracted to FMA
+    a += lda_k;
+    b += ldb;
   }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + i * ldc + v * W) = acc[i][v];
+}
+
+template <class T, int W, int MR, int NV>
+void tile_strided(int64_t kc, const T* a, int64_t lda_k, int64_t lda_i, const T* b, int64_t ldb, T* c, int64_t ldc,
+                  bool accumulate) {
+  tile_strided_impl<T, W, MR, NV>(kc, a, lda_k, lda_i, b, ldb, c, ldc, accumulate);
+}
+
+// Packed panels: the strides are the panel widths, known at compile time.
+template <class T, int W, int MR, int NV>
+void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate) {
+  tile_strided_impl<T, W, MR, NV>(kc, a, MR, 1, b, NV * W, c, ldc, accumulate);
 }
 
 // The lane sums of 16 vectors of 16 lanes in four rounds of shuffles and adds (45 operations instead
@@ -151,12 +165,12 @@ constexpr int kDM = 2, kDN = 4;
 
 Kernel<float> make(float) {
   constexpr int W = kWidthBytes / 4;
-  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
+  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, &tile_strided<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
           FASTCV_STR(FASTCV_ISA)};
 }
 Kernel<double> make(double) {
   constexpr int W = kWidthBytes / 8;
-  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
+  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, &tile_strided<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
           FASTCV_STR(FASTCV_ISA)};
 }
 

@@ -1,8 +1,7 @@
 #pragma once
-// Per-element math of scaled-dot-product attention that every backend shares: the exponential of the
-// online softmax, and the counter-based random numbers of dropout (Philox 4x32-10, the generator
-// Triton's tl.rand uses, so the CPU and Triton kernels draw the same keep mask for the same seed and
-// counters).
+// Per-element math of scaled-dot-product attention: the exponential of the online softmax, and the
+// counter-based random numbers of dropout (Philox 4x32-10, the generator of Triton's tl.philox, with the
+// counters kernels/attention.py uses, so the CPU and Triton kernels drop the same elements).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,14 +46,17 @@ FASTCV_HD double exp2(double x) { return std::exp2(x); }
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-// ---- dropout: Philox 4x32 with 10 rounds, as Triton's tl.randint / tl.rand compute it
+// ---- dropout: Philox 4x32 with 10 rounds, as Triton's tl.philox computes it
 
 FASTCV_HD uint32_t mulhi(uint32_t a, uint32_t b) { return uint32_t((uint64_t(a) * b) >> 32); }
 
-// The first 32-bit word of Philox4x32-10 for key `seed` and counter (c0, c1, 0, 0).
-FASTCV_HD uint32_t philox(uint64_t seed, uint32_t c0, uint32_t c1) {
+struct Philox4 {
+  uint32_t w[4];
+};
+
+// Philox4x32-10 of counter (c0, c1, c2, c3) under the 64-bit key `seed` (low word first).
+FASTCV_HD Philox4 philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
   uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-  uint32_t c2 = 0, c3 = 0;
   for (int round = 0; round < 10; ++round) {
     const uint32_t a0 = c0, a2 = c2;
     c0 = mulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
@@ -64,21 +66,21 @@ FASTCV_HD uint32_t philox(uint64_t seed, uint32_t c0, uint32_t c1) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return {{c0, c1, c2, c3}};
 }
 
-// The word as a uniform float in [0, 1), as tl.rand maps it (the int32 folded onto [0, 2^31)).
-FASTCV_HD float uniform(uint32_t bits) {
-  const int32_t x = int32_t(bits);
-  const int32_t folded = x < 0 ? -x - 1 : x;
-  return float(folded) * 4.6566127342e-10f;
+// A probability p as the threshold the 32-bit words are compared with: round(p * 2^32), at most 2^32 - 1.
+inline uint32_t dropout_threshold(double p) {
+  const double t = std::nearbyint(p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
 }
 
-// Element (row, j) of the score matrix, row = (b * Hq + h) * L + i, draws from the 64-bit counter
-// offset + row * S + j, split into Philox's first two counter words.
-FASTCV_HD bool dropout_keep(uint64_t seed, uint64_t offset, int64_t row, int64_t s, int64_t j, float p) {
-  const uint64_t counter = offset + uint64_t(row) * uint64_t(s) + uint64_t(j);
-  return uniform(philox(seed, uint32_t(counter), uint32_t(counter >> 32))) >= p;
+// Whether element (b, h, i, j) of the probabilities survives dropout (bh = b * Hq + h): word j % 4 of
+// Philox(seed, counter (j / 4, i, bh, offset)) at or above the threshold. One Philox call decides four
+// neighbouring keys; kernels/attention.py draws the same words, so the CPU and Triton kernels drop the
+// same elements for the same seed.
+FASTCV_HD bool dropout_keep(uint64_t seed, uint32_t offset, uint32_t bh, uint32_t i, uint32_t j, uint32_t threshold) {
+  return philox(seed, j / 4, i, bh, offset).w[j % 4] >= threshold;
 }
 
 }  // namespace attention

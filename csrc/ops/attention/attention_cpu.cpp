@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <numeric>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -62,7 +64,9 @@ struct Problem {
   int64_t mb, mh, ml, ms;
   T scale;
   bool causal;
-  float dropout_p;
+  double dropout_p;
+  uint32_t threshold;  // attention::dropout_threshold(dropout_p)
+  T keep_scale;        // 1 / (1 - dropout_p), rounded once to T
   uint64_t seed, offset;
   int64_t group() const { return sh.hq / sh.hkv; }
   T scale2() const { return scale * T(attention::kLog2e); }  // scores in base 2
@@ -72,7 +76,8 @@ struct Problem {
 template <class T>
 Problem<T> make_problem(const AttentionShape& sh, const TensorView* mask, double scale, bool causal, double p,
                         uint64_t seed, uint64_t offset) {
-  Problem<T> pr{sh, nullptr, 0, 0, 0, 0, T(scale), causal, float(p), seed, offset};
+  Problem<T> pr{sh,     nullptr, 0,      0, 0, 0, T(scale), causal, p, attention::dropout_threshold(p),
+                T(1.0 / (1.0 - p)), seed, offset};
   if (mask) {
     pr.mask = mask->ptr<const T>();
     pr.mb = mask->stride(0), pr.mh = mask->stride(1), pr.ml = mask->stride(2), pr.ms = mask->stride(3);
@@ -170,33 +175,33 @@ struct CallBuffer {
 
 // ---- lane-wise loops over a tile [rows][nr] (the vector lanes along nr)
 
-template <class T>
-FASTCV_ATTN_INLINE void online_softmax_impl(T* tile, int64_t rows, int64_t nr, T* m, T* l, T* acc, int64_t acc_rows,
-                                            T* scratch) {
-  T* mx = scratch;
-  T* base = scratch + nr;
-  for (int64_t q = 0; q < nr; ++q) mx[q] = m[q];
+// Folds a tile of scores [rows][NR queries] (base 2) into the running maximum m, sum l and output
+// accumulator acc [NR queries][ld_acc], and replaces the scores by their probabilities 2^(s - m). NR
+// (the forward's query block) is a compile-time constant so the per-lane state lives in registers.
+template <class T, int NR>
+FASTCV_ATTN_INLINE void online_softmax_impl(T* __restrict tile, int64_t rows, T* __restrict m, T* __restrict l,
+                                            T* __restrict acc, int64_t ld_acc) {
+  T mx[NR], base[NR], sum[NR];
+  for (int q = 0; q < NR; ++q) mx[q] = m[q];
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t q = 0; q < nr; ++q) mx[q] = std::max(mx[q], tile[r * nr + q]);
-  bool grew = false;
-  for (int64_t q = 0; q < nr; ++q) grew |= mx[q] != m[q];
-  for (int64_t q = 0; q < nr; ++q) base[q] = mx[q] == -T(kInf) ? T(0) : mx[q];  // all excluded so far: p = 0
-  if (grew) {  // rescale the running sum and output to the new maximum
-    T* alpha = scratch + 2 * nr;
-    for (int64_t q = 0; q < nr; ++q) alpha[q] = attention::exp2(m[q] - base[q]);
-    for (int64_t q = 0; q < nr; ++q) l[q] *= alpha[q], m[q] = mx[q];
-    for (int64_t r = 0; r < acc_rows; ++r)
-      for (int64_t q = 0; q < nr; ++q) acc[r * nr + q] *= alpha[q];
+    for (int q = 0; q < NR; ++q) mx[q] = std::max(mx[q], tile[r * NR + q]);
+  for (int q = 0; q < NR; ++q) base[q] = mx[q] == -T(kInf) ? T(0) : mx[q];  // all excluded so far: p = 0
+  T alpha[NR];
+  for (int q = 0; q < NR; ++q) alpha[q] = attention::exp2(m[q] - base[q]);
+  for (int q = 0; q < NR; ++q) {  // rescale the running sum and output where the maximum grew
+    if (mx[q] == m[q]) continue;  // (after the first blocks, most rows keep their maximum)
+    l[q] *= alpha[q];
+    m[q] = mx[q];
+    for (int64_t c = 0; c < ld_acc; ++c) acc[q * ld_acc + c] *= alpha[q];  // acc holds one row per query
   }
-  T* sum = scratch + 3 * nr;
-  for (int64_t q = 0; q < nr; ++q) sum[q] = T(0);
+  for (int q = 0; q < NR; ++q) sum[q] = T(0);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t q = 0; q < nr; ++q) {
-      const T e = attention::exp2(tile[r * nr + q] - base[q]);
-      tile[r * nr + q] = e;
+    for (int q = 0; q < NR; ++q) {
+      const T e = attention::exp2(tile[r * NR + q] - base[q]);
+      tile[r * NR + q] = e;
       sum[q] += e;
     }
-  for (int64_t q = 0; q < nr; ++q) l[q] += sum[q];
+  for (int q = 0; q < NR; ++q) l[q] += sum[q];
 }
 
 // p = 2^(s - lse[row]) in place (scores and lse in base 2) over a [rows][nr] tile (lse +inf for rows with nothing to attend).
@@ -218,9 +223,15 @@ FASTCV_ATTN_INLINE void score_grad_impl(const T* p, T* dp, int64_t rows, int64_t
 }
 
 // The float versions are compiled per instruction set (AVX-512, AVX2, baseline), picked at load time.
+// (No lambdas in here: a lambda's body would be compiled once, for the baseline instruction set.)
+// nr: the forward's query block (forward_block_q): 48 or 64.
 FASTCV_CPU_CLONES void online_softmax(float* tile, int64_t rows, int64_t nr, float* m, float* l, float* acc,
-                                      int64_t acc_rows, float* scratch) {
-  online_softmax_impl(tile, rows, nr, m, l, acc, acc_rows, scratch);
+                                      int64_t ld_acc) {
+  switch (nr) {
+    case 48: return online_softmax_impl<float, 48>(tile, rows, m, l, acc, ld_acc);
+    case 64: return online_softmax_impl<float, 64>(tile, rows, m, l, acc, ld_acc);
+    default: throw ArgError("attention: unexpected query block " + std::to_string(nr));
+  }
 }
 FASTCV_CPU_CLONES void probabilities(float* tile, int64_t rows, int64_t nr, const float* lse) {
   probabilities_impl(tile, rows, nr, lse);
@@ -228,9 +239,12 @@ FASTCV_CPU_CLONES void probabilities(float* tile, int64_t rows, int64_t nr, cons
 FASTCV_CPU_CLONES void score_grad(const float* p, float* dp, int64_t rows, int64_t nr, const float* delta) {
   score_grad_impl(p, dp, rows, nr, delta);
 }
-void online_softmax(double* tile, int64_t rows, int64_t nr, double* m, double* l, double* acc, int64_t acc_rows,
-                    double* scratch) {
-  online_softmax_impl(tile, rows, nr, m, l, acc, acc_rows, scratch);
+void online_softmax(double* tile, int64_t rows, int64_t nr, double* m, double* l, double* acc, int64_t ld_acc) {
+  switch (nr) {
+    case 48: return online_softmax_impl<double, 48>(tile, rows, m, l, acc, ld_acc);
+    case 64: return online_softmax_impl<double, 64>(tile, rows, m, l, acc, ld_acc);
+    default: throw ArgError("attention: unexpected query block " + std::to_string(nr));
+  }
 }
 void probabilities(double* tile, int64_t rows, int64_t nr, const double* lse) { probabilities_impl(tile, rows, nr, lse); }
 void score_grad(const double* p, double* dp, int64_t rows, int64_t nr, const double* delta) {
@@ -270,14 +284,13 @@ void mask_tile(const Problem<T>& pr, int64_t b, int64_t h, T* tile, bool transpo
 template <class T>
 void dropout_tile(const Problem<T>& pr, int64_t b, int64_t h, const T* tile, T* out, bool transposed, int64_t rows,
                   int64_t nr, int64_t row0, int64_t col0) {
-  const T keep_scale = T(1) / (T(1) - T(pr.dropout_p));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < nr; ++c) {
       const int64_t i = transposed ? col0 + c : row0 + r, j = transposed ? row0 + r : col0 + c;
-      const bool inside = i < pr.sh.l && j < pr.sh.s;
-      const bool keep = inside && attention::dropout_keep(pr.seed, pr.offset, (b * pr.sh.hq + h) * pr.sh.l + i,
-                                                          pr.sh.s, j, pr.dropout_p);
-      out[r * nr + c] = keep ? tile[r * nr + c] * keep_scale : T(0);
+      const bool keep = i < pr.sh.l && j < pr.sh.s &&
+                        attention::dropout_keep(pr.seed, uint32_t(pr.offset), uint32_t(b * pr.sh.hq + h), uint32_t(i),
+                                                uint32_t(j), pr.threshold);
+      out[r * nr + c] = keep ? tile[r * nr + c] * pr.keep_scale : T(0);
     }
 }
 
@@ -285,48 +298,133 @@ void dropout_tile(const Problem<T>& pr, int64_t b, int64_t h, const T* tile, T* 
 
 template <class T>
 struct ForwardScratch {
-  std::vector<T> k, v, q, acc, p, m, l, tmp;
+  std::vector<T> kconv, vconv, ktail, vtail, qt, p, acc, m, l;
 };
 
-// One task: query rows [q0, q0 + nq) of head (b, h), in panels of NR queries. For each key block, each
-// panel computes S^T = K Q^T into its probability tile, masks it, folds it into the running softmax and
-// accumulates O^T += V^T P^T; the K and V blocks stay in cache across the panels.
+// A row-major matrix the micro-kernel reads in place: element (r, c) at p[r * ld + c].
+template <class T>
+struct Rows {
+  const T* p;
+  int64_t ld;
+  const T* row(int64_t r) const { return p + r * ld; }
+};
+
+// Query block of the forward: a multiple of both MR (the output tiles' rows) and NR (the score tiles'
+// lanes), about 48 queries.
+inline int64_t forward_block_q(int64_t mr, int64_t nr) {
+  const int64_t lcm = std::lcm(mr, nr);
+  return lcm * std::max<int64_t>(1, 48 / lcm);
+}
+
+// A head's K and V as the micro-kernel reads them, from the caller's tensors when they are float or
+// double (in place), else from converted copies. `key_tail`: keys from here on form the last partial
+// MR tile, read from a zero-padded copy (so no tile reads past the tensor's end); `dv_direct`: value
+// columns before it are read in place, the rest (a partial NR panel) from a zero-padded copy.
+template <class T>
+struct HeadOperands {
+  Rows<T> k, v, ktail, vtail;
+  int64_t key_tail, dv_direct;
+};
+
+template <class T, class S>
+HeadOperands<T> head_operands(const Strided<S>& K, const Strided<S>& V, int64_t b, int64_t hk, int64_t s, int64_t d,
+                              int64_t dv, int64_t mr, int64_t nr, ForwardScratch<T>& ws) {
+  HeadOperands<T> op;
+  if constexpr (std::is_same_v<S, T>) {
+    op.k = {K.row(b, hk, 0), K.sr};
+    op.v = {V.row(b, hk, 0), V.sr};
+    op.key_tail = s / mr * mr;
+    op.dv_direct = dv / nr * nr;
+  } else {  // float16 / bfloat16: float copies, padded so that every tile is whole
+    const int64_t s_pad = round_up(s, mr), dv_pad = round_up(dv, nr);
+    ws.kconv.assign(size_t(s_pad * d), T(0));
+    ws.vconv.assign(size_t(s * dv_pad), T(0));
+    for (int64_t r = 0; r < s; ++r) {
+      for (int64_t c = 0; c < d; ++c) ws.kconv[size_t(r * d + c)] = to_float(K.row(b, hk, r)[c]);
+      for (int64_t c = 0; c < dv; ++c) ws.vconv[size_t(r * dv_pad + c)] = to_float(V.row(b, hk, r)[c]);
+    }
+    op.k = {ws.kconv.data(), d};
+    op.v = {ws.vconv.data(), dv_pad};
+    op.key_tail = s_pad;
+    op.dv_direct = dv_pad;
+  }
+  if (op.key_tail < s) {
+    ws.ktail.assign(size_t(mr * d), T(0));
+    for (int64_t r = op.key_tail; r < s; ++r) std::copy_n(op.k.row(r), d, ws.ktail.data() + (r - op.key_tail) * d);
+    op.ktail = {ws.ktail.data(), d};
+  }
+  if (op.dv_direct < dv) {
+    ws.vtail.assign(size_t(s * nr), T(0));
+    for (int64_t r = 0; r < s; ++r)
+      std::copy(op.v.row(r) + op.dv_direct, op.v.row(r) + dv, ws.vtail.data() + r * nr);
+    op.vtail = {ws.vtail.data(), nr};
+  }
+  return op;
+}
+
+// One task: query rows [q0, q0 + nq) of head (b, h). Per key block: S^T = K Q^T (keys in the tile's
+// rows, the block's queries in its lanes, K read in place), mask, online softmax, then O += P V with
+// the probability tile read transposed in place as the A operand and V's rows as the B operand.
 template <class T, class S>
 void forward_task(const gemm::Kernel<T>& kern, const Problem<T>& pr, int64_t b, int64_t h, int64_t q0, int64_t nq,
-                  const Strided<S>& Q, const T* kp, const T* vp, int64_t s_pad, int64_t dv_pad, int64_t block_k,
+                  int64_t block_q, int64_t block_k, const Strided<S>& Q, const HeadOperands<T>& op,
                   ForwardScratch<T>& ws, S* out, T* lse) {
-  const int64_t MR = kern.mr, NR = kern.nr, D = pr.sh.d, Dv = pr.sh.dv, L = pr.sh.l;
-  const int64_t panels = (nq + NR - 1) / NR;
-  pack_rows_k_major(Q.row(b, h, q0), Q.sr, nq, D, NR, panels * NR, pr.scale2(), ws.q.data());
+  const int64_t MR = kern.mr, NR = kern.nr, D = pr.sh.d, Dv = pr.sh.dv, L = pr.sh.l, Sk = pr.sh.s;
+  const int64_t ld_acc = round_up(Dv, NR);
+  // Q^T [D][block_q], scaled into base 2: the B operand of every score tile.
+  T* qt = ws.qt.data();
+  if constexpr (std::is_same_v<S, T>) {
+    transpose(Q.row(b, h, q0), Q.sr, nq, D, qt, block_q);
+  } else {
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t c = 0; c < D; ++c) qt[c * block_q + i] = to_float(Q.row(b, h, q0 + i)[c]);
+  }
+  const T scale2 = pr.scale2();
+  for (int64_t c = 0; c < D; ++c) {
+    T* row = qt + c * block_q;
+    for (int64_t i = 0; i < nq; ++i) row[i] *= scale2;
+    std::fill(row + nq, row + block_q, T(0));
+  }
   std::fill(ws.acc.begin(), ws.acc.end(), T(0));
   std::fill(ws.m.begin(), ws.m.end(), -T(kInf));
   std::fill(ws.l.begin(), ws.l.end(), T(0));
-  // Causal: no key after the block's last query.
-  const int64_t k_end = pr.causal ? std::min(pr.sh.s, q0 + nq) : pr.sh.s;
+  T* tile = ws.p.data();  // [keys][block_q]
+  const int64_t k_end = pr.causal ? std::min(Sk, q0 + nq) : Sk;  // causal: no key after the last query
+  const int64_t s_pad = round_up(Sk, MR);
   for (int64_t k0 = 0; k0 < k_end; k0 += block_k) {
-    const int64_t kn = std::min(block_k, s_pad - k0);  // a multiple of MR: padded keys are masked
-    for (int64_t pn = 0; pn < panels; ++pn) {
-      const int64_t p0 = q0 + pn * NR;
-      if (pr.causal && k0 > p0 + NR - 1) break;  // every key of the block is after every query of the panel
-      T* tile = ws.p.data() + pn * block_k * NR;
-      const T* qpanel = ws.q.data() + pn * D * NR;
-      for (int64_t kr = 0; kr < kn; kr += MR) kern.tile(D, kp + (k0 + kr) * D, qpanel, tile + kr * NR, NR, false);
-      mask_tile(pr, b, h, tile, true, kn, NR, k0, p0);
-      T* acc = ws.acc.data() + pn * dv_pad * NR;
-      online_softmax(tile, kn, NR, ws.m.data() + pn * NR, ws.l.data() + pn * NR, acc, dv_pad, ws.tmp.data());
-      if (pr.dropout_p > 0) dropout_tile(pr, b, h, tile, tile, true, kn, NR, k0, p0);
-      for (int64_t dr = 0; dr < dv_pad; dr += MR) kern.tile(kn, vp + (dr * s_pad + k0 * MR), tile, acc + dr * NR, NR, true);
+    const int64_t kn = std::min(block_k, s_pad - k0);  // a multiple of MR; keys past S are masked
+    for (int64_t kr = 0; kr < kn; kr += MR) {
+      const int64_t key = k0 + kr;
+      const T* a = key < op.key_tail ? op.k.row(key) : op.ktail.p;
+      const int64_t lda = key < op.key_tail ? op.k.ld : op.ktail.ld;
+      for (int64_t p0 = 0; p0 < nq; p0 += NR) {  // lanes past nq are never read
+        if (pr.causal && key > q0 + p0 + NR - 1) continue;  // all after every query: masked below
+        kern.tile_strided(D, a, 1, lda, qt + p0, block_q, tile + kr * block_q + p0, block_q, false);
+      }
+    }
+    mask_tile(pr, b, h, tile, true, kn, block_q, k0, q0);
+    online_softmax(tile, kn, block_q, ws.m.data(), ws.l.data(), ws.acc.data(), ld_acc);
+    if (pr.dropout_p > 0) dropout_tile(pr, b, h, tile, tile, true, kn, block_q, k0, q0);
+    const int64_t kvalid = std::min(kn, Sk - k0);  // keys past S have probability 0
+    for (int64_t r = 0; r < nq; r += MR) {
+      if (pr.causal && k0 > q0 + r + MR - 1) continue;  // these queries see no key of the block
+      const T* a = tile + r;
+      T* c = ws.acc.data() + r * ld_acc;
+      for (int64_t c0 = 0; c0 < op.dv_direct; c0 += NR)
+        kern.tile_strided(kvalid, a, block_q, 1, op.v.row(k0) + c0, op.v.ld, c + c0, ld_acc, true);
+      if (op.dv_direct < Dv)
+        kern.tile_strided(kvalid, a, block_q, 1, op.vtail.row(k0), op.vtail.ld, c + op.dv_direct, ld_acc, true);
     }
   }
-  // O = acc^T / l, lse = m + log(l); rows that saw no key get 0 and +inf.
-  T* inv = ws.tmp.data();
-  for (int64_t pn = 0; pn < panels; ++pn) {
-    const int64_t n = std::min(NR, nq - pn * NR), row = (b * pr.sh.hq + h) * L + q0 + pn * NR;
-    const T* l = ws.l.data() + pn * NR;
-    const T* m = ws.m.data() + pn * NR;
-    for (int64_t j = 0; j < NR; ++j) inv[j] = l[j] > T(0) ? T(1) / l[j] : T(0);
-    store_transposed(ws.acc.data() + pn * dv_pad * NR, Dv, NR, n, inv, out + row * Dv, Dv);
-    for (int64_t j = 0; j < n; ++j) lse[row + j] = l[j] > T(0) ? (m[j] + std::log2(l[j])) * T(attention::kLn2) : T(kInf);
+  // O = acc / l, lse = m + log(l); rows that saw no key get 0 and +inf.
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t row = (b * pr.sh.hq + h) * L + q0 + i;
+    const T l = ws.l[size_t(i)], m = ws.m[size_t(i)];
+    const T inv = l > T(0) ? T(1) / l : T(0);
+    const T* acc = ws.acc.data() + i * ld_acc;
+    S* o = out + row * Dv;
+    for (int64_t c = 0; c < Dv; ++c) o[c] = from_compute<S>(acc[c] * inv);
+    lse[row] = l > T(0) ? (m + std::log2(l)) * T(attention::kLn2) : T(kInf);
   }
 }
 
@@ -336,38 +434,29 @@ void attention_forward_impl(const TensorView& qv, const TensorView& kv, const Te
   const gemm::Kernel<T>& kern = gemm::kernel(T{});
   const int64_t MR = kern.mr, NR = kern.nr;
   const AttentionShape& sh = pr.sh;
-  const int64_t D = sh.d, Dv = sh.dv;
-  const int64_t s_pad = round_up(sh.s, MR), dv_pad = round_up(Dv, MR);
   const Strided<S> Q = strided<S>(qv), K = strided<S>(kv), V = strided<S>(vv);
-  constexpr int64_t kPanels = 4;             // query panels of NR per block
-  const int64_t block_q = kPanels * NR;
+  const int64_t block_q = forward_block_q(MR, NR);
   const int64_t block_k = round_up(64, MR);  // K and V blocks of 16 KB each at D = 64
   const int64_t q_blocks = (sh.l + block_q - 1) / block_q;
   // Tasks: a head's query blocks, split into interleaved chunks only when there are fewer heads than
   // threads can share (chunk c takes blocks c, c + chunks, ...: causal blocks grow with the index).
-  // A task packs its head's K (A panels of MR keys, k = d) and V^T (A panels of MR value columns,
-  // k = key) into its thread's scratch, where they stay in L2 while its query blocks stream past.
   const int64_t heads = sh.b * sh.hq;
   const int64_t chunks = std::clamp<int64_t>((2 * int64_t(nthreads) + heads - 1) / heads, 1, q_blocks);
   parallel_for(0, heads * chunks, 1, nthreads, [&](int64_t begin, int64_t end) {
     thread_local ForwardScratch<T> ws;
-    ws.k.resize(size_t(s_pad * D));
-    ws.v.resize(size_t(dv_pad * s_pad));
-    ws.q.resize(size_t(kPanels * D * NR));
-    ws.acc.resize(size_t(kPanels * dv_pad * NR));
-    ws.p.resize(size_t(kPanels * block_k * NR));
-    ws.m.resize(size_t(kPanels * NR));
-    ws.l.resize(size_t(kPanels * NR));
-    ws.tmp.resize(size_t(4 * NR));
+    ws.qt.resize(size_t(sh.d * block_q));
+    ws.p.resize(size_t(block_k * block_q));
+    ws.acc.resize(size_t(block_q * round_up(sh.dv, NR)));
+    ws.m.resize(size_t(block_q));
+    ws.l.resize(size_t(block_q));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks;
-      const int64_t b = bh / sh.hq, h = bh % sh.hq, hk = h / pr.group();
-      pack_rows_k_major(K.row(b, hk, 0), K.sr, sh.s, D, MR, s_pad, T(1), ws.k.data());
-      pack_cols_k_major(V.row(b, hk, 0), V.sr, sh.s, Dv, MR, s_pad, dv_pad, T(1), ws.v.data());
+      const int64_t b = bh / sh.hq, h = bh % sh.hq;
+      const HeadOperands<T> op = head_operands(K, V, b, h / pr.group(), sh.s, sh.d, sh.dv, MR, NR, ws);
       for (int64_t qb = chunk; qb < q_blocks; qb += chunks) {
         const int64_t q0 = qb * block_q;
-        forward_task(kern, pr, b, h, q0, std::min(block_q, sh.l - q0), Q, ws.k.data(), ws.v.data(), s_pad, dv_pad,
-                     block_k, ws, outv.ptr<S>(), lsev.ptr<T>());
+        forward_task(kern, pr, b, h, q0, std::min(block_q, sh.l - q0), block_q, block_k, Q, op, ws, outv.ptr<S>(),
+                     lsev.ptr<T>());
       }
     }
   });

@@ -11,9 +11,9 @@
 // (+inf for a row whose scores are all excluded: its output and gradients are 0, as in PyTorch).
 //
 // is_causal: query i sees keys j <= i (PyTorch's top-left alignment, also when L != S).
-// Dropout: element (b, h, i, j) is kept when uniform(philox(seed, counter)) >= dropout_p, with the
-// counter of attention.h's dropout_counter; kept probabilities are scaled by 1 / (1 - dropout_p). The
-// backward regenerates the same mask from the same seed and offset.
+// Dropout: element (b, h, i, j) is kept as attention.h's dropout_keep decides from (seed, offset) (the
+// same Philox words as the Triton kernels); kept probabilities are scaled by 1 / (1 - dropout_p). The
+// backward regenerates the same mask from the same seed and offset (offset < 2^32).
 #include <cstdint>
 
 #include "common/tensor_view.h"
