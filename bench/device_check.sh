@@ -7,6 +7,9 @@
 # ./device_out), at most eight files: summary.txt, and one log or JSON per step.
 #   bash bench/device_check.sh                    # the check
 #   BENCH_MATCH=bfloat16 bash bench/device_check.sh   # which conv benchmark cases (default: bfloat16)
+#   ONLY=attention bash bench/device_check.sh         # attention alone, for a lease of about four minutes:
+#       a CPU-only build (attention's GPU kernels are Triton's), a few CUDA attention tests compiled for
+#       real, and the attention GPU benchmark with one configuration per kernel
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"
@@ -32,6 +35,20 @@ if ! "$PY" -c "import scikit_build_core.build" 2>/dev/null && ls .whl/*.whl >/de
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+if [ "${ONLY:-}" = attention ]; then
+  export FASTCV_WITH_CUDA=OFF CMAKE_BUILD_PARALLEL_LEVEL=16
+  step build 120 "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$OUT/build.log"; exit 1; }
+  "$PY" -m fastcv info >>"$OUT/summary.txt" 2>&1
+  # Triton compiles one kernel per (configuration, flags): a sample of the CUDA attention tests
+  FASTCV_TRITON_AUTOTUNE=0 step tests_attention 75 "$PY" -m pytest -q -x tests/test_attention.py \
+    -k "cuda and (test_long_sequence or test_gqa or test_fully_masked_rows or test_dropout_gradients)"
+  tail -3 "$OUT/tests_attention.log"
+  FASTCV_TRITON_AUTOTUNE=0 step bench_attention 110 "$PY" -m fastcv bench --device cuda --op attention \
+    --match "${BENCH_MATCH:-FA2}" --json "$OUT/bench_attention.json"
+  cat "$OUT/bench_attention.log"
+  echo "---- summary"; cat "$OUT/summary.txt"
+  exit $status
+fi
 # The machine has no network: build with what is installed, for the GPU that is here.
 export FASTCV_WITH_CUDA=ON FASTCV_CUDA_ARCHS="${FASTCV_CUDA_ARCHS:-${cap}-real}" CMAKE_BUILD_PARALLEL_LEVEL=16
 step build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$OUT/build.log"; exit 1; }

@@ -19,6 +19,13 @@ DEVICES = [
 ]
 
 
+# Ops whose GPU kernels are Triton's alone (attention) need a GPU but not the CUDA C++ build.
+GPU_DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastcv.ops.attention as attention_module
-from conftest import DEVICES
+from conftest import GPU_DEVICES as DEVICES
 from fastcv.ops import scaled_dot_product_attention as sdpa
 
 # Tolerances on the largest error, relative to the largest magnitude of the reference tensor (outputs and
