@@ -11,7 +11,7 @@ from torch import nn
 
 import fastcv.nn
 import fastcv.ops
-from conftest import DEVICES
+from conftest import GPU_DEVICES as DEVICES
 
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 E, H, L, S, B = 16, 4, 5, 7, 3

@@ -175,6 +175,29 @@ struct CallBuffer {
 
 // ---- lane-wise loops over a tile [rows][nr] (the vector lanes along nr)
 
+// A vector of 32 bytes (GCC's vector extensions: split in two on SSE, one register on AVX2/AVX-512).
+template <class T>
+struct Vec32 {
+  typedef T type __attribute__((vector_size(32), aligned(sizeof(T))));  // unaligned loads and stores
+};
+
+// mx[q] = max(m[q], tile[r][q] over rows r), written with vector operations: GCC leaves the plain loop
+// over a constant NR unrolled into scalar compares.
+template <class T, int NR>
+FASTCV_ATTN_INLINE void row_max(const T* __restrict tile, int64_t rows, const T* __restrict m, T* __restrict mx) {
+  using V = typename Vec32<T>::type;
+  constexpr int W = 32 / sizeof(T), NV = NR / W;
+  static_assert(NR % W == 0, "NR must be a whole number of vectors");
+  V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = *reinterpret_cast<const V*>(m + v * W);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const V t = *reinterpret_cast<const V*>(tile + r * NR + v * W);
+      acc[v] = acc[v] >= t ? acc[v] : t;  // a NaN score propagates
+    }
+  for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(mx + v * W) = acc[v];
+}
+
 // Folds a tile of scores [rows][NR queries] (base 2) into the running maximum m, sum l and output
 // accumulator acc [NR queries][ld_acc], and replaces the scores by their probabilities 2^(s - m). NR
 // (the forward's query block) is a compile-time constant so the per-lane state lives in registers.
@@ -182,9 +205,7 @@ template <class T, int NR>
 FASTCV_ATTN_INLINE void online_softmax_impl(T* __restrict tile, int64_t rows, T* __restrict m, T* __restrict l,
                                             T* __restrict acc, int64_t ld_acc) {
   T mx[NR], base[NR], sum[NR];
-  for (int q = 0; q < NR; ++q) mx[q] = m[q];
-  for (int64_t r = 0; r < rows; ++r)
-    for (int q = 0; q < NR; ++q) mx[q] = std::max(mx[q], tile[r * NR + q]);
+  row_max<T, NR>(tile, rows, m, mx);
   for (int q = 0; q < NR; ++q) base[q] = mx[q] == -T(kInf) ? T(0) : mx[q];  // all excluded so far: p = 0
   T alpha[NR];
   for (int q = 0; q < NR; ++q) alpha[q] = attention::exp2(m[q] - base[q]);
