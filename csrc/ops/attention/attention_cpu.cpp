@@ -93,69 +93,6 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 //   dst[(panel * cols + c) * width + i] = scale * src(panel * width + i, c), rows >= nrows zero.
 // cols_k_major: panels over the columns, k = the row index:
 //   dst[(panel * rows_pad + r) * width + i] = scale * src(r, panel * width + i), zeros past the edges.
-template <class T, class S>
-void pack_rows_k_major(const S* src, int64_t sr, int64_t nrows, int64_t cols, int64_t width, int64_t rows_pad,
-                       T scale, T* dst) {
-  if constexpr (std::is_same_v<S, T>) {
-    // Transpose the whole block once (8 x 8 register blocks), then cut it into panels: contiguous runs.
-    thread_local std::vector<T> tmp;
-    tmp.resize(size_t(cols * rows_pad));
-    transpose(src, sr, nrows, cols, tmp.data(), rows_pad);
-    for (int64_t c = 0; c < cols; ++c) std::fill(tmp.data() + c * rows_pad + nrows, tmp.data() + (c + 1) * rows_pad, T(0));
-    for (int64_t r0 = 0; r0 < rows_pad; r0 += width) {
-      T* panel = dst + r0 * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        const T* in = tmp.data() + c * rows_pad + r0;
-        T* out = panel + c * width;
-        for (int64_t i = 0; i < width; ++i) out[i] = scale * in[i];
-      }
-    }
-    return;
-  }
-  const S* rows[64];
-  for (int64_t r0 = 0; r0 < rows_pad; r0 += width) {
-    const int64_t valid = std::max<int64_t>(0, std::min(width, nrows - r0));
-    for (int64_t i = 0; i < valid; ++i) rows[i] = src + (r0 + i) * sr;
-    T* panel = dst + r0 * cols;
-    for (int64_t c = 0; c < cols; ++c) {  // contiguous stores; `width` sequential read streams
-      T* out = panel + c * width;
-      for (int64_t i = 0; i < valid; ++i) out[i] = scale * T(to_float(rows[i][c]));
-      for (int64_t i = valid; i < width; ++i) out[i] = T(0);
-    }
-  }
-}
-
-// Rows [0, n) of out (row stride ld) = the first n columns of a transposed accumulator acc [rows][nr],
-// each column multiplied by its factor (1 / l in the forward; 1 for gradients, factor null).
-template <class T, class S>
-void store_transposed(T* acc, int64_t rows, int64_t nr, int64_t n, const T* factor, S* out, int64_t ld) {
-  if (factor)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < nr; ++j) acc[r * nr + j] *= factor[j];
-  if constexpr (std::is_same_v<S, T>) {
-    transpose(acc, nr, rows, n, out, ld);
-  } else {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t r = 0; r < rows; ++r) out[j * ld + r] = from_compute<S>(acc[r * nr + j]);
-  }
-}
-
-template <class T, class S>
-void pack_cols_k_major(const S* src, int64_t sr, int64_t nrows, int64_t cols, int64_t width, int64_t rows_pad,
-                       int64_t cols_pad, T scale, T* dst) {
-  for (int64_t c0 = 0; c0 < cols_pad; c0 += width) {
-    T* panel = dst + c0 * rows_pad;
-    const int64_t valid = std::min(width, cols - c0);
-    for (int64_t r = 0; r < rows_pad; ++r) {
-      T* out = panel + r * width;
-      const int64_t n = r < nrows ? valid : 0;
-      const S* row = src + r * sr + c0;
-      for (int64_t i = 0; i < n; ++i) out[i] = scale * T(to_float(row[i]));
-      for (int64_t i = n; i < width; ++i) out[i] = T(0);
-    }
-  }
-}
-
 // Scratch that outlives a call: packed operands are rewritten every call, so reusing the memory saves
 // the page faults of fresh allocations (as much as a small problem's arithmetic). Owned by the calling
 // thread; returned to the system after a call that needed more than kKeepBytes.
@@ -484,54 +421,83 @@ void attention_forward_impl(const TensorView& qv, const TensorView& kv, const Te
 }
 
 // ====================================================================================== backward
+//
+// Tasks: (b, key-value head, chunk of key blocks). A task copies its heads' Q (scaled into base 2), dO,
+// K and V into zero-padded row-major scratch (rows to whole tiles, columns to whole NR panels) and
+// transposes K and V once; every product then reads its operands in place through the micro-kernel's
+// strides:
+//   S  [q][key] = Q' K^T        A = Q' rows,         B = K^T rows
+//   dP [q][key] = dO V^T        A = dO rows,         B = V^T rows
+//   dV [key][:] += P^T dO       A = P read transposed (strides block_k, 1), B = dO rows
+//   dK [key][:] += dS^T Q'      A = dS read transposed,                    B = Q' rows
+//   dQ [q][:]   += dS K         A = dS rows,         B = K rows
+// so nothing is packed per block and dK, dV, dQ come out row-major.
 
 template <class T>
 struct BackwardScratch {
-  std::vector<T> p, pd, dp, a, dkt, dvt;
+  std::vector<T> q, dout, lse, delta, k, v, kt, vt, p, pd, dp, dk, dv;
 };
 
-// One (query block, key block) step of the backward: queries [q0, q0 + qn) (qn a multiple of MR),
-// keys [k0, k0 + kpanels * NR). Recomputes P, then dV^T += dO^T P_dropped, dS = P (dP - delta),
-// dK^T += (scale Q)^T dS, dQ += dS K.
-template <class T>
-void backward_block(const gemm::Kernel<T>& kern, const Problem<T>& pr, int64_t b, int64_t h, int64_t q0, int64_t qn,
-                    int64_t block_q, int64_t k0, int64_t kpanels, const T* qt, const T* dot, const T* dorows, const T* qrows,
-                    const T* lse, const T* delta, const T* kvb, int64_t n_kb, int64_t n_vb, int64_t l_pad,
-                    int64_t s_pad, int64_t d_mr, int64_t dv_mr, int64_t d_nr, T* dq, BackwardScratch<T>& ws) {
-  const int64_t MR = kern.mr, NR = kern.nr, D = pr.sh.d, Dv = pr.sh.dv;
-  const T *kb = kvb, *vb = kvb + n_kb, *krows = kvb + n_kb + n_vb;
-  // Tiles [panel jp][query r][NR keys], panel stride block_q * NR.
-  for (int64_t jp = 0; jp < kpanels; ++jp) {
-    T* p = ws.p.data() + jp * block_q * NR;
-    T* dp = ws.dp.data() + jp * block_q * NR;
-    const int64_t key0 = k0 + jp * NR;
-    for (int64_t r = 0; r < qn; r += MR) {
-      kern.tile(D, qt + (q0 + r) * D, kb + key0 * D, p + r * NR, NR, false);
-      kern.tile(Dv, dot + (q0 + r) * Dv, vb + key0 * Dv, dp + r * NR, NR, false);
-    }
-    mask_tile(pr, b, h, p, false, qn, NR, q0, key0);
-    probabilities(p, qn, NR, lse + q0);
-    T* pd = p;
-    if (pr.dropout_p > 0) {  // dV sees the dropped probabilities; dP the gradient through the mask
-      pd = ws.pd.data() + jp * block_q * NR;
-      dropout_tile(pr, b, h, p, pd, false, qn, NR, q0, key0);
-      dropout_tile(pr, b, h, dp, dp, false, qn, NR, q0, key0);
-    }
-    score_grad(p, dp, qn, NR, delta + q0);
-    T* dvt = ws.dvt.data() + jp * dv_mr * NR;
-    T* dkt = ws.dkt.data() + jp * d_mr * NR;
-    for (int64_t dr = 0; dr < dv_mr; dr += MR) kern.tile(qn, dorows + dr * l_pad + q0 * MR, pd, dvt + dr * NR, NR, true);
-    for (int64_t dr = 0; dr < d_mr; dr += MR) kern.tile(qn, qrows + dr * l_pad + q0 * MR, dp, dkt + dr * NR, NR, true);
+// Rows [0, n) of src (row stride sr, `cols` used) converted into dst [rows_pad][ld], times `scale`,
+// zeros elsewhere.
+template <class T, class S>
+void copy_padded(const S* src, int64_t sr, int64_t n, int64_t cols, int64_t rows_pad, int64_t ld, T scale, T* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    T* out = dst + r * ld;
+    const int64_t m = r < n ? cols : 0;
+    const S* in = src + r * sr;
+    for (int64_t c = 0; c < m; ++c) out[c] = scale * T(to_float(in[c]));
+    std::fill(out + m, out + ld, T(0));
   }
-  // dQ[q0 + r .. + MR] += dS[rows][keys] K[keys][d]: dS rows transposed into an A panel (k = key).
-  const int64_t kn = kpanels * NR;
-  for (int64_t r = 0; r < qn; r += MR) {
-    for (int64_t jp = 0; jp < kpanels; ++jp) {
-      const T* rows[16];
-      for (int64_t i = 0; i < MR; ++i) rows[i] = ws.dp.data() + jp * block_q * NR + (r + i) * NR;
-      kern.pack_a_rows(rows, NR, ws.a.data() + jp * NR * MR);
+}
+
+template <class T>
+struct BackwardDims {
+  int64_t mr, nr, block_q, block_k, l_pad, s_pad, ld_d, ld_dv;
+};
+
+// One (query block, key block) step for query head h: queries [q0, q0 + qn), keys [k0, k0 + block_k).
+template <class T>
+void backward_block(const gemm::Kernel<T>& kern, const Problem<T>& pr, const BackwardDims<T>& dm, int64_t b,
+                    int64_t h, int64_t q0, int64_t k0, const T* q, const T* dout, const T* lse, const T* delta,
+                    BackwardScratch<T>& ws, T* dq) {
+  const int64_t MR = dm.mr, NR = dm.nr, BK = dm.block_k, D = pr.sh.d, Dv = pr.sh.dv;
+  const int64_t qn = std::min(dm.block_q, dm.l_pad - q0);               // a multiple of MR
+  const int64_t qvalid = std::min(qn, pr.sh.l - q0), kvalid = std::min(BK, pr.sh.s - k0);
+  T* p = ws.p.data();
+  T* dp = ws.dp.data();
+  for (int64_t r = 0; r < qn; r += MR)
+    for (int64_t j = 0; j < BK; j += NR) {
+      if (pr.causal && k0 + j > q0 + r + MR - 1) continue;  // all masked (mask_tile fills -inf)
+      kern.tile_strided(D, q + (q0 + r) * dm.ld_d, 1, dm.ld_d, ws.kt.data() + k0 + j, dm.s_pad, p + r * BK + j, BK,
+                        false);
+      kern.tile_strided(Dv, dout + (q0 + r) * dm.ld_dv, 1, dm.ld_dv, ws.vt.data() + k0 + j, dm.s_pad, dp + r * BK + j,
+                        BK, false);
     }
-    for (int64_t c = 0; c < d_nr; c += NR) kern.tile(kn, ws.a.data(), krows + c * s_pad + k0 * NR, dq + (q0 + r) * d_nr + c, d_nr, true);
+  mask_tile(pr, b, h, p, false, qn, BK, q0, k0);
+  probabilities(p, qn, BK, lse + q0);
+  T* pd = p;
+  if (pr.dropout_p > 0) {  // dV sees the dropped probabilities; dP the gradient through the mask
+    pd = ws.pd.data();
+    dropout_tile(pr, b, h, p, pd, false, qn, BK, q0, k0);
+    dropout_tile(pr, b, h, dp, dp, false, qn, BK, q0, k0);
+  }
+  score_grad(p, dp, qn, BK, delta + q0);  // dS, in dp
+  const int64_t q_last = q0 + qvalid - 1;
+  for (int64_t kr = 0; kr < kvalid; kr += MR) {
+    if (pr.causal && k0 + kr > q_last) break;  // these keys are after every query of the block
+    for (int64_t c = 0; c < Dv; c += NR)
+      kern.tile_strided(qvalid, pd + kr, BK, 1, dout + q0 * dm.ld_dv + c, dm.ld_dv, ws.dv.data() + kr * dm.ld_dv + c,
+                        dm.ld_dv, true);
+    for (int64_t c = 0; c < D; c += NR)
+      kern.tile_strided(qvalid, dp + kr, BK, 1, q + q0 * dm.ld_d + c, dm.ld_d, ws.dk.data() + kr * dm.ld_d + c,
+                        dm.ld_d, true);
+  }
+  for (int64_t r = 0; r < qn; r += MR) {
+    if (pr.causal && k0 > q0 + r + MR - 1) continue;  // these queries see no key of the block
+    for (int64_t c = 0; c < D; c += NR)
+      kern.tile_strided(kvalid, dp + r * BK, 1, BK, ws.k.data() + k0 * dm.ld_d + c, dm.ld_d, dq + (q0 + r) * dm.ld_d + c,
+                        dm.ld_d, true);
   }
 }
 
@@ -543,120 +509,90 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
   const int64_t MR = kern.mr, NR = kern.nr;
   const AttentionShape& sh = pr.sh;
   const int64_t D = sh.d, Dv = sh.dv, L = sh.l, Sk = sh.s, G = pr.group();
-  const int64_t l_pad = round_up(L, MR), d_mr = round_up(D, MR), dv_mr = round_up(Dv, MR);
-  const int64_t s_pad = round_up(Sk, NR), d_nr = round_up(D, NR);
+  const int64_t lcm = std::lcm(MR, NR);
+  BackwardDims<T> dm;
+  dm.mr = MR, dm.nr = NR;
+  dm.block_q = 8 * MR;
+  dm.block_k = lcm * std::max<int64_t>(1, 96 / lcm);  // keys are the rows of dK, dV and the lanes of S, dP
+  dm.l_pad = round_up(L, MR);
+  dm.s_pad = round_up(Sk, dm.block_k);
+  dm.ld_d = round_up(D, NR), dm.ld_dv = round_up(Dv, NR);
   const Strided<S> Q = strided<S>(qv), K = strided<S>(kv), V = strided<S>(vv), dO = strided<S>(gv);
   const S* out = outv.ptr<const S>();
   const T* lse_in = lsev.ptr<const T>();
-
-  // Per query head (b, h):
-  //   qt    scale*log2(e)*Q as A panels of MR queries, k = d  (S = Q K^T, in base 2)
-  //   dot   dO as A panels of MR queries, k = dv              (dP = dO V^T)
-  //   dorows dO^T as A panels of MR value columns, k = query  (dV^T += dO^T P)
-  //   qrows scale*Q^T as A panels of MR columns, k = query    (dK^T += Q^T dS)
-  //   lse (+inf past L), delta = rowsum(dO * O).
-  const int64_t n_qt = l_pad * D, n_dot = l_pad * Dv, n_dor = dv_mr * l_pad, n_qr = d_mr * l_pad;
-  const int64_t per_q = n_qt + n_dot + n_dor + n_qr + 2 * l_pad;
-  const int64_t n_qpacks = sh.b * sh.hq * per_q;
-  // Per key-value head: K and V as B panels of NR keys (k = d, dv) for S and dP, and K as B panels
-  // of NR columns (k = key) for dQ = dS K.
-  const int64_t n_kb = s_pad * D, n_vb = s_pad * Dv, n_kr = d_nr * s_pad, per_kv = n_kb + n_vb + n_kr;
-  const int64_t n_kvpacks = sh.b * sh.hkv * per_kv;
-  // Tasks: (b, kv head, chunk); chunk c takes key blocks c, c + chunks, ... Heads are split only when
-  // there are too few to keep the threads busy; each chunk then sums its own dQ.
-  constexpr int64_t kKeyPanels = 4;
-  const int64_t block_k = kKeyPanels * NR;
-  const int64_t block_q = 8 * MR;
-  const int64_t k_blocks = (Sk + block_k - 1) / block_k;
+  const int64_t k_blocks = dm.s_pad / dm.block_k;
+  // Heads are split into chunks (chunk c takes key blocks c, c + chunks, ...) only when there are too
+  // few to keep the threads busy; each chunk then sums its own dQ, added up in chunk order afterwards.
   const int64_t heads = sh.b * sh.hkv;
-  const int64_t chunks = std::max<int64_t>(1, std::min(k_blocks, (2 * int64_t(nthreads) + heads - 1) / heads));
-  const int64_t dq_size = l_pad * d_nr;  // one query head's dQ accumulator
-  const int64_t n_dqacc = heads * chunks * G * dq_size;
+  const int64_t chunks = std::clamp<int64_t>((2 * int64_t(nthreads) + heads - 1) / heads, 1, std::max<int64_t>(k_blocks, 1));
+  const int64_t dq_size = dm.l_pad * dm.ld_d;
   thread_local CallBuffer<T> buffer;
-  T* qpacks = buffer.get(size_t(n_qpacks + n_kvpacks + n_dqacc));
-  T* kvpacks = qpacks + n_qpacks;
-  T* dqacc = kvpacks + n_kvpacks;
-  std::fill(dqacc, dqacc + n_dqacc, T(0));
-  parallel_for(0, sh.b * sh.hq, 1, nthreads, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / sh.hq, h = bh % sh.hq;
-      T* base = qpacks + bh * per_q;
-      pack_rows_k_major(Q.row(b, h, 0), Q.sr, L, D, MR, l_pad, pr.scale2(), base);
-      pack_rows_k_major(dO.row(b, h, 0), dO.sr, L, Dv, MR, l_pad, T(1), base + n_qt);
-      pack_cols_k_major(dO.row(b, h, 0), dO.sr, L, Dv, MR, l_pad, dv_mr, T(1), base + n_qt + n_dot);
-      pack_cols_k_major(Q.row(b, h, 0), Q.sr, L, D, MR, l_pad, d_mr, pr.scale, base + n_qt + n_dot + n_dor);
-      T* lse = base + n_qt + n_dot + n_dor + n_qr;
-      T* delta = lse + l_pad;
-      for (int64_t i = 0; i < l_pad; ++i) {
-        if (i >= L) {
-          lse[i] = T(kInf), delta[i] = T(0);
-          continue;
-        }
-        lse[i] = lse_in[bh * L + i] * T(attention::kLog2e);
-        const S* o = out + (bh * L + i) * Dv;
-        const S* g = dO.row(b, h, i);
-        T sum = 0;
-        for (int64_t d = 0; d < Dv; ++d) sum += T(to_float(g[d])) * T(to_float(o[d]));
-        delta[i] = sum;
-      }
-    }
-  });
-
-  parallel_for(0, sh.b * sh.hkv, 1, nthreads, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / sh.hkv, h = bh % sh.hkv;
-      T* base = kvpacks + bh * per_kv;
-      pack_rows_k_major(K.row(b, h, 0), K.sr, Sk, D, NR, s_pad, T(1), base);
-      pack_rows_k_major(V.row(b, h, 0), V.sr, Sk, Dv, NR, s_pad, T(1), base + n_kb);
-      pack_cols_k_major(K.row(b, h, 0), K.sr, Sk, D, NR, s_pad, d_nr, T(1), base + n_kb + n_vb);
-    }
-  });
-
+  T* dqacc = buffer.get(size_t(heads * chunks * G * dq_size));
+  std::fill(dqacc, dqacc + heads * chunks * G * dq_size, T(0));
   S* dk = dkv.ptr<S>();
   S* dv = dvv.ptr<S>();
+  const T scale2 = pr.scale2(), ln2 = T(attention::kLn2), log2e = T(attention::kLog2e);
   parallel_for(0, heads * chunks, 1, nthreads, [&](int64_t begin, int64_t end) {
     thread_local BackwardScratch<T> ws;
-    ws.p.resize(size_t(block_k * block_q));
-    ws.pd.resize(pr.dropout_p > 0 ? size_t(block_k * block_q) : 0);
-    ws.dp.resize(size_t(block_k * block_q));
-    ws.a.resize(size_t(block_k * MR));
-    ws.dkt.resize(size_t(kKeyPanels * d_mr * NR));
-    ws.dvt.resize(size_t(kKeyPanels * dv_mr * NR));
+    const int64_t q_size = dm.l_pad * dm.ld_d, do_size = dm.l_pad * dm.ld_dv;
+    ws.q.resize(size_t(G * q_size));
+    ws.dout.resize(size_t(G * do_size));
+    ws.lse.resize(size_t(G * dm.l_pad));
+    ws.delta.resize(size_t(G * dm.l_pad));
+    ws.k.resize(size_t(dm.s_pad * dm.ld_d));
+    ws.v.resize(size_t(dm.s_pad * dm.ld_dv));
+    ws.kt.resize(size_t(D * dm.s_pad));
+    ws.vt.resize(size_t(Dv * dm.s_pad));
+    ws.p.resize(size_t(dm.block_q * dm.block_k));
+    ws.pd.resize(pr.dropout_p > 0 ? size_t(dm.block_q * dm.block_k) : 0);
+    ws.dp.resize(size_t(dm.block_q * dm.block_k));
+    ws.dk.resize(size_t(dm.block_k * dm.ld_d));
+    ws.dv.resize(size_t(dm.block_k * dm.ld_dv));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bhk = task / chunks, chunk = task % chunks;
       const int64_t b = bhk / sh.hkv, hk = bhk % sh.hkv;
-      const T* kvb = kvpacks + bhk * per_kv;
+      copy_padded(K.row(b, hk, 0), K.sr, Sk, D, dm.s_pad, dm.ld_d, T(1), ws.k.data());
+      copy_padded(V.row(b, hk, 0), V.sr, Sk, Dv, dm.s_pad, dm.ld_dv, T(1), ws.v.data());
+      transpose(ws.k.data(), dm.ld_d, dm.s_pad, D, ws.kt.data(), dm.s_pad);
+      transpose(ws.v.data(), dm.ld_dv, dm.s_pad, Dv, ws.vt.data(), dm.s_pad);
+      for (int64_t g = 0; g < G; ++g) {  // the group's query heads: Q' = scale * log2(e) * Q, dO, lse2, delta
+        const int64_t h = hk * G + g, bh = b * sh.hq + h;
+        T* qg = ws.q.data() + g * q_size;
+        T* dog = ws.dout.data() + g * do_size;
+        copy_padded(Q.row(b, h, 0), Q.sr, L, D, dm.l_pad, dm.ld_d, scale2, qg);
+        copy_padded(dO.row(b, h, 0), dO.sr, L, Dv, dm.l_pad, dm.ld_dv, T(1), dog);
+        T* lse = ws.lse.data() + g * dm.l_pad;
+        T* delta = ws.delta.data() + g * dm.l_pad;
+        for (int64_t i = 0; i < dm.l_pad; ++i) {
+          T sum = 0;
+          if (i < L) {
+            const S* o = out + (bh * L + i) * Dv;
+            for (int64_t c = 0; c < Dv; ++c) sum += dog[i * dm.ld_dv + c] * T(to_float(o[c]));
+          }
+          lse[i] = i < L ? lse_in[bh * L + i] * log2e : T(kInf);  // +inf: padded rows get p = 0
+          delta[i] = sum;
+        }
+      }
       for (int64_t kb = chunk; kb < k_blocks; kb += chunks) {
-        const int64_t k0 = kb * block_k, kn = std::min(block_k, s_pad - k0), kpanels = kn / NR;
-        std::fill(ws.dkt.begin(), ws.dkt.end(), T(0));
-        std::fill(ws.dvt.begin(), ws.dvt.end(), T(0));
+        const int64_t k0 = kb * dm.block_k;
+        std::fill(ws.dk.begin(), ws.dk.end(), T(0));
+        std::fill(ws.dv.begin(), ws.dv.end(), T(0));
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g;
-          const T* qp = qpacks + (b * sh.hq + h) * per_q;
-          const T *qt = qp, *dot = qp + n_qt, *dorows = dot + n_dot, *qrows = dorows + n_dor;
-          const T* lse = qrows + n_qr;
-          const T* delta = lse + l_pad;
           T* dq = dqacc + ((bhk * chunks + chunk) * G + g) * dq_size;
-          // Causal: only queries i >= k0 see a key of this block.
-          for (int64_t q0 = pr.causal ? k0 / MR * MR : 0; q0 < L; q0 += block_q) {
-            const int64_t qn = std::min(block_q, l_pad - q0);  // a multiple of MR
-            backward_block(kern, pr, b, h, q0, qn, block_q, k0, kpanels, qt, dot, dorows, qrows, lse, delta, kvb, n_kb, n_vb,
-                           l_pad, s_pad, d_mr, dv_mr, d_nr, dq, ws);
-          }
+          for (int64_t q0 = pr.causal ? k0 / MR * MR : 0; q0 < L; q0 += dm.block_q)  // causal: queries >= k0
+            backward_block(kern, pr, dm, b, h, q0, k0, ws.q.data() + g * q_size, ws.dout.data() + g * do_size,
+                           ws.lse.data() + g * dm.l_pad, ws.delta.data() + g * dm.l_pad, ws, dq);
         }
-        // dK and dV rows of the block, out of their transposed accumulators.
-        for (int64_t jp = 0; jp < kpanels; ++jp) {
-          const int64_t key = k0 + jp * NR, n = std::min(NR, Sk - key);
-          if (n <= 0) break;
-          store_transposed(ws.dkt.data() + jp * d_mr * NR, D, NR, n, static_cast<const T*>(nullptr),
-                           dk + (bhk * Sk + key) * D, D);
-          store_transposed(ws.dvt.data() + jp * dv_mr * NR, Dv, NR, n, static_cast<const T*>(nullptr),
-                           dv + (bhk * Sk + key) * Dv, Dv);
+        for (int64_t j = 0; j < dm.block_k && k0 + j < Sk; ++j) {  // dK = ln 2 * dS^T Q' (= scale * dS^T Q)
+          S* dkr = dk + (bhk * Sk + k0 + j) * D;
+          S* dvr = dv + (bhk * Sk + k0 + j) * Dv;
+          for (int64_t c = 0; c < D; ++c) dkr[c] = from_compute<S>(ws.dk[size_t(j * dm.ld_d + c)] * ln2);
+          for (int64_t c = 0; c < Dv; ++c) dvr[c] = from_compute<S>(ws.dv[size_t(j * dm.ld_dv + c)]);
         }
       }
     }
   });
-
   // dQ = scale * (sum of the chunks' accumulators), in chunk order.
   S* dq = dqv.ptr<S>();
   parallel_for(0, sh.b * sh.hq, 1, nthreads, [&](int64_t begin, int64_t end) {
@@ -665,7 +601,7 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
       for (int64_t i = 0; i < L; ++i)
         for (int64_t d = 0; d < D; ++d) {
           T sum = 0;
-          for (int64_t c = 0; c < chunks; ++c) sum += dqacc[((bhk * chunks + c) * G + g) * dq_size + i * d_nr + d];
+          for (int64_t c = 0; c < chunks; ++c) sum += dqacc[((bhk * chunks + c) * G + g) * dq_size + i * dm.ld_d + d];
           dq[(bh * L + i) * D + d] = from_compute<S>(sum * pr.scale);
         }
     }
