@@ -512,7 +512,7 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
   const int64_t lcm = std::lcm(MR, NR);
   BackwardDims<T> dm;
   dm.mr = MR, dm.nr = NR;
-  dm.block_q = 8 * MR;
+  dm.block_q = 16 * MR;
   dm.block_k = lcm * std::max<int64_t>(1, 96 / lcm);  // keys are the rows of dK, dV and the lanes of S, dP
   dm.l_pad = round_up(L, MR);
   dm.s_pad = round_up(Sk, dm.block_k);
