@@ -25,9 +25,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-spec = importlib.util.spec_from_file_location("attention", os.path.join(HERE, "..", "kernels", "attention.py"))
-attn = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(attn)
+# kernels/ as a package of its own (attention.py imports ._common), without importing fastcv
+KERNELS = os.path.join(HERE, "..", "kernels")
+spec = importlib.util.spec_from_file_location("fastcv_kernels", os.path.join(KERNELS, "__init__.py"),
+                                              submodule_search_locations=[KERNELS])
+package = importlib.util.module_from_spec(spec)
+sys.modules["fastcv_kernels"] = package
+spec.loader.exec_module(package)
+attn = importlib.import_module("fastcv_kernels.attention")
 
 TARGET = GPUTarget("cuda", 90, 64)
 SHARED_MAX = 227 * 1024

@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot as _dot
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTCV_TRITON_AUTOTUNE=0 keeps one configuration per kernel (the GPU tests set it).
 _ONE_CONFIG = _INTERPRET or os.environ.get("FASTCV_TRITON_AUTOTUNE") == "0"
@@ -173,14 +175,6 @@ _KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "DROPOUT", "L_BUCKET", "S_BUCKET"]
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:  # the interpreter keeps bfloat16 as raw uint16 bits and its dot would multiply those
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _keep(seed, thr, bh, offset, rows, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_N] keep decisions for query rows `rows` and keys col0 .. col0 + BLOCK_N - 1
     (col0 a multiple of 4): Philox-4x32 of counter (j // 4, i, b*Hq + h, offset), output j % 4."""
@@ -197,6 +191,38 @@ def _keep(seed, thr, bh, offset, rows, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _kv_scores(q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, cols, d_ok, qk_scale, S, BOUNDARY: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block's K and V, and its scores with the query rows in base 2 (qk_scale holds log2 e), the
+    additive mask added, and -inf where a key is past S or after the query (boundary blocks only: before
+    exp2, padded keys (k = 0) and masked scores can lie far above the row's maximum or lse)."""
+    if BOUNDARY:
+        col_ok = cols < S
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0)
+    s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PRECISION, UPCAST) * qk_scale
+    if HAS_MASK:
+        if BOUNDARY:
+            mk = tl.load(m_ptrs, mask=row_ok[:, None] & (cols < S)[None, :], other=0)
+        else:
+            mk = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
+        s += mk * 1.4426950408889634
+    if BOUNDARY:
+        valid = (cols < S)[None, :]
+        if IS_CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+        s = tl.where(valid, s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, offs_n, d_ok, lo, hi,
                skn, svn, sms, qk_scale, S, seed, thr, bh, offset,
                BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -208,28 +234,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, offs_n, d
         m_ptrs += tl.cast(lo, tl.int64) * sms
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if BOUNDARY:
-            col_ok = cols < S
-            k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0)
-        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PRECISION, UPCAST) * qk_scale
-        if HAS_MASK:
-            if BOUNDARY:
-                mk = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            else:
-                mk = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
-            s += mk * 1.4426950408889634
-        if BOUNDARY:
-            valid = col_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
-            s = tl.where(valid, s, float("-inf"))
+        k, v, s = _kv_scores(q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, cols, d_ok, qk_scale, S, BOUNDARY, IS_CAUSAL,
+                             HAS_MASK, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if HAS_MASK:  # a row with only -inf so far: subtract 0, not -inf (no NaN)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -469,28 +475,8 @@ def _bwd_q_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, o
         m_ptrs += tl.cast(lo, tl.int64) * sms
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if BOUNDARY:
-            col_ok = cols < S
-            k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0)
-        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PRECISION, UPCAST) * qk_scale
-        if HAS_MASK:
-            if BOUNDARY:
-                mk = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            else:
-                mk = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
-            s += mk * 1.4426950408889634
-        if BOUNDARY:  # before exp2: padded keys (k = 0) and masked scores can lie far above lse
-            valid = col_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
-            s = tl.where(valid, s, float("-inf"))
+        k, v, s = _kv_scores(q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, cols, d_ok, qk_scale, S, BOUNDARY, IS_CAUSAL,
+                             HAS_MASK, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PRECISION, UPCAST)
         if DROPOUT:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot as _dot
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTCV_TRITON_AUTOTUNE=0 keeps one configuration per kernel (the GPU tests set it: autotuning every
 # test shape would compile six variants of each kernel per shape).
@@ -59,14 +61,6 @@ _WEIGHT_GRAD_CONFIGS = _configs([
     (32, 64, 64, 4, 3),
     (16, 32, 64, 4, 3),  # depthwise: Cout/g and C/g are tiny, the pixel reduction is everything
 ])
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:  # the interpreter keeps bfloat16 as raw uint16 bits and its dot multiplies those bits
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 def _prune_thin(m_arg, n_arg):
