@@ -256,6 +256,45 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, offs_n, d
     return acc, l_i, m_i
 
 
+@triton.jit
+def _query_block(L, H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's (b, h) and query block, heaviest first (causal: the last block, whose loop is
+    longest, starts earliest); the key-value head; b and h as int64 for offsets."""
+    m_blocks = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // m_blocks
+    start_m = (m_blocks - 1 - pid % m_blocks) * BLOCK_M
+    h = bh % H
+    return bh, start_m, tl.cast(bh // H, tl.int64), tl.cast(h, tl.int64), tl.cast(h // GROUP, tl.int64)
+
+
+@triton.jit
+def _key_pointers(K, V, Mask, b64, h64, kv_h, rows64, offs_n, offs_d, skb, skh, skn, svb, svh, svn, smb, smh, sml,
+                  sms, HAS_MASK: tl.constexpr):
+    """Pointers to the first key block's K and V tiles [BLOCK_N, BLOCK_D] and mask tile [BLOCK_M, BLOCK_N]
+    (the mask pointer itself when there is none)."""
+    k_ptrs = K + b64 * skb + kv_h * skh + tl.cast(offs_n, tl.int64)[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b64 * svb + kv_h * svh + tl.cast(offs_n, tl.int64)[:, None] * svn + offs_d[None, :]
+    if HAS_MASK:
+        m_ptrs = Mask + b64 * smb + h64 * smh + rows64[:, None] * sml + tl.cast(offs_n, tl.int64)[None, :] * sms
+    else:
+        m_ptrs = Mask
+    return k_ptrs, v_ptrs, m_ptrs
+
+
+@triton.jit
+def _key_range(S, start_m, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(end of the full key blocks, end of all key blocks) for query rows from start_m: full blocks lie
+    inside S and, when causal, wholly at or below the diagonal for every row; the rest need masking."""
+    full_blocks = S // BLOCK_N
+    if IS_CAUSAL:
+        full_blocks = tl.minimum(full_blocks, (start_m + 1) // BLOCK_N)
+        hi = tl.minimum(S, start_m + BLOCK_M)
+    else:
+        hi = S
+    return full_blocks * BLOCK_N, hi
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(Q, K, V, Mask, Out, Lse,
                 sqb, sqh, sql, skb, skh, skn, svb, svh, svn, smb, smh, sml, sms,
@@ -263,42 +302,21 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
                 IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m_blocks = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // m_blocks
-    # heaviest (causal: last) query blocks first, so the long programs start early
-    start_m = (m_blocks - 1 - pid % m_blocks) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    b64 = tl.cast(b, tl.int64)
+    bh, start_m, b64, h64, kv_h = _query_block(L, H, GROUP, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < L
     d_ok = offs_d < D
     rows64 = tl.cast(rows, tl.int64)
-    q_ptrs = Q + b64 * sqb + tl.cast(h, tl.int64) * sqh + rows64[:, None] * sql + offs_d[None, :]
+    q_ptrs = Q + b64 * sqb + h64 * sqh + rows64[:, None] * sql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0)
-    kv_h = tl.cast(hk, tl.int64)
-    k_ptrs = K + b64 * skb + kv_h * skh + tl.cast(offs_n, tl.int64)[:, None] * skn + offs_d[None, :]
-    v_ptrs = V + b64 * svb + kv_h * svh + tl.cast(offs_n, tl.int64)[:, None] * svn + offs_d[None, :]
-    if HAS_MASK:
-        m_ptrs = Mask + b64 * smb + tl.cast(h, tl.int64) * smh + rows64[:, None] * sml \
-            + tl.cast(offs_n, tl.int64)[None, :] * sms
-    else:
-        m_ptrs = Mask
+    k_ptrs, v_ptrs, m_ptrs = _key_pointers(K, V, Mask, b64, h64, kv_h, rows64, offs_n, offs_d, skb, skh, skn, svb,
+                                           svh, svn, smb, smh, sml, sms, HAS_MASK)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    # Full key blocks: inside S and, when causal, wholly at or below the diagonal for every row here.
-    full_blocks = S // BLOCK_N
-    if IS_CAUSAL:
-        full_blocks = tl.minimum(full_blocks, (start_m + 1) // BLOCK_N)
-        hi = tl.minimum(S, start_m + BLOCK_M)
-    else:
-        hi = S
-    full_end = full_blocks * BLOCK_N
+    full_end, hi = _key_range(S, start_m, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, offs_n, d_ok,
                                0, full_end, skn, svn, sms, qk_scale, S, seed, thr, bh, offset,
                                False, IS_CAUSAL, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
@@ -498,15 +516,7 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
                    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m_blocks = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // m_blocks
-    start_m = (m_blocks - 1 - pid % m_blocks) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    b64 = tl.cast(b, tl.int64)
-    h64 = tl.cast(h, tl.int64)
+    bh, start_m, b64, h64, kv_h = _query_block(L, H, GROUP, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -519,21 +529,10 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
     row_base = tl.cast(bh, tl.int64) * L + rows64
     lse2 = tl.load(Lse + row_base, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + row_base, mask=row_ok, other=0)
-    kv_h = tl.cast(hk, tl.int64)
-    k_ptrs = K + b64 * skb + kv_h * skh + tl.cast(offs_n, tl.int64)[:, None] * skn + offs_d[None, :]
-    v_ptrs = V + b64 * svb + kv_h * svh + tl.cast(offs_n, tl.int64)[:, None] * svn + offs_d[None, :]
-    if HAS_MASK:
-        m_ptrs = Mask + b64 * smb + h64 * smh + rows64[:, None] * sml + tl.cast(offs_n, tl.int64)[None, :] * sms
-    else:
-        m_ptrs = Mask
+    k_ptrs, v_ptrs, m_ptrs = _key_pointers(K, V, Mask, b64, h64, kv_h, rows64, offs_n, offs_d, skb, skh, skn, svb,
+                                           svh, svn, smb, smh, sml, sms, HAS_MASK)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    full_blocks = S // BLOCK_N
-    if IS_CAUSAL:
-        full_blocks = tl.minimum(full_blocks, (start_m + 1) // BLOCK_N)
-        hi = tl.minimum(S, start_m + BLOCK_M)
-    else:
-        hi = S
-    full_end = full_blocks * BLOCK_N
+    full_end, hi = _key_range(S, start_m, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _bwd_q_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, offs_n, d_ok, 0, full_end,
                       skn, svn, sms, qk_scale, inv_keep, S, seed, thr, bh, offset,
                       False, IS_CAUSAL, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
