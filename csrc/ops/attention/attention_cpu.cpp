@@ -4,21 +4,20 @@
 // maximum and sum per query, the output rescaled when the maximum grows) and saves only the
 // log-sum-exp per query; the backward recomputes each block's probabilities from it.
 //
-// Layout. Every product is a gemm::Kernel tile (packed A panels of MR rows, B panels of NR columns,
-// both k-major), and the operands are chosen so that no tile is ever transposed on the way from one
-// product to the next:
-// - forward: scores are computed transposed, S^T[keys x queries] = K Q^T, with NR queries in the
-//   vector lanes. Then the softmax's maximum and sum over keys are lane-wise vector operations, and the
-//   probability tile [keys][NR queries] is exactly the B panel of O^T[Dv x queries] += V^T P^T.
-// - backward: scores as S[queries x keys] = Q K^T with NR keys in the lanes: the tile P [q][NR keys]
-//   is the B panel of both dV^T += dO^T P and dK^T += Q^T dS; only dQ += dS K needs dS transposed into
-//   A panels (pack_a_rows, 8 x 8 register transposes).
-// K and V (and Q, dO in the backward) are packed once per head into panel form before the parallel
-// loop; threads then take (head, query block) tasks in the forward and (key-value head, key block)
-// tasks in the backward, which own their dK/dV rows outright. dQ is accumulated per task in float and
-// summed afterwards in a fixed order when a head's key blocks are split over several tasks (only when
-// there are fewer heads than threads), so results do not depend on the thread count's timing.
-// float16 and bfloat16 compute in float32 (converted while packing); float64 runs the double kernels.
+// Layout. Every product is one call of the micro-kernel's strided tile (gemm::Kernel::tile_strided),
+// which reads A through a stride per k-step and per row (broadcast loads take any address) and B
+// through a row stride, so operands are read where they lie, also transposed:
+// - forward: scores are computed transposed, S^T[keys][queries] = K Q^T, with a block of 48-64
+//   queries in the lanes (K read in place, Q^T transposed once per block). The softmax's maximum and sum
+//   over keys are then lane-wise vector operations, and O[queries][Dv] += P V reads the probability
+//   tile transposed as its A operand and V's rows as its B operand.
+// - backward: see the comment above attention_backward_impl; Q, dO, K, V are copied once per task into
+//   zero-padded row-major scratch (K and V also transposed), and all five products read them in place.
+// Threads take (head, query blocks) tasks in the forward and (key-value head, key blocks) tasks in the
+// backward, which own their dK/dV rows outright. dQ is accumulated per task and summed afterwards in a
+// fixed order when a head's key blocks are split over several tasks (only when there are fewer heads
+// than threads), so results do not depend on the thread count or its timing.
+// float16 and bfloat16 compute in float32 (converted on the way in); float64 runs the double kernels.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
