@@ -251,7 +251,7 @@ def _as_4d(t: Tensor) -> Tensor:
     return t if t.dim() == 4 else t.reshape(-1, *t.shape[-3:])
 
 
-def _dropout_seed(device: torch.device) -> int:
+def _dropout_seed() -> int:
     """A seed for the Philox stream from torch's default generator (so torch.manual_seed reproduces it)."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
@@ -276,7 +276,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         else:
             mask = attn_mask.to(dtype)
         mask = _as_4d(mask.expand(*query.shape[:-2], query.shape[-2], key.shape[-2]))
-    seed = _dropout_seed(query.device) if dropout_p > 0 else 0
+    seed = _dropout_seed() if dropout_p > 0 else 0
     args = (q, k, v, mask, float(dropout_p), bool(is_causal), scale, seed)
     if eager_direct(q, k, v, mask):
         out, _ = _forward_impl(*args)

@@ -92,6 +92,19 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 //   dst[(panel * cols + c) * width + i] = scale * src(panel * width + i, c), rows >= nrows zero.
 // cols_k_major: panels over the columns, k = the row index:
 //   dst[(panel * rows_pad + r) * width + i] = scale * src(r, panel * width + i), zeros past the edges.
+// Rows [0, n) of src (row stride sr, `cols` used) converted into dst [rows_pad][ld], times `scale`,
+// zeros elsewhere.
+template <class T, class S>
+void copy_padded(const S* src, int64_t sr, int64_t n, int64_t cols, int64_t rows_pad, int64_t ld, T scale, T* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    T* out = dst + r * ld;
+    const int64_t m = r < n ? cols : 0;
+    const S* in = src + r * sr;
+    for (int64_t c = 0; c < m; ++c) out[c] = scale * T(to_float(in[c]));
+    std::fill(out + m, out + ld, T(0));
+  }
+}
+
 // Scratch that outlives a call: packed operands are rewritten every call, so reusing the memory saves
 // the page faults of fresh allocations (as much as a small problem's arithmetic). Owned by the calling
 // thread; returned to the system after a call that needed more than kKeepBytes.
@@ -294,12 +307,10 @@ HeadOperands<T> head_operands(const Strided<S>& K, const Strided<S>& V, int64_t 
     op.dv_direct = dv / nr * nr;
   } else {  // float16 / bfloat16: float copies, padded so that every tile is whole
     const int64_t s_pad = round_up(s, mr), dv_pad = round_up(dv, nr);
-    ws.kconv.assign(size_t(s_pad * d), T(0));
-    ws.vconv.assign(size_t(s * dv_pad), T(0));
-    for (int64_t r = 0; r < s; ++r) {
-      for (int64_t c = 0; c < d; ++c) ws.kconv[size_t(r * d + c)] = to_float(K.row(b, hk, r)[c]);
-      for (int64_t c = 0; c < dv; ++c) ws.vconv[size_t(r * dv_pad + c)] = to_float(V.row(b, hk, r)[c]);
-    }
+    ws.kconv.resize(size_t(s_pad * d));
+    ws.vconv.resize(size_t(s * dv_pad));
+    copy_padded(K.row(b, hk, 0), K.sr, s, d, s_pad, d, T(1), ws.kconv.data());
+    copy_padded(V.row(b, hk, 0), V.sr, s, dv, s, dv_pad, T(1), ws.vconv.data());
     op.k = {ws.kconv.data(), d};
     op.v = {ws.vconv.data(), dv_pad};
     op.key_tail = s_pad;
@@ -436,19 +447,6 @@ template <class T>
 struct BackwardScratch {
   std::vector<T> q, dout, lse, delta, k, v, kt, vt, p, pd, dp, dk, dv;
 };
-
-// Rows [0, n) of src (row stride sr, `cols` used) converted into dst [rows_pad][ld], times `scale`,
-// zeros elsewhere.
-template <class T, class S>
-void copy_padded(const S* src, int64_t sr, int64_t n, int64_t cols, int64_t rows_pad, int64_t ld, T scale, T* dst) {
-  for (int64_t r = 0; r < rows_pad; ++r) {
-    T* out = dst + r * ld;
-    const int64_t m = r < n ? cols : 0;
-    const S* in = src + r * sr;
-    for (int64_t c = 0; c < m; ++c) out[c] = scale * T(to_float(in[c]));
-    std::fill(out + m, out + ld, T(0));
-  }
-}
 
 template <class T>
 struct BackwardDims {
