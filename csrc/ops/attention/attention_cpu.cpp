@@ -192,16 +192,25 @@ FASTCV_ATTN_INLINE void score_grad_impl(const T* p, T* dp, int64_t rows, int64_t
   }
 }
 
+// The forward's query blocks (lanes of its score tiles), one online_softmax_impl each. A block must be
+// a multiple of the micro-kernel's MR and NR; forward_block_q picks the first that is, and
+// attention_check_geometry() proves at load that every compiled micro-kernel has one.
+constexpr int kQueryBlocks[] = {48, 64};
+
+template <class T>
+FASTCV_ATTN_INLINE void online_softmax_block(T* tile, int64_t rows, int64_t nr, T* m, T* l, T* acc, int64_t ld_acc) {
+  static_assert(sizeof(kQueryBlocks) / sizeof(int) == 2, "one case per entry of kQueryBlocks");
+  if (nr == kQueryBlocks[0]) return online_softmax_impl<T, kQueryBlocks[0]>(tile, rows, m, l, acc, ld_acc);
+  if (nr == kQueryBlocks[1]) return online_softmax_impl<T, kQueryBlocks[1]>(tile, rows, m, l, acc, ld_acc);
+  throw ArgError("attention: internal error: no online softmax for a query block of " + std::to_string(nr));
+}
+
 // The float versions are compiled per instruction set (AVX-512, AVX2, baseline), picked at load time.
 // (No lambdas in here: a lambda's body would be compiled once, for the baseline instruction set.)
-// nr: the forward's query block (forward_block_q): 48 or 64.
+// nr: the forward's query block (forward_block_q), one of kQueryBlocks.
 FASTCV_CPU_CLONES void online_softmax(float* tile, int64_t rows, int64_t nr, float* m, float* l, float* acc,
                                       int64_t ld_acc) {
-  switch (nr) {
-    case 48: return online_softmax_impl<float, 48>(tile, rows, m, l, acc, ld_acc);
-    case 64: return online_softmax_impl<float, 64>(tile, rows, m, l, acc, ld_acc);
-    default: throw ArgError("attention: unexpected query block " + std::to_string(nr));
-  }
+  online_softmax_block<float>(tile, rows, nr, m, l, acc, ld_acc);
 }
 FASTCV_CPU_CLONES void probabilities(float* tile, int64_t rows, int64_t nr, const float* lse) {
   probabilities_impl(tile, rows, nr, lse);
@@ -210,11 +219,7 @@ FASTCV_CPU_CLONES void score_grad(const float* p, float* dp, int64_t rows, int64
   score_grad_impl(p, dp, rows, nr, delta);
 }
 void online_softmax(double* tile, int64_t rows, int64_t nr, double* m, double* l, double* acc, int64_t ld_acc) {
-  switch (nr) {
-    case 48: return online_softmax_impl<double, 48>(tile, rows, m, l, acc, ld_acc);
-    case 64: return online_softmax_impl<double, 64>(tile, rows, m, l, acc, ld_acc);
-    default: throw ArgError("attention: unexpected query block " + std::to_string(nr));
-  }
+  online_softmax_block<double>(tile, rows, nr, m, l, acc, ld_acc);
 }
 void probabilities(double* tile, int64_t rows, int64_t nr, const double* lse) { probabilities_impl(tile, rows, nr, lse); }
 void score_grad(const double* p, double* dp, int64_t rows, int64_t nr, const double* delta) {
@@ -279,11 +284,12 @@ struct Rows {
   const T* row(int64_t r) const { return p + r * ld; }
 };
 
-// Query block of the forward: a multiple of both MR (the output tiles' rows) and NR (the score tiles'
-// lanes), about 48 queries.
+// Query block of the forward: the first of kQueryBlocks that is a multiple of both MR (the output
+// tiles' rows) and NR (the score tiles' lanes); 0 when none is.
 inline int64_t forward_block_q(int64_t mr, int64_t nr) {
-  const int64_t lcm = std::lcm(mr, nr);
-  return lcm * std::max<int64_t>(1, 48 / lcm);
+  for (const int block : kQueryBlocks)
+    if (block % std::lcm(mr, nr) == 0) return block;
+  return 0;
 }
 
 // A head's K and V as the micro-kernel reads them, from the caller's tensors when they are float or
