@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "common/check.h"
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 #ifdef FASTCV_WITH_CUDA
 #include "common/cuda_info.h"
@@ -50,18 +51,6 @@ static py::dict cuda_info_dict() {
 }
 #endif
 
-static const char* cpu_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return "x86-64-v4 (AVX-512)";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "x86-64-v3 (AVX2)";
-  return "x86-64 (baseline)";
-#else
-  return "generic";
-#endif
-}
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastcv compiled kernels (CPU C++ and, when built, CUDA)";
   py::register_exception<fastcv::ArgError>(m, "ArgError", PyExc_ValueError);
@@ -76,12 +65,21 @@ PYBIND11_MODULE(_C, m) {
   build["cuda_archs"] = FASTCV_CUDA_ARCHS_STR;
   build["nvcc"] = FASTCV_NVCC_VERSION;
   build["cxx"] = __VERSION__;
-  build["cpu_isa"] = cpu_isa();
   m.attr("build_info") = build;
 #ifdef FASTCV_WITH_CUDA
   m.def("cuda_runtime_info", &cuda_info_dict);
 #endif
 
+  py::list isas;
+  for (fastcv::Isa isa : fastcv::compiled_isas()) isas.append(fastcv::isa_name(isa));
+  build["cpu_isas"] = isas;  // compiled, best last
+  m.def("cpu_isa", [] { return fastcv::isa_name(fastcv::cpu_isa()); }, "the CPU instruction set the kernels run");
+  m.def("set_cpu_isa", &fastcv::set_cpu_isa, "forces the CPU instruction set of every dispatched kernel");
+  m.def("cpu_supports", [](const std::string& name) {
+    for (fastcv::Isa isa : fastcv::compiled_isas())
+      if (name == fastcv::isa_name(isa)) return fastcv::cpu_supports(isa);
+    return false;
+  }, "whether this CPU runs the kernels compiled for an instruction set");
   m.def("parallel_backend", &fastcv::parallel_backend, "what runs the CPU kernels' parallel regions");
   m.def("_set_use_openmp", &fastcv::set_use_openmp, "tests: False runs parallel regions on fastcv's pool");
 

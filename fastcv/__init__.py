@@ -10,6 +10,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-from fastcv import nn, ops  # noqa: E402  (registers torch.ops.fastcv.*)
+from fastcv import cpu, nn, ops  # noqa: E402  (registers torch.ops.fastcv.*; cpu reads FASTCV_CPU_ISA)
 
-__all__ = ["nn", "ops", "__version__"]
+__all__ = ["cpu", "nn", "ops", "__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -20,7 +21,10 @@ def info() -> None:
         print(f"triton      {triton.__version__}")
     except ImportError:
         print("triton      not installed")
-    print(f"C++         g++ {build['cxx']}, CPU kernels dispatched for {build['cpu_isa']}")
+    forced = " (forced by FASTCV_CPU_ISA)" if os.environ.get("FASTCV_CPU_ISA") else ""
+    print(f"C++         g++ {build['cxx']}")
+    print(f"CPU ISA     {fastcv.cpu.cpu_isa()} in use{forced}; this CPU runs {', '.join(fastcv.cpu.available_cpu_isas())} "
+          f"(compiled: {', '.join(fastcv.cpu.compiled_cpu_isas())})")
     print(f"threads     {torch.get_num_threads()} (torch.get_num_threads()), run by {_C.parallel_backend()}")
     if not build["cuda"]:
         print("CUDA        kernels not built (no nvcc at build time, or FASTCV_WITH_CUDA=OFF)")

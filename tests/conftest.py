@@ -31,6 +31,24 @@ def device(request):
     return request.param
 
 
+# The CPU kernels are compiled per instruction set and one is picked at run time, so a CPU test proves
+# only the path its machine picks. A module whose kernels depend on the ISA declares
+# `pytestmark = pytest.mark.usefixtures("cpu_isa")`: each of its tests then runs under every ISA this
+# CPU supports, forced (fastcv.cpu.force_cpu_isa).
+CPU_ISAS = fastcv.cpu.available_cpu_isas()
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    with fastcv.cpu.force_cpu_isa(request.param):
+        yield request.param
+
+
+def pytest_report_header(config):
+    return (f"fastcv CPU instruction sets tested: {', '.join(CPU_ISAS)} "
+            f"(compiled: {', '.join(fastcv.cpu.compiled_cpu_isas())})")
+
+
 def triton_device() -> str:
     """Where the Triton kernel tests run: the GPU, compiled, or the CPU through the interpreter."""
     if torch.cuda.is_available():

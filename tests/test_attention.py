@@ -19,6 +19,9 @@ import fastcv.ops.attention as attention_module
 from conftest import GPU_DEVICES as DEVICES
 from fastcv.ops import scaled_dot_product_attention as sdpa
 
+# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 # Tolerances on the largest error, relative to the largest magnitude of the reference tensor (outputs and
 # gradients alike; relative rather than absolute so that small gradients, e.g. dK with S = 1000 where every
 # P_ij ~ 1e-3, are held to the same standard as the output).

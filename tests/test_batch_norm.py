@@ -12,6 +12,9 @@ import fastcv.nn
 from conftest import DEVICES
 from fastcv.ops import batch_norm, batch_norm_add_relu, batch_norm_relu, fold_batch_norm
 
+# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOL)
 

@@ -7,6 +7,9 @@ import torch.nn.functional as F
 import fastcv.nn
 from fastcv import ops
 
+# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 # N, C, H, W, Cout, kernel, stride, padding, dilation, groups
 SHAPES = [
     (2, 6, 9, 11, 4, 3, 1, 1, 1, 1),

@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 from fastcv import ops
 
+# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 # (N, C, H, W, multiplier, kernel, stride, padding, dilation)
 CASES = {
     "3x3": (2, 5, 9, 11, 1, (3, 3), (1, 1), (1, 1), (1, 1)),

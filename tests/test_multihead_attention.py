@@ -13,6 +13,9 @@ import fastcv.nn
 import fastcv.ops
 from conftest import GPU_DEVICES as DEVICES
 
+# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 E, H, L, S, B = 16, 4, 5, 7, 3
 

@@ -9,6 +9,9 @@ import torchvision
 from fastcv import _C, _backend, ops
 from helpers import distinct_scores, random_boxes
 
+# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 REDUCED = (torch.float16, torch.bfloat16)
 
 

@@ -1,5 +1,7 @@
-// Run-time choice of the GEMM micro-kernel (isa/gemm_tile.cpp is compiled once per instruction set).
+// The GEMM micro-kernel for the ISA in use (isa/gemm_tile.cpp is compiled once per instruction set).
 #include "common/gemm.h"
+
+#include "common/cpu_isa.h"
 
 namespace fastcv {
 namespace gemm {
@@ -10,46 +12,31 @@ namespace gemm {
   Kernel<double> make(double);     \
   }
 FASTCV_DECLARE_ISA(baseline)
-#ifdef FASTCV_GEMM_X86_ISAS
+#ifdef FASTCV_ISA_X86
 FASTCV_DECLARE_ISA(avx512)
 FASTCV_DECLARE_ISA(avx2)
 #endif
 
-namespace {
-
-enum class Isa { avx512, avx2, baseline };
-
-Isa best_isa() {
-#ifdef FASTCV_GEMM_X86_ISAS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-#endif
-  return Isa::baseline;
-}
-
-}  // namespace
-
+// Each ISA's kernel is made on first use: make() itself is compiled for its ISA, so it must not run on
+// a CPU without it (cpu_isa() is only ever one the CPU supports).
 template <class T>
-Kernel<T> best_kernel() {
-#ifdef FASTCV_GEMM_X86_ISAS
-  if (best_isa() == Isa::avx512) return avx512::make(T{});
-  if (best_isa() == Isa::avx2) return avx2::make(T{});
+const Kernel<T>& kernel_for(Isa isa) {
+  static const Kernel<T> base = baseline::make(T{});
+#ifdef FASTCV_ISA_X86
+  if (isa == Isa::avx512) {
+    static const Kernel<T> k = avx512::make(T{});
+    return k;
+  }
+  if (isa == Isa::avx2) {
+    static const Kernel<T> k = avx2::make(T{});
+    return k;
+  }
 #endif
-  return baseline::make(T{});
+  return base;
 }
 
-const Kernel<float>& kernel(float) {
-  static const Kernel<float> k = best_kernel<float>();
-  return k;
-}
-
-const Kernel<double>& kernel(double) {
-  static const Kernel<double> k = best_kernel<double>();
-  return k;
-}
+const Kernel<float>& kernel(float) { return kernel_for<float>(cpu_isa()); }
+const Kernel<double>& kernel(double) { return kernel_for<double>(cpu_isa()); }
 
 }  // namespace gemm
 }  // namespace fastcv

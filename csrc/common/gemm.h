@@ -15,7 +15,8 @@
 namespace fastcv {
 namespace gemm {
 
-// The kernel for this CPU's best instruction set (AVX-512, AVX2+FMA, or baseline x86-64 SSE2).
+// The kernel for the instruction set in use (cpu_isa(): AVX-512, AVX2+FMA, or baseline x86-64 SSE2).
+// Callers take it once per call, so forcing an ISA between calls switches every kernel.
 const Kernel<float>& kernel(float);
 const Kernel<double>& kernel(double);
 

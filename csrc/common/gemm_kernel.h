@@ -6,6 +6,15 @@
 namespace fastcv {
 namespace gemm {
 
+// Register blocking per instruction set, indexed by fastcv::Isa's value (baseline SSE2, AVX2,
+// AVX-512): tiles of kTileRows[isa] rows by kTileVectors vectors. 32 vector registers with AVX-512 hold
+// 8 x 2 accumulators (MR = 8 also divides the usual channel counts), 16 registers hold 6 x 2.
+// Constants, so that code built on the tiles can check at compile time that every geometry works.
+constexpr int kVectorBytes[3] = {16, 32, 64};
+constexpr int kTileRows[3] = {6, 6, 8};
+constexpr int kTileVectors = 2;
+constexpr int tile_cols(int isa, int element_bytes) { return kVectorBytes[isa] / element_bytes * kTileVectors; }
+
 // One register-blocked micro-kernel: c[i * ldc + j] (+)= sum_k a[k * mr + i] * b[k * nr + j] for an
 // mr x nr tile; `accumulate` false overwrites c. Compiled per instruction set (isa/gemm_tile.cpp).
 //

@@ -1,8 +1,9 @@
 #include "common/transpose.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "common/cpu_isa.h"
+
+#ifdef FASTCV_ISA_X86
 #include <immintrin.h>
-#define FASTCV_TRANSPOSE_AVX2 1
 #endif
 
 namespace fastcv {
@@ -14,7 +15,7 @@ void transpose_scalar(const T* src, int64_t ss, int64_t r0, int64_t r1, int64_t 
     for (int64_t c = c0; c < c1; ++c) dst[c * ds + r] = src[r * ss + c];
 }
 
-#ifdef FASTCV_TRANSPOSE_AVX2
+#ifdef FASTCV_ISA_X86
 // Eight rows of eight floats: unpack pairs, shuffle quads, then swap 128-bit halves.
 __attribute__((target("avx2"))) void transpose_avx2(const float* src, int64_t ss, int64_t rows, int64_t cols,
                                                      float* dst, int64_t ds) {
@@ -49,20 +50,13 @@ __attribute__((target("avx2"))) void transpose_avx2(const float* src, int64_t ss
   transpose_scalar(src, ss, r8, rows, int64_t(0), cols, dst, ds);
 }
 
-bool has_avx2() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-  }();
-  return yes;
-}
 #endif
 
 }  // namespace
 
 void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst, int64_t dst_stride) {
-#ifdef FASTCV_TRANSPOSE_AVX2
-  if (has_avx2()) return transpose_avx2(src, src_stride, rows, cols, dst, dst_stride);
+#ifdef FASTCV_ISA_X86
+  if (cpu_isa() >= Isa::avx2) return transpose_avx2(src, src_stride, rows, cols, dst, dst_stride);
 #endif
   transpose_scalar(src, src_stride, int64_t(0), rows, int64_t(0), cols, dst, dst_stride);
 }

@@ -73,7 +73,6 @@ def _fmt_time(s: float) -> str:
 
 def machine_info(device: str) -> dict:
     import fastcv
-    from fastcv import _C
 
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -82,7 +81,7 @@ def machine_info(device: str) -> dict:
         "python": platform.python_version(),
         "device": device,
         "cpu": platform.processor() or platform.machine(),
-        "cpu_isa": _C.build_info["cpu_isa"],
+        "cpu_isa": fastcv.cpu.cpu_isa(),
         "threads": torch.get_num_threads(),
     }
     try:

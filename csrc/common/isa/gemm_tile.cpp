@@ -148,17 +148,17 @@ void pack_a_rows(const T* const* rows, int64_t kc, T* dst) {
 
 }  // namespace
 
-// Register blocking per instruction set: 32 vector registers with AVX-512, 16 otherwise.
 #if defined(__AVX512F__)
-constexpr int kWidthBytes = 64, kMR = 8, kNV = 2;  // MR = 8 divides the usual channel counts
+constexpr int kIsa = 2;
 constexpr int kDM = 4, kDN = 4;
 #elif defined(__AVX2__)
-constexpr int kWidthBytes = 32, kMR = 6, kNV = 2;
+constexpr int kIsa = 1;
 constexpr int kDM = 2, kDN = 4;
 #else
-constexpr int kWidthBytes = 16, kMR = 6, kNV = 2;
+constexpr int kIsa = 0;
 constexpr int kDM = 2, kDN = 4;
 #endif
+constexpr int kWidthBytes = kVectorBytes[kIsa], kMR = kTileRows[kIsa], kNV = kTileVectors;
 
 #define FASTCV_STR2(x) #x
 #define FASTCV_STR(x) FASTCV_STR2(x)

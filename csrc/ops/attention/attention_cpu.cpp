@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_isa.h"
 #include "common/dtype.h"
 #include "common/gemm.h"
 #include "common/parallel.h"
@@ -193,8 +194,8 @@ FASTCV_ATTN_INLINE void score_grad_impl(const T* p, T* dp, int64_t rows, int64_t
 }
 
 // The forward's query blocks (lanes of its score tiles), one online_softmax_impl each. A block must be
-// a multiple of the micro-kernel's MR and NR; forward_block_q picks the first that is, and
-// attention_check_geometry() proves at load that every compiled micro-kernel has one.
+// a multiple of the micro-kernel's MR and NR; forward_block_q picks the first that is, and a
+// static_assert below proves that every compiled micro-kernel geometry has one.
 constexpr int kQueryBlocks[] = {48, 64};
 
 template <class T>
@@ -205,19 +206,16 @@ FASTCV_ATTN_INLINE void online_softmax_block(T* tile, int64_t rows, int64_t nr, 
   throw ArgError("attention: internal error: no online softmax for a query block of " + std::to_string(nr));
 }
 
-// The float versions are compiled per instruction set (AVX-512, AVX2, baseline), picked at load time.
-// (No lambdas in here: a lambda's body would be compiled once, for the baseline instruction set.)
+// The float versions are compiled per instruction set (AVX-512, AVX2, baseline), the one in use picked
+// at each call. (No lambdas in the impls: a lambda's body would be compiled once, for the baseline.)
 // nr: the forward's query block (forward_block_q), one of kQueryBlocks.
-FASTCV_CPU_CLONES void online_softmax(float* tile, int64_t rows, int64_t nr, float* m, float* l, float* acc,
-                                      int64_t ld_acc) {
-  online_softmax_block<float>(tile, rows, nr, m, l, acc, ld_acc);
-}
-FASTCV_CPU_CLONES void probabilities(float* tile, int64_t rows, int64_t nr, const float* lse) {
-  probabilities_impl(tile, rows, nr, lse);
-}
-FASTCV_CPU_CLONES void score_grad(const float* p, float* dp, int64_t rows, int64_t nr, const float* delta) {
-  score_grad_impl(p, dp, rows, nr, delta);
-}
+FASTCV_ISA_DISPATCH(void, online_softmax, online_softmax_block<float>,
+                    (float* tile, int64_t rows, int64_t nr, float* m, float* l, float* acc, int64_t ld_acc),
+                    (tile, rows, nr, m, l, acc, ld_acc))
+FASTCV_ISA_DISPATCH(void, probabilities, probabilities_impl<float>,
+                    (float* tile, int64_t rows, int64_t nr, const float* lse), (tile, rows, nr, lse))
+FASTCV_ISA_DISPATCH(void, score_grad, score_grad_impl<float>,
+                    (const float* p, float* dp, int64_t rows, int64_t nr, const float* delta), (p, dp, rows, nr, delta))
 void online_softmax(double* tile, int64_t rows, int64_t nr, double* m, double* l, double* acc, int64_t ld_acc) {
   online_softmax_block<double>(tile, rows, nr, m, l, acc, ld_acc);
 }
@@ -283,6 +281,20 @@ struct Rows {
   int64_t ld;
   const T* row(int64_t r) const { return p + r * ld; }
 };
+
+constexpr bool has_query_block(int mr, int nr) {
+  for (const int block : kQueryBlocks)
+    if (block % std::lcm(mr, nr) == 0) return true;
+  return false;
+}
+// Every micro-kernel geometry compiled (each ISA, float and double) has a query block.
+static_assert(has_query_block(gemm::kTileRows[0], gemm::tile_cols(0, 4)) &&
+                  has_query_block(gemm::kTileRows[0], gemm::tile_cols(0, 8)) &&
+                  has_query_block(gemm::kTileRows[1], gemm::tile_cols(1, 4)) &&
+                  has_query_block(gemm::kTileRows[1], gemm::tile_cols(1, 8)) &&
+                  has_query_block(gemm::kTileRows[2], gemm::tile_cols(2, 4)) &&
+                  has_query_block(gemm::kTileRows[2], gemm::tile_cols(2, 8)),
+              "a GEMM tile geometry has no forward query block: add one to kQueryBlocks");
 
 // Query block of the forward: the first of kQueryBlocks that is a multiple of both MR (the output
 // tiles' rows) and NR (the score tiles' lanes); 0 when none is.

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_isa.h"
 #include "common/dtype.h"
 #include "common/memory.h"
 #include "common/parallel.h"
@@ -339,36 +340,33 @@ FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* d
   stream_fence(stream);
 }
 
-// One compiled copy per instruction set of each inner loop, for each storage type.
-#define FASTCV_BN_CLONES(T)                                                                                      \
-  FASTCV_CPU_CLONES Moments<double> block_moments_isa(const T* x, Block b) { return block_moments(x, b); }       \
-  FASTCV_CPU_CLONES void rows_moments_isa(const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out) { \
-    rows_moments(x, r0, r1, C, out);                                                                             \
-  }                                                                                                              \
-  FASTCV_CPU_CLONES void apply_block_isa(const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f,        \
-                                         bool relu, bool stream) {                                               \
-    apply_block(x, res, y, b, f, relu, stream);                                                                  \
-  }                                                                                                              \
-  FASTCV_CPU_CLONES void apply_rows_isa(const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C,       \
-                                        const AffineColumns<compute_t<T>>& f, bool relu, bool stream) {          \
-    apply_rows(x, res, y, r0, r1, C, f, relu, stream);                                                           \
-  }                                                                                                              \
-  FASTCV_CPU_CLONES GradSums block_grad_sums_isa(const T* dy, const T* x, const T* y, Block b,                   \
-                                                 compute_t<T> mean) {                                            \
-    return block_grad_sums(dy, x, y, b, mean);                                                                   \
-  }                                                                                                              \
-  FASTCV_CPU_CLONES void rows_grad_sums_isa(const T* dy, const T* x, const T* y, int64_t r0, int64_t r1,         \
-                                            int64_t C, const compute_t<T>* mean, GradSums* out) {                \
-    rows_grad_sums(dy, x, y, r0, r1, C, mean, out);                                                              \
-  }                                                                                                              \
-  FASTCV_CPU_CLONES void grad_block_isa(const T* dy, const T* x, const T* y, T* dx, T* dres, Block b,            \
-                                        GradCoeffs<compute_t<T>> k, bool stream) {                               \
-    grad_block(dy, x, y, dx, dres, b, k, stream);                                                                \
-  }                                                                                                              \
-  FASTCV_CPU_CLONES void grad_rows_isa(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0,          \
-                                       int64_t r1, int64_t C, const GradColumns<compute_t<T>>& k, bool stream) { \
-    grad_rows(dy, x, y, dx, dres, r0, r1, C, k, stream);                                                         \
-  }
+// One compiled copy per instruction set of each inner loop, for each storage type (the one in use picked
+// at each call).
+#define FASTCV_BN_CLONES(T)                                                                                     \
+  FASTCV_ISA_DISPATCH(Moments<double>, block_moments_isa, block_moments, (const T* x, Block b), (x, b))         \
+  FASTCV_ISA_DISPATCH(void, rows_moments_isa, rows_moments,                                                     \
+                      (const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out), (x, r0, r1, C, out)) \
+  FASTCV_ISA_DISPATCH(void, apply_block_isa, apply_block,                                                       \
+                      (const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f, bool relu, bool stream), \
+                      (x, res, y, b, f, relu, stream))                                                          \
+  FASTCV_ISA_DISPATCH(void, apply_rows_isa, apply_rows,                                                         \
+                      (const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C,                       \
+                       const AffineColumns<compute_t<T>>& f, bool relu, bool stream),                           \
+                      (x, res, y, r0, r1, C, f, relu, stream))                                                  \
+  FASTCV_ISA_DISPATCH(GradSums, block_grad_sums_isa, block_grad_sums,                                           \
+                      (const T* dy, const T* x, const T* y, Block b, compute_t<T> mean), (dy, x, y, b, mean))   \
+  FASTCV_ISA_DISPATCH(void, rows_grad_sums_isa, rows_grad_sums,                                                 \
+                      (const T* dy, const T* x, const T* y, int64_t r0, int64_t r1, int64_t C,                  \
+                       const compute_t<T>* mean, GradSums* out),                                                \
+                      (dy, x, y, r0, r1, C, mean, out))                                                         \
+  FASTCV_ISA_DISPATCH(void, grad_block_isa, grad_block,                                                         \
+                      (const T* dy, const T* x, const T* y, T* dx, T* dres, Block b, GradCoeffs<compute_t<T>> k, \
+                       bool stream),                                                                            \
+                      (dy, x, y, dx, dres, b, k, stream))                                                       \
+  FASTCV_ISA_DISPATCH(void, grad_rows_isa, grad_rows,                                                           \
+                      (const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1, int64_t C,  \
+                       const GradColumns<compute_t<T>>& k, bool stream),                                        \
+                      (dy, x, y, dx, dres, r0, r1, C, k, stream))
 FASTCV_BN_CLONES(float)
 FASTCV_BN_CLONES(double)
 FASTCV_BN_CLONES(Half)

@@ -17,12 +17,13 @@
 // the geometry, never by the thread count) into per-task partial sums, then adds them in task order:
 // the result is bit-identical for any number of threads. Float16 and bfloat16 compute in float and
 // round once; float64 computes in double. The float and double loops use GCC vector extensions and are
-// compiled for AVX-512, AVX2 and baseline x86-64 (FASTCV_CPU_CLONES), picked at load time.
+// compiled for AVX-512, AVX2 and baseline x86-64 (FASTCV_ISA_DISPATCH), the one in use picked per call.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_isa.h"
 #include "common/dtype.h"
 #include "common/memory.h"
 #include "common/parallel.h"
@@ -843,9 +844,9 @@ FASTCV_DW_INLINE void weight_grad_nhwc(const Args<S>& a, int64_t t0, int64_t t1)
 
 // The kernels for float and double, compiled per instruction set; float16 and bfloat16 run the
 // templates as they are.
-#define FASTCV_DW_CLONES(kernel)                                                                               \
-  FASTCV_CPU_CLONES void kernel##_isa(const Args<float>& a, int64_t t0, int64_t t1) { kernel<float>(a, t0, t1); } \
-  FASTCV_CPU_CLONES void kernel##_isa(const Args<double>& a, int64_t t0, int64_t t1) { kernel<double>(a, t0, t1); }
+#define FASTCV_DW_CLONES(kernel)                                                                          \
+  FASTCV_ISA_DISPATCH(void, kernel##_isa, kernel<float>, (const Args<float>& a, int64_t t0, int64_t t1), (a, t0, t1)) \
+  FASTCV_ISA_DISPATCH(void, kernel##_isa, kernel<double>, (const Args<double>& a, int64_t t0, int64_t t1), (a, t0, t1))
 FASTCV_DW_CLONES(forward_nchw)
 FASTCV_DW_CLONES(forward_nhwc)
 FASTCV_DW_CLONES(input_grad_nchw)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_isa.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/radix_sort.h"
@@ -54,7 +55,7 @@ bool can_overlap(const Box<T>& a) {
 
 // removed[j] |= iou(a, b[j]) > threshold for j in [j0, j1). The hot loop: branch-free so it vectorises.
 template <class T>
-inline void suppress_body(const Box<T>& a, const BoxColumns<T>& b, int64_t j0, int64_t j1, T threshold,
+FASTCV_ISA_INLINE void suppress_body(const Box<T>& a, const BoxColumns<T>& b, int64_t j0, int64_t j1, T threshold,
                           Flag* __restrict removed) {
   const T* __restrict x1 = b.x1.data();
   const T* __restrict y1 = b.y1.data();
@@ -67,14 +68,12 @@ inline void suppress_body(const Box<T>& a, const BoxColumns<T>& b, int64_t j0, i
   }
 }
 
-FASTCV_CPU_CLONES void suppress(const Box<float>& a, const BoxColumns<float>& b, int64_t j0, int64_t j1, float t,
-                                Flag* r) {
-  suppress_body(a, b, j0, j1, t, r);
-}
-FASTCV_CPU_CLONES void suppress(const Box<double>& a, const BoxColumns<double>& b, int64_t j0, int64_t j1, double t,
-                                Flag* r) {
-  suppress_body(a, b, j0, j1, t, r);
-}
+FASTCV_ISA_DISPATCH(void, suppress, suppress_body,
+                    (const Box<float>& a, const BoxColumns<float>& b, int64_t j0, int64_t j1, float t, Flag* r),
+                    (a, b, j0, j1, t, r))
+FASTCV_ISA_DISPATCH(void, suppress, suppress_body,
+                    (const Box<double>& a, const BoxColumns<double>& b, int64_t j0, int64_t j1, double t, Flag* r),
+                    (a, b, j0, j1, t, r))
 
 // The boxes of a segment in chunks of `chunk` consecutive score positions, each chunk sorted by x1 and
 // holding only boxes that can overlap. A kept box then visits, in each later chunk, only the x1 range
