@@ -6,8 +6,8 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
+from time import perf_counter
 
 import torch
 
@@ -19,40 +19,45 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_once(fn, args, device: str) -> float:
+def _time_calls(fn, args, device: str, count: int) -> float:
+    """Seconds per call of `count` calls in a row, with one synchronisation before and after."""
     _sync(device)
-    start = time.perf_counter()
-    fn(*args)
+    start = perf_counter()
+    for _ in range(count):
+        fn(*args)
     _sync(device)
-    return time.perf_counter() - start
+    return (perf_counter() - start) / count
+
+
+BATCH_TARGET_S = 1e-3  # a sample of the faster function lasts this long: far above the timer's and a sync's cost
+
+
+def batch_size(fast_s: float, slow_s: float, budget_s: float, min_reps: int) -> int:
+    """Calls per timed sample, the same for both functions so that each pays the same synchronisation and
+    timer overhead per call: enough for the faster one's sample to last BATCH_TARGET_S, at most 100, and
+    few enough that min_reps samples of the slower one stay within the budget."""
+    n = min(100.0, BATCH_TARGET_S / max(fast_s, 1e-9), budget_s / (min_reps * max(slow_s, 1e-9)))
+    return max(1, int(n))
 
 
 def time_pair(case: Case, args: tuple, device: str, budget_s: float, min_reps: int = 3) -> tuple[float, float]:
     """Median seconds per call of fastcv and of the reference, measured alternately so that drift in
     the machine's speed (these machines are shared) affects both alike."""
     fns = (case.fastcv, case.reference)
-    for fn in fns:  # warm-up: lazy initialisation, caches, allocator
-        _time_once(fn, args, device)
+    # Warm-up (lazy initialisation, caches, allocator; run's check made the very first calls), timed to
+    # choose the batch size once for both.
+    warm = [_time_calls(fn, args, device, 1) for fn in fns]
+    batch = batch_size(min(warm), max(warm), budget_s, min_reps)
     samples = ([], [])
     spent, reps = 0.0, 0
     while reps < min_reps or (spent < budget_s and reps < 1000):
-        # Calls much shorter than the timer's resolution are timed in batches.
-        for k, fn in enumerate(fns):
-            batch = 1 if not samples[k] or samples[k][-1] > 1e-3 else 100
-            t = sum(_time_once(fn, args, device) for _ in range(1)) if batch == 1 else _time_batch(fn, args, device, batch)
+        # Each side goes first every other round, so that neither always inherits the other's caches or clocks.
+        for k in (0, 1) if reps % 2 == 0 else (1, 0):
+            t = _time_calls(fns[k], args, device, batch)
             samples[k].append(t)
             spent += t * batch
         reps += 1
     return statistics.median(samples[0]), statistics.median(samples[1])
-
-
-def _time_batch(fn, args, device: str, count: int) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(count):
-        fn(*args)
-    _sync(device)
-    return (time.perf_counter() - start) / count
 
 
 def _progress(done: int, total: int, label: str) -> None:
