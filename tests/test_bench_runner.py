@@ -1,10 +1,15 @@
-"""The runner behind `python -m fastcv bench` (fastcv/benchmarks/runner.py): how it times a pair of functions.
+"""The runner behind `python -m fastcv bench` and `check` (fastcv/benchmarks/runner.py): failing cases
+are reported and the run goes on; how it times a pair of functions.
 
 Timing is tested on a fake clock: each fake function advances it by a fixed cost, so batch sizes and
 medians are exact and nothing depends on this machine's speed."""
+import io
+import json
+
 import pytest
 import torch
 
+from fastcv import __main__ as cli
 from fastcv.benchmarks import Case, runner
 
 
@@ -61,3 +66,90 @@ def test_the_side_that_runs_first_alternates(monkeypatch):
     rounds = _rounds(clock.calls, 1)
     assert len(rounds) == 10  # 2 ms a round until the 20 ms budget is spent
     assert rounds == [("fastcv", "reference"), ("reference", "fastcv")] * 5
+
+
+def _boom(*args):
+    raise RuntimeError("boom in fastcv")
+
+
+def _mixed_cases(out=None):
+    """A passing case, one that fails its check, one whose fastcv call raises, one whose inputs cannot be
+    made. The second's inputs record what had been printed when it started (`seen`)."""
+    seen = []
+
+    def make_after_first():
+        seen.append(out.getvalue() if out is not None else "")
+        return (torch.ones(3),)
+
+    double = lambda x: x * 2  # noqa: E731
+    cases = [
+        _case(double, lambda x: x + x, name="passes"),
+        _case(lambda x: x * 3, lambda x: x + x, make=make_after_first, name="disagrees"),
+        _case(_boom, lambda x: x + x, name="raises"),
+        _case(double, double, make=lambda: 1 / 0, name="no inputs"),
+    ]
+    return cases, seen
+
+
+@pytest.mark.parametrize("check_only", [False, True])
+def test_failing_cases_are_reported_and_the_others_still_run(tmp_path, check_only):
+    out = io.StringIO()
+    cases, seen = _mixed_cases(out)
+    path = tmp_path / "bench.json"
+    rows = runner.run(cases=cases, quick=True, json_path=str(path), check_only=check_only, out=out)
+
+    assert [(r["case"], r["status"], r.get("stage"), r["agrees"]) for r in rows] == [
+        ("passes", "ok", None, True),
+        ("disagrees", "mismatch", "check", False),
+        ("raises", "error", "fastcv", None),
+        ("no inputs", "error", "inputs", None),
+    ]
+    assert "passes" in seen[0]  # the passing row was printed before the next case began
+    if not check_only:
+        assert rows[0]["fastcv_s"] > 0 and rows[0]["reference_s"] > 0
+        assert all("fastcv_s" not in r for r in rows[1:])
+    text = out.getvalue()
+    assert "FAILED (mismatch at check): AssertionError" in text
+    assert "FAILED (error at fastcv): RuntimeError: boom in fastcv" in text
+    assert "agree with their references" not in text
+
+    results = json.loads(path.read_text())["results"]
+    assert results == rows
+    assert "Tensor-likes are not close" in results[1]["error"]
+    assert results[2]["error"] == "RuntimeError: boom in fastcv"
+    assert results[3]["error"].startswith("ZeroDivisionError")
+
+
+def test_a_failing_timing_is_reported_after_the_check_passed():
+    calls = []
+
+    def fastcv(x):  # the check's call passes; the first timed call raises
+        calls.append(1)
+        if len(calls) > 1:
+            raise MemoryError("out of memory while timing")
+        return x
+
+    (row,) = runner.run(cases=[_case(fastcv, lambda x: x)], out=io.StringIO())
+    assert (row["status"], row["stage"], row["agrees"]) == ("error", "timing", True)
+    assert "out of memory while timing" in row["error"]
+
+
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_cli_exits_non_zero_naming_the_failed_cases(monkeypatch, tmp_path, capsys, command):
+    cases, _ = _mixed_cases()
+    monkeypatch.setattr(runner, "all_cases", lambda device: cases)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--quick"])
+    message = str(exit_.value.code)  # a message, not 0: the process exits with status 1
+    assert message.startswith(f"python -m fastcv {command}: 3 of 4 cases failed")
+    for name in ("disagrees (mismatch at check)", "raises (error at fastcv)", "no inputs (error at inputs)"):
+        assert f"demo: {name}" in message
+    assert "demo: passes" not in message
+    assert "passes" in capsys.readouterr().out
+
+
+def test_cli_exits_normally_when_every_case_passes(monkeypatch, capsys):
+    cases, _ = _mixed_cases()
+    monkeypatch.setattr(runner, "all_cases", lambda device: cases[:1])
+    cli.main(["check"])
+    assert "1 cases agree with their references on cpu" in capsys.readouterr().out
