@@ -1,10 +1,13 @@
 """The runner behind `python -m fastcv bench` and `check` (fastcv/benchmarks/runner.py): failing cases
-are reported and the run goes on; how it times a pair of functions.
+are reported and the run goes on; how it times a pair of functions. Also bench/conftest.py's CUDA
+synchronisation (pytest-benchmark).
 
 Timing is tested on a fake clock: each fake function advances it by a fixed cost, so batch sizes and
 medians are exact and nothing depends on this machine's speed."""
+import importlib.util
 import io
 import json
+import pathlib
 
 import pytest
 import torch
@@ -153,3 +156,60 @@ def test_cli_exits_normally_when_every_case_passes(monkeypatch, capsys):
     monkeypatch.setattr(runner, "all_cases", lambda device: cases[:1])
     cli.main(["check"])
     assert "1 cases agree with their references on cpu" in capsys.readouterr().out
+
+
+def _bench_conftest():
+    """bench/conftest.py, imported by path under its own name (tests/ has a conftest module of its own)."""
+    path = pathlib.Path(__file__).parents[1] / "bench" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("fastcv_bench_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SaysCuda(torch.Tensor):
+    """A CPU tensor that claims to be on a GPU, so that the CUDA detection is tested on any machine."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _pyramid(tensor):
+    """Multi-scale RoI Align's argument structure: feature maps by name, boxes per image, image sizes."""
+    return {"p2": tensor(), "p3": tensor()}, [tensor(), tensor()], [(800, 1088), (800, 1088)]
+
+
+def test_bench_conftest_finds_tensors_on_cuda_in_nested_arguments():
+    on_cuda = _bench_conftest().on_cuda
+    says_cuda = lambda: torch.zeros(1).as_subclass(SaysCuda)  # noqa: E731
+    assert not on_cuda(_pyramid(lambda: torch.zeros(1)))
+    assert on_cuda(_pyramid(says_cuda))
+    assert on_cuda(({"p2": torch.zeros(1), "p3": says_cuda()}, [], []))  # one map is enough
+    assert on_cuda(([torch.zeros(1), (says_cuda(),)],))
+    assert not on_cuda((1.0, "x", None))
+
+
+class FakeBenchmark:
+    """pytest-benchmark's fixture, reduced to what run_case uses: one call of the timed function."""
+
+    def __init__(self):
+        self.extra_info = {}
+
+    def __call__(self, fn, *args):
+        return fn(*args)
+
+
+def test_bench_conftest_synchronises_multi_scale_cases(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    case = _case(lambda *a: torch.zeros(1), lambda *a: torch.zeros(1),
+                 make=lambda: _pyramid(lambda: torch.zeros(1).as_subclass(SaysCuda)))
+    _bench_conftest().run_case(FakeBenchmark(), case, "fastcv")
+    assert syncs == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_conftest_finds_real_cuda_tensors():
+    on_cuda = _bench_conftest().on_cuda
+    assert on_cuda(_pyramid(lambda: torch.zeros(1, device="cuda")))
