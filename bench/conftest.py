@@ -19,15 +19,25 @@ def parametrize_cases(cases_fn):
     return mark
 
 
+def on_cuda(obj) -> bool:
+    """Whether any tensor in obj is on a GPU, looking inside dicts, lists and tuples: the multi-scale RoI
+    Align cases pass a dict of feature maps and a list of box tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.is_cuda
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return isinstance(obj, (list, tuple)) and any(on_cuda(x) for x in obj)
+
+
 def run_case(benchmark, case, provider):
     """Times one provider on the case's inputs (synchronising CUDA), then checks fastcv's result."""
     args = case.make()
     fn = case.fastcv if provider == "fastcv" else case.reference
-    on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    sync = on_cuda(args)
 
     def run(*a):
         out = fn(*a)
-        if on_cuda:
+        if sync:
             torch.cuda.synchronize()
         return out
 

@@ -57,10 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "info":
         info()
         return
-    from fastcv.benchmarks.runner import run
+    from fastcv.benchmarks.runner import failure_message, run
 
-    run(device=args.device, quick=args.quick, ops=args.op, json_path=getattr(args, "json", None),
-        check_only=args.command == "check", match=args.match)
+    rows = run(device=args.device, quick=args.quick, ops=args.op, json_path=getattr(args, "json", None),
+               check_only=args.command == "check", match=args.match)
+    failed = failure_message(rows)
+    if failed:
+        raise SystemExit(f"python -m fastcv {args.command}: {failed}")
 
 
 if __name__ == "__main__":
