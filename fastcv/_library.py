@@ -22,7 +22,8 @@ _DEVICE_TYPES = ("cpu", "cuda")
 
 # name -> {device type: policy}, for the public wrappers (autocast_args) to apply the op's own policy
 _autocast_policy: dict[str, dict[str, str]] = {}
-_any_autocast_enabled = torch._C._is_any_autocast_enabled
+# Whether autocast is on for any device type: the wrappers' hot-path test (about 0.05 µs) before autocast_args
+autocast_enabled = torch._C._is_any_autocast_enabled
 
 
 def define(
@@ -124,8 +125,8 @@ def autocast_args(name: str, *args):
     casts its own under autocast, so that the wrapper's checks and eager fast path (eager_direct) see
     what the dispatcher would: every floating argument, also ones the op itself takes converted (an
     attention mask, as F.scaled_dot_product_attention casts it). The arguments unchanged when autocast
-    is off: one call of about 0.1 µs."""
-    if not _any_autocast_enabled():
+    is off; wrappers call it only `if autocast_enabled()`, which is cheaper than the call."""
+    if not autocast_enabled():
         return args
     first = next((t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))
                   if isinstance(t, torch.Tensor)), None)

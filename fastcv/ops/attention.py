@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, num_threads, opt_view, view
-from fastcv._library import LOWER, autocast_args, define, eager_direct, no_second_derivative
+from fastcv._library import LOWER, autocast_args, autocast_enabled, define, eager_direct, no_second_derivative
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -261,7 +261,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (see the module docstring)."""
-    query, key, value, attn_mask = autocast_args("attention_forward", query, key, value, attn_mask)
+    if autocast_enabled():  # SDPA's casts, before the checks (they unify float32 and half inputs)
+        query, key, value, attn_mask = autocast_args("attention_forward", query, key, value, attn_mask)
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if query.is_cuda and query.dtype == torch.float64:  # no float64 Triton kernels: PyTorch's op
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,

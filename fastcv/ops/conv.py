@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import LOWER, autocast_args, define
+from fastcv._library import LOWER, autocast_args, autocast_enabled, define
 from fastcv.ops._args import pair
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
@@ -327,7 +327,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
            groups: int = 1) -> Tensor:
     """F.conv2d: input [N, C, H, W] or [C, H, W], weight [Cout, C/groups, kh, kw], padding an int, a pair,
     'same' or 'valid'."""
-    input, weight, bias = autocast_args("conv2d", input, weight, bias)
+    if autocast_enabled():
+        input, weight, bias = autocast_args("conv2d", input, weight, bias)
     input, unbatched = _unbatched(input, "input")
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     if isinstance(padding, str):
@@ -351,7 +352,8 @@ def conv2d_fused(input: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     the ReLU are applied as each output element is stored, and rounded once (ResNet's junction,
     relu(conv(x) + identity), without the two extra passes over the activations). Same arguments as
     conv2d; residual has the output's shape."""
-    input, weight, bias, residual = autocast_args("conv2d_fused", input, weight, bias, residual)
+    if autocast_enabled():
+        input, weight, bias, residual = autocast_args("conv2d_fused", input, weight, bias, residual)
     input, unbatched = _unbatched(input, "input")
     if unbatched and isinstance(residual, Tensor):
         residual = residual.unsqueeze(0)
@@ -365,7 +367,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                      output_padding=0, groups: int = 1, dilation=1) -> Tensor:
     """F.conv_transpose2d: input [N, Cin, H, W] or [Cin, H, W], weight [Cin, Cout/groups, kh, kw]. It is
     the input gradient of the convolution whose weight this is: a GEMM then a col2im scatter."""
-    input, weight, bias = autocast_args("conv2d_input_grad", input, weight, bias)
+    if autocast_enabled():
+        input, weight, bias = autocast_args("conv2d_input_grad", input, weight, bias)
     input, unbatched = _unbatched(input, "input")
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     output_padding = pair(output_padding, "output_padding")
