@@ -12,34 +12,143 @@ import torch
 lib = torch.library.Library("fastcv", "DEF")
 
 
+# Autocast policies: what PyTorch's autocast does to an op (aten/src/ATen/autocast_mode.h, CastPolicy),
+# applied to the floating tensors autocast may cast (on the autocast device type, not float64).
+LOWER = "lower_precision_fp"  # the autocast dtype, torch.get_autocast_dtype(device_type): F.conv2d, SDPA
+FP32 = "fp32"  # float32: torchvision's nms and roi_align
+PROMOTE = "promote"  # the widest of the arguments' dtypes: float32 if any is, else the autocast dtype
+_POLICIES = (LOWER, FP32, PROMOTE)
+_DEVICE_TYPES = ("cpu", "cuda")
+
+# name -> {device type: policy}, for the public wrappers (autocast_args) to apply the op's own policy
+_autocast_policy: dict[str, dict[str, str]] = {}
+# Whether autocast is on for any device type: the wrappers' hot-path test (about 0.05 µs) before autocast_args
+autocast_enabled = torch._C._is_any_autocast_enabled
+
+
 def define(
     schema: str,
     *,
     impl: Callable,
     fake: Callable,
-    autocast_to: torch.dtype | None = None,
+    autocast: str | dict[str, str | None] | None = None,
+    autocast_keep: tuple[str, ...] = (),
+    autocast_restore: bool = False,
 ) -> None:
     """Defines torch.ops.fastcv.<name> with its implementation (one Python function for the CPU and
     CUDA dispatch keys: it picks the kernels by device), fake (meta) impl and autocast behaviour.
 
-    autocast_to: under autocast, floating inputs are cast to this dtype first (as torchvision does for
-    nms and roi_align); None leaves the op out of autocast.
+    autocast: the op's policy under torch.autocast, its PyTorch counterpart's: LOWER, FP32 or PROMOTE,
+    for both device types or as {"cpu": ..., "cuda": ...}; None (or a device type left out) runs the op
+    in its inputs' dtypes, as PyTorch does for ops on none of autocast's lists (F.batch_norm, F.unfold).
+    autocast_keep: arguments (by schema name) left as they are (attention's additive mask, which the op
+    takes in its compute dtype, float32, whatever the query's).
+    autocast_restore: floating outputs are cast back to the first floating input's dtype, as
+    torchvision's roi_align does after computing in float32.
     """
     name = schema.split("(", 1)[0]
     lib.define(schema)
     lib.impl(name, impl, "CPU")
     lib.impl(name, impl, "CUDA")
     torch.library.register_fake(f"fastcv::{name}", fake, lib=lib)
-    if autocast_to is not None:
-        for device_type in ("cpu", "cuda"):
-            torch.library.register_autocast(f"fastcv::{name}", device_type, autocast_to, lib=lib)
+    policies = autocast if isinstance(autocast, dict) else dict.fromkeys(_DEVICE_TYPES, autocast)
+    policies = {d: p for d, p in policies.items() if p is not None}
+    if not policies:
+        return
+    for device_type, policy in policies.items():
+        if device_type not in _DEVICE_TYPES or policy not in _POLICIES:
+            raise ValueError(f"{name}: unknown autocast policy {policy!r} for {device_type!r}")
+    args = [a.name for a in torch._C.parse_schema(f"fastcv::{schema}").arguments]
+    keep = frozenset(args.index(a) for a in autocast_keep)
+    op = getattr(torch.ops.fastcv, name).default
+    for device_type, policy in policies.items():
+        lib.impl(name, _autocast_kernel(op, device_type, policy, keep, autocast_restore),
+                 "Autocast" + device_type.upper())
+    _autocast_policy[name] = policies
+
+
+def _eligible(t, device_type: str) -> bool:
+    """Whether autocast casts t: floating, not float64, on the autocast device type (at::autocast::is_eligible)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+        and t.device.type == device_type
+
+
+def _target_dtype(policy: str, device_type: str, args) -> torch.dtype:
+    if policy == FP32:
+        return torch.float32
+    if policy == PROMOTE:
+        for a in args:
+            for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                if _eligible(t, device_type) and t.dtype == torch.float32:
+                    return torch.float32
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(a, dtype: torch.dtype, device_type: str):
+    if isinstance(a, torch.Tensor):
+        return a.to(dtype) if a.dtype != dtype and _eligible(a, device_type) else a
+    if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+        return type(a)(_cast(t, dtype, device_type) for t in a)
+    return a
+
+
+def _first_floating(args) -> torch.dtype | None:
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.dtype
+    return None
+
+
+def _autocast_kernel(op, device_type: str, policy: str, keep: frozenset, restore: bool) -> Callable:
+    """The op's Autocast<Device> kernel: cast, then run the op with this autocast key excluded (as
+    torch.library.register_autocast does, but the lower-precision dtype is read at each call)."""
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + device_type.upper()))
+
+    def kernel(*args):
+        dtype = _target_dtype(policy, device_type, args)
+        cast = [a if i in keep else _cast(a, dtype, device_type) for i, a in enumerate(args)]
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            out = op(*cast)
+        if restore:
+            back = _first_floating(args)
+            if isinstance(out, torch.Tensor):
+                return out.to(back) if out.is_floating_point() else out
+            return type(out)(o.to(back) if o.is_floating_point() else o for o in out)
+        return out
+
+    return kernel
+
+
+def autocast_args(name: str, *args):
+    """A public wrapper's tensor arguments (tensors, lists of tensors or None) cast as the op `name`
+    casts its own under autocast, so that the wrapper's checks and eager fast path (eager_direct) see
+    what the dispatcher would: every floating argument, also ones the op itself takes converted (an
+    attention mask, as F.scaled_dot_product_attention casts it). The arguments unchanged when autocast
+    is off; wrappers call it only `if autocast_enabled()`, which is cheaper than the call."""
+    if not autocast_enabled():
+        return args
+    first = next((t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))
+                  if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return args
+    device_type = first.device.type
+    policy = _autocast_policy.get(name, {}).get(device_type)
+    if policy is None or not torch.is_autocast_enabled(device_type):
+        return args
+    dtype = _target_dtype(policy, device_type, args)
+    return tuple(_cast(a, dtype, device_type) for a in args)
 
 
 def eager_direct(*tensors) -> bool:
     """Whether a call may run its implementation directly instead of through torch.ops: plain eager
     tensors, no gradient to record, no compiler, dispatch mode, tensor subclass or functorch
     transform that must see the op. The dispatcher and the autograd wrapper cost tens of
-    microseconds a call, as much as a small batch norm itself."""
+    microseconds a call, as much as a small batch norm itself.
+
+    Autocast does not need the dispatcher either: a wrapper whose op has an autocast policy casts its
+    arguments on entry (autocast_args), so the direct call sees what the op's autocast kernel would
+    pass on; ops without one (batch norm) run in their inputs' dtypes either way."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     present = [t for t in tensors if t is not None]

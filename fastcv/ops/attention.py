@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, num_threads, opt_view, view
-from fastcv._library import define, eager_direct, no_second_derivative
+from fastcv._library import LOWER, autocast_args, autocast_enabled, define, eager_direct, no_second_derivative
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -160,7 +160,8 @@ def _backward_fake(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
 
 
 define("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, "
-       "float scale, int seed) -> (Tensor, Tensor)", impl=_forward_impl, fake=_forward_fake)
+       "float scale, int seed) -> (Tensor, Tensor)", impl=_forward_impl, fake=_forward_fake,
+       autocast=LOWER, autocast_keep=("mask",))  # SDPA's policy; the mask stays in the compute dtype
 define("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
        "float dropout_p, bool is_causal, float scale, int seed) -> (Tensor, Tensor, Tensor)",
        impl=_backward_impl, fake=_backward_fake)
@@ -260,6 +261,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (see the module docstring)."""
+    if autocast_enabled():  # SDPA's casts, before the checks (they unify float32 and half inputs)
+        query, key, value, attn_mask = autocast_args("attention_forward", query, key, value, attn_mask)
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if query.is_cuda and query.dtype == torch.float64:  # no float64 Triton kernels: PyTorch's op
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,

@@ -235,6 +235,8 @@ def _backward_fake(grad_output, input, output, mean, var, weight, training, eps,
     return _backward_outputs(_dense(input), weight, output_mask)
 
 
+# No autocast policy: F.batch_norm is on none of autocast's lists; it runs in the input's dtype (with
+# float32 parameters and statistics for float16/bfloat16 input), on the CPU and on CUDA.
 define("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, float eps) "
        "-> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake)
 define("batch_norm_eval(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "

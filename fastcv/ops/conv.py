@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import define
+from fastcv._library import LOWER, autocast_args, autocast_enabled, define
 from fastcv.ops._args import pair
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
@@ -224,11 +224,11 @@ def _weight_grad_fake(grad_output, input, weight_size, stride, padding, dilation
 
 _ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 define(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> Tensor",
-       impl=_conv2d_impl, fake=_conv2d_fake)
+       impl=_conv2d_impl, fake=_conv2d_fake, autocast=LOWER)  # F.conv2d's policy
 define(f"conv2d_fused(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, {_ARGS}) -> Tensor",
-       impl=_fused_impl, fake=_fused_fake)
+       impl=_fused_impl, fake=_fused_fake, autocast=LOWER)
 define(f"conv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, {_ARGS}) -> Tensor",
-       impl=_input_grad_impl, fake=_input_grad_fake)
+       impl=_input_grad_impl, fake=_input_grad_fake, autocast=LOWER)  # F.conv_transpose2d's
 define(f"conv2d_weight_grad(Tensor grad_output, Tensor input, int[4] weight_size, {_ARGS}) -> Tensor",
        impl=_weight_grad_impl, fake=_weight_grad_fake)
 
@@ -305,18 +305,6 @@ torch.library.register_autograd("fastcv::conv2d_weight_grad", _weight_grad_backw
 # ---------------------------------------------------------------- public functions
 
 
-def _autocast(*tensors):
-    """The tensors cast to the autocast dtype when autocast is on for their device (F.conv2d's policy)."""
-    first = tensors[0]
-    if not isinstance(first, Tensor):
-        return tensors
-    device_type = first.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
-
-
 def _unbatched(input, name: str):
     """(4-D input, whether it was 3-D): like F.conv2d, an unbatched [C, H, W] input gets a batch of one."""
     if isinstance(input, Tensor) and input.dim() == 3:
@@ -339,7 +327,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
            groups: int = 1) -> Tensor:
     """F.conv2d: input [N, C, H, W] or [C, H, W], weight [Cout, C/groups, kh, kw], padding an int, a pair,
     'same' or 'valid'."""
-    input, weight, bias = _autocast(input, weight, bias)
+    if autocast_enabled():
+        input, weight, bias = autocast_args("conv2d", input, weight, bias)
     input, unbatched = _unbatched(input, "input")
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     if isinstance(padding, str):
@@ -363,7 +352,8 @@ def conv2d_fused(input: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     the ReLU are applied as each output element is stored, and rounded once (ResNet's junction,
     relu(conv(x) + identity), without the two extra passes over the activations). Same arguments as
     conv2d; residual has the output's shape."""
-    input, weight, bias, residual = _autocast(input, weight, bias, residual)
+    if autocast_enabled():
+        input, weight, bias, residual = autocast_args("conv2d_fused", input, weight, bias, residual)
     input, unbatched = _unbatched(input, "input")
     if unbatched and isinstance(residual, Tensor):
         residual = residual.unsqueeze(0)
@@ -377,7 +367,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                      output_padding=0, groups: int = 1, dilation=1) -> Tensor:
     """F.conv_transpose2d: input [N, Cin, H, W] or [Cin, H, W], weight [Cin, Cout/groups, kh, kw]. It is
     the input gradient of the convolution whose weight this is: a GEMM then a col2im scatter."""
-    input, weight, bias = _autocast(input, weight, bias)
+    if autocast_enabled():
+        input, weight, bias = autocast_args("conv2d_input_grad", input, weight, bias)
     input, unbatched = _unbatched(input, "input")
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     output_padding = pair(output_padding, "output_padding")

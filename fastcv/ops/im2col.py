@@ -105,6 +105,7 @@ def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
     return input.new_empty((input.shape[0], g[0], g[1], g[2]))
 
 
+# No autocast policy: F.unfold and F.fold (aten's im2col, col2im) are on none of autocast's lists.
 define("im2col(Tensor input, int[2] kernel_size, int[2] dilation, int[2] padding, int[2] stride) -> Tensor",
        impl=_im2col_impl, fake=_im2col_fake)
 define("col2im(Tensor input, int[2] output_size, int[2] kernel_size, int[2] dilation, int[2] padding, "

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import define
+from fastcv._library import FP32, define
 
 __all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections"]
 
@@ -171,7 +171,7 @@ define(
     "nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor",
     impl=_nms_impl,
     fake=_nms_fake,
-    autocast_to=torch.float32,
+    autocast=FP32,  # torchvision's nms: float32 boxes and scores
 )
 
 
@@ -193,7 +193,7 @@ define(
     "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor",
     impl=_kept,
     fake=_kept_fake,
-    autocast_to=torch.float32,
+    autocast=FP32,  # torchvision's nms: float32 boxes and scores
 )
 
 
@@ -263,7 +263,7 @@ define(
     "int max_detections, int pre_nms_top_k) -> (Tensor, Tensor, Tensor)",
     impl=_padded_impl,
     fake=_padded_fake,
-    autocast_to=torch.float32,
+    autocast=FP32,  # torchvision's nms: float32 boxes and scores
 )
 
 

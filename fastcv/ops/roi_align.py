@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
-from fastcv._library import define, no_second_derivative
+from fastcv._library import FP32, define, no_second_derivative
 from fastcv.ops._args import pair
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
@@ -137,7 +137,8 @@ define(
     "int sampling_ratio, bool aligned) -> Tensor",
     impl=_forward_impl,
     fake=_forward_fake,
-    autocast_to=torch.float32,
+    autocast=FP32,  # as torchvision's roi_align: float32 input and rois, the output in the input's dtype
+    autocast_restore=True,
 )
 define(
     "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
@@ -238,6 +239,8 @@ define(
     "int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) -> Tensor",
     impl=_ms_forward_impl,
     fake=_ms_forward_fake,
+    autocast=FP32,  # each level as roi_align; the output in features[0]'s dtype (torchvision's)
+    autocast_restore=True,
 )
 define(
     "multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, int[] heights, int[] widths, "
