@@ -5,6 +5,7 @@ tiny calls are where users notice overhead.
 """
 from __future__ import annotations
 
+import types
 from typing import Callable
 
 import torch
@@ -34,7 +35,7 @@ def define(
     autocast: str | dict[str, str | None] | None = None,
     autocast_keep: tuple[str, ...] = (),
     autocast_restore: bool = False,
-) -> None:
+) -> "Op":
     """Defines torch.ops.fastcv.<name> with its implementation (one Python function for the CPU and
     CUDA dispatch keys: it picks the kernels by device), fake (meta) impl and autocast behaviour.
 
@@ -45,12 +46,21 @@ def define(
     takes in its compute dtype, float32, whatever the query's).
     autocast_restore: floating outputs are cast back to the first floating input's dtype, as
     torchvision's roi_align does after computing in float32.
+
+    Returns the op's Op: what fastcv's own code calls to run it (the cheapest correct route).
     """
     name = schema.split("(", 1)[0]
     lib.define(schema)
     lib.impl(name, impl, "CPU")
     lib.impl(name, impl, "CUDA")
     torch.library.register_fake(f"fastcv::{name}", fake, lib=lib)
+    _ops[name] = Op(name, impl)
+    setattr(OPS, name, _ops[name])
+    _register_autocast(name, schema, autocast, autocast_keep, autocast_restore)
+    return _ops[name]
+
+
+def _register_autocast(name, schema, autocast, autocast_keep, autocast_restore) -> None:
     policies = autocast if isinstance(autocast, dict) else dict.fromkeys(_DEVICE_TYPES, autocast)
     policies = {d: p for d, p in policies.items() if p is not None}
     if not policies:
@@ -65,6 +75,7 @@ def define(
         lib.impl(name, _autocast_kernel(op, device_type, policy, keep, autocast_restore),
                  "Autocast" + device_type.upper())
     _autocast_policy[name] = policies
+    _ops[name].autocast = True
 
 
 def _eligible(t, device_type: str) -> bool:
@@ -140,23 +151,87 @@ def autocast_args(name: str, *args):
     return tuple(_cast(a, dtype, device_type) for a in args)
 
 
-def eager_direct(*tensors) -> bool:
-    """Whether a call may run its implementation directly instead of through torch.ops: plain eager
-    tensors, no gradient to record, no compiler, dispatch mode, tensor subclass or functorch
-    transform that must see the op. The dispatcher and the autograd wrapper cost tens of
-    microseconds a call, as much as a small batch norm itself.
+# ---------------------------------------------------------------- eager calls
+#
+# torch.ops.fastcv.<name> goes through the dispatcher and, when a gradient is needed, torch.library's
+# autograd wrapper: together tens of microseconds a call, more than a tiny batch norm or attention
+# costs. Plain eager calls, where nothing but autograd must see the op, take shortcuts that give the
+# same results: the implementation itself when no gradient is recorded, else a torch.autograd.Function
+# built from the op's own autograd formula. Everything else (torch.compile, dispatch modes, tensor
+# subclasses, functorch transforms) goes through torch.ops.
 
-    Autocast does not need the dispatcher either: a wrapper whose op has an autocast policy casts its
-    arguments on entry (autocast_args), so the direct call sees what the op's autocast kernel would
-    pass on; ops without one (batch norm) run in their inputs' dtypes either way."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False
-    present = [t for t in tensors if t is not None]
-    grad = torch.is_grad_enabled()
-    for t in present:
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return False
-    return not torch.overrides.has_torch_function(present)
+_ops: dict[str, "Op"] = {}
+_DIRECT, _FUNCTION, _DISPATCH = range(3)
+
+# Every op by name, as fastcv's own code calls it: OPS.conv2d(...) is torch.ops.fastcv.conv2d(...) by
+# the cheapest correct route.
+OPS = types.SimpleNamespace()
+
+
+def _route(args) -> int:
+    """How a call with these arguments may run (_DIRECT, _FUNCTION or _DISPATCH). A few C calls: this
+    runs on every call of every op."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing after it
+        return _DISPATCH
+    if (torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+            or torch._C._is_torch_function_mode_enabled()):
+        return _DISPATCH
+    grad = False
+    for a in args:
+        if type(a) is torch.Tensor:
+            grad = grad or a.requires_grad
+        elif isinstance(a, torch.Tensor):  # a subclass: it may override anything
+            return _DISPATCH
+        elif type(a) is list or type(a) is tuple:
+            for t in a:
+                if type(t) is torch.Tensor:
+                    grad = grad or t.requires_grad
+                elif isinstance(t, torch.Tensor):
+                    return _DISPATCH
+    return _FUNCTION if grad and torch.is_grad_enabled() else _DIRECT
+
+
+class Op:
+    """torch.ops.fastcv.<name> as fastcv's wrappers and backward formulas call it: the implementation
+    directly, through an autograd.Function, or through the dispatcher (see _route). Inputs must be
+    what the op's schema takes (public wrappers check and cast them first, autocast_args included)."""
+
+    def __init__(self, name: str, impl: Callable):
+        self.name, self.impl = name, impl
+        self.packet = getattr(torch.ops.fastcv, name)
+        self.function: type[torch.autograd.Function] | None = None  # set by register_autograd
+        self.autocast = False  # whether the op has an autocast policy (then autocast takes the dispatcher)
+
+    def __call__(self, *args):
+        route = _route(args)
+        if self.autocast and autocast_enabled():
+            route = _DISPATCH
+        if route == _DIRECT:
+            return self.impl(*args)
+        if route == _FUNCTION and self.function is not None:
+            return self.function.apply(*args)
+        return self.packet(*args)
+
+
+def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+    """The op's autograd formula, registered for torch.ops.fastcv.<name> and also made the eager
+    route's autograd.Function (the same setup_context and backward, so the two cannot differ)."""
+    torch.library.register_autograd(f"fastcv::{name}", backward, setup_context=setup_context, lib=lib)
+    op = _ops[name]
+    if any(str(a.type).startswith("List[Tensor]") or str(a.type).startswith("List[Optional[Tensor]]")
+           for a in op.packet.default._schema.arguments):
+        return  # an autograd.Function sees no tensor inside a list: such ops keep the dispatcher's wrapper
+    op.function = type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(op.impl),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+
+
+def eager_direct(*tensors) -> bool:
+    """Whether a call with these tensors may run an implementation directly (no gradient to record,
+    nothing else that must see the op): Op's _DIRECT route, for wrappers that run several steps."""
+    return _route(tensors) == _DIRECT
 
 
 def no_second_derivative(name: str, what: str) -> None:
@@ -166,4 +241,4 @@ def no_second_derivative(name: str, what: str) -> None:
     def backward(ctx, *grads):
         raise NotImplementedError(f"fastcv's {what} has no second derivative (double backward)")
 
-    torch.library.register_autograd(f"fastcv::{name}", backward, setup_context=lambda ctx, inputs, output: None)
+    register_autograd(name, backward, setup_context=lambda ctx, inputs, output: None)

@@ -405,7 +405,7 @@ def bad_input_cases():
         (lambda: ops.nms(b, s, -0.1), ValueError, "iou_threshold must be in \\[0, 1\\]"),
         (lambda: ops.nms(b, s, 1.5), ValueError, "iou_threshold must be in \\[0, 1\\]"),
         (lambda: ops.nms(b, s, math.nan), ValueError, "iou_threshold must be in \\[0, 1\\], got nan"),
-        (lambda: ops.nms(b.numpy(), s, 0.5), RuntimeError, "Expected a value of type 'Tensor' for argument 'boxes'"),
+        (lambda: ops.nms(b.numpy(), s, 0.5), TypeError, "boxes must be a torch.Tensor, got ndarray"),
         (lambda: ops.batched_nms(b, s, torch.zeros(4, dtype=torch.int64), 0.5), ValueError, "idxs must have shape \\[N\\]"),
         (lambda: ops.batched_nms(b, s, torch.zeros(5), 0.5), TypeError, "idxs must be an integer tensor"),
         (lambda: ops.batched_nms(b, s, torch.zeros(5, dtype=torch.int64, device="meta"), 0.5), ValueError, "idxs must be on the device"),

@@ -21,6 +21,14 @@ bool in_parallel_region();
 const char* parallel_backend();     // which of the two runs parallel regions now
 void set_use_openmp(bool use);      // tests use it to exercise the thread pool too
 
+// The threads worth waking for a call that touches `work` values: a team's wake-up costs a few
+// microseconds, as much as a tiny kernel's whole run, so small calls run on the caller alone. 32768
+// values a thread, PyTorch's at::internal::GRAIN_SIZE. Results never depend on the thread count.
+inline int threads_for(int64_t work, int nthreads) {
+  constexpr int64_t kMinWorkPerThread = 32768;
+  return int(std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(nthreads, 1)));
+}
+
 // f(begin, end) over [begin, end) in chunks of `grain`, handed out dynamically to `nthreads` threads.
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, int nthreads, const F& f) {

@@ -28,7 +28,8 @@ class Case:
 
 
 def all_cases(device: str) -> list[Case]:
-    from fastcv.benchmarks import attention, batch_norm, conv2d, depthwise, im2col, nms, roi_align
+    from fastcv.benchmarks import attention, batch_norm, conv2d, depthwise, im2col, nms, overhead, roi_align
 
     return (nms.cases(device) + roi_align.cases(device) + im2col.cases(device) + conv2d.cases(device)
-            + depthwise.cases(device) + batch_norm.cases(device) + attention.cases(device))
+            + depthwise.cases(device) + batch_norm.cases(device) + attention.cases(device)
+            + overhead.cases(device))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import define, eager_direct, no_second_derivative
+from fastcv._library import OPS, define, no_second_derivative, register_autograd
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
 
@@ -257,8 +257,7 @@ def _setup(ctx, optional, positions, relu, eps):
 def _grads(ctx, grad, training):
     x, out, mean, var, weight = ctx.saved_tensors
     out = out if ctx.relu else None
-    gx, gr, gw, gb = torch.ops.fastcv.batch_norm_backward(grad, x, out, mean, var, weight, training, ctx.eps,
-                                                          ctx.mask)
+    gx, gr, gw, gb = OPS.batch_norm_backward(grad, x, out, mean, var, weight, training, ctx.eps, ctx.mask)
     m = ctx.mask
     return gx if m[0] else None, gw if m[2] else None, gb if m[3] else None, gr if m[1] else None
 
@@ -288,8 +287,8 @@ def _eval_backward(ctx, grad):
 
 
 no_second_derivative("batch_norm_backward", "batch_norm")
-torch.library.register_autograd("fastcv::batch_norm_train", _train_backward, setup_context=_train_setup)
-torch.library.register_autograd("fastcv::batch_norm_eval", _eval_backward, setup_context=_eval_setup)
+register_autograd("batch_norm_train", _train_backward, setup_context=_train_setup)
+register_autograd("batch_norm_eval", _eval_backward, setup_context=_eval_setup)
 
 
 # ---------------------------------------------------------------- public functions
@@ -368,13 +367,10 @@ def _batch_norm(input, identity, running_mean, running_var, weight, bias, traini
     use_batch_stats = training or running_mean is None
     _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats)
     w, b = _params(weight, input), _params(bias, input)
-    direct = eager_direct(input, identity, w, b)
     if not use_batch_stats:
         mean, var = _params(running_mean, input), _params(running_var, input)
-        op = _eval_impl if direct else torch.ops.fastcv.batch_norm_eval
-        return op(input, mean, var, w, b, identity, relu, float(eps))
-    op = _train_impl if direct else torch.ops.fastcv.batch_norm_train
-    y, mean, var = op(input, w, b, identity, relu, float(eps))
+        return OPS.batch_norm_eval(input, mean, var, w, b, identity, relu, float(eps))
+    y, mean, var = OPS.batch_norm_train(input, w, b, identity, relu, float(eps))
     if training and running_mean is not None:
         factor = _momentum(momentum, num_batches_tracked)  # counts the batch, as nn.BatchNorm does
         if _m(input) > 0:  # an empty batch leaves the statistics alone (as PyTorch does)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import LOWER, autocast_args, autocast_enabled, define
+from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, register_autograd
 from fastcv.ops._args import pair
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
@@ -232,7 +232,7 @@ define(f"conv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size,
 define(f"conv2d_weight_grad(Tensor grad_output, Tensor input, int[4] weight_size, {_ARGS}) -> Tensor",
        impl=_weight_grad_impl, fake=_weight_grad_fake)
 
-_ops = torch.ops.fastcv
+_ops = OPS
 
 
 # Every op is bilinear: with y = conv(x, w), <gy, conv(x, w)> = <input_grad(gy, w), x> = <weight_grad(gy, x), w>,
@@ -296,10 +296,10 @@ def _weight_grad_backward(ctx, grad):
     return gg, gx, None, None, None, None, None
 
 
-torch.library.register_autograd("fastcv::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
-torch.library.register_autograd("fastcv::conv2d_fused", _fused_backward, setup_context=_fused_setup)
-torch.library.register_autograd("fastcv::conv2d_input_grad", _input_grad_backward, setup_context=_input_grad_setup)
-torch.library.register_autograd("fastcv::conv2d_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)
+register_autograd("conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+register_autograd("conv2d_fused", _fused_backward, setup_context=_fused_setup)
+register_autograd("conv2d_input_grad", _input_grad_backward, setup_context=_input_grad_setup)
+register_autograd("conv2d_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)
 
 
 # ---------------------------------------------------------------- public functions

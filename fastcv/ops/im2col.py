@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
-from fastcv._library import define
+from fastcv._library import OPS, define, register_autograd
 from fastcv.ops._args import pair
 
 __all__ = ["im2col", "col2im"]
@@ -119,7 +119,7 @@ def _im2col_setup(ctx, inputs, output):
 
 
 def _im2col_backward(ctx, grad):
-    return torch.ops.fastcv.col2im(grad, ctx.size, *ctx.args), None, None, None, None
+    return OPS.col2im(grad, ctx.size, *ctx.args), None, None, None, None
 
 
 def _col2im_setup(ctx, inputs, output):
@@ -127,11 +127,11 @@ def _col2im_setup(ctx, inputs, output):
 
 
 def _col2im_backward(ctx, grad):
-    return torch.ops.fastcv.im2col(grad, *ctx.args), None, None, None, None, None
+    return OPS.im2col(grad, *ctx.args), None, None, None, None, None
 
 
-torch.library.register_autograd("fastcv::im2col", _im2col_backward, setup_context=_im2col_setup)
-torch.library.register_autograd("fastcv::col2im", _col2im_backward, setup_context=_col2im_setup)
+register_autograd("im2col", _im2col_backward, setup_context=_im2col_setup)
+register_autograd("col2im", _col2im_backward, setup_context=_col2im_setup)
 
 
 # ---------------------------------------------------------------- public functions
@@ -142,8 +142,8 @@ def im2col(input: Tensor, kernel_size, dilation=1, padding=0, stride=1) -> Tenso
     args = [pair(v, a) for v, a in ((kernel_size, "kernel_size"), (dilation, "dilation"), (padding, "padding"),
                                      (stride, "stride"))]
     if isinstance(input, Tensor) and input.dim() == 3:
-        return torch.ops.fastcv.im2col(input.unsqueeze(0), *args).squeeze(0)
-    return torch.ops.fastcv.im2col(input, *args)
+        return OPS.im2col(input.unsqueeze(0), *args).squeeze(0)
+    return OPS.im2col(input, *args)
 
 
 def col2im(input: Tensor, output_size, kernel_size, dilation=1, padding=0, stride=1) -> Tensor:
@@ -151,5 +151,5 @@ def col2im(input: Tensor, output_size, kernel_size, dilation=1, padding=0, strid
     args = [pair(v, a) for v, a in ((output_size, "output_size"), (kernel_size, "kernel_size"),
                                      (dilation, "dilation"), (padding, "padding"), (stride, "stride"))]
     if isinstance(input, Tensor) and input.dim() == 2:
-        return torch.ops.fastcv.col2im(input.unsqueeze(0), *args).squeeze(0)
-    return torch.ops.fastcv.col2im(input, *args)
+        return OPS.col2im(input.unsqueeze(0), *args).squeeze(0)
+    return OPS.col2im(input, *args)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
-from fastcv._library import FP32, define
+from fastcv._library import FP32, OPS, define
 
 __all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections"]
 
@@ -186,7 +186,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     Returns:
         int64 Tensor of the kept indices, by decreasing score (see the module notes on ties and NaN).
     """
-    return torch.ops.fastcv.nms(boxes, scores, iou_threshold)
+    return OPS.nms(boxes, scores, iou_threshold)
 
 
 define(
@@ -204,7 +204,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     offset, so results do not depend on coordinate rounding. idxs: Tensor[N] of integer category ids.
     Returns the kept indices by decreasing score.
     """
-    return torch.ops.fastcv.batched_nms(boxes, scores, idxs, iou_threshold)
+    return OPS.batched_nms(boxes, scores, idxs, iou_threshold)
 
 
 # ---------------------------------------------------------------- batched_nms_padded
@@ -307,7 +307,7 @@ def batched_nms_padded(
         Detections(boxes [B,M,4], scores [B,M], labels [B,M], indices [B,M], counts [B]), best first.
         boxes and scores are gathered with torch ops, so gradients flow back to the inputs.
     """
-    indices, labels, counts = torch.ops.fastcv.batched_nms_padded(
+    indices, labels, counts = OPS.batched_nms_padded(
         boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k
     )
     if scores.numel() == 0:  # nothing to gather from (N or C is 0): every row is padding

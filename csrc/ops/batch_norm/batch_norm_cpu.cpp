@@ -612,6 +612,7 @@ void batch_norm_forward_train_cpu(const TensorView& x, const TensorView* weight,
   const BatchNormShape sh = check_batch_norm_args(x, weight, bias, &mean, &var, residual, &y, DeviceType::CPU);
   check_arg(sh.n * sh.s > 0 || sh.c == 0, "batch_norm in training needs at least one value per channel");
   if (x.numel() == 0) return;
+  nthreads = threads_for(x.numel(), nthreads);
   dispatch_floating(x.dtype, "input", [&](auto tag) {
     using T = decltype(tag);
     using A = compute_t<T>;
@@ -629,6 +630,7 @@ void batch_norm_forward_eval_cpu(const TensorView& x, const TensorView& mean, co
                                  bool relu, double eps, const TensorView& y, int nthreads) {
   const BatchNormShape sh = check_batch_norm_args(x, weight, bias, &mean, &var, residual, &y, DeviceType::CPU);
   if (x.numel() == 0) return;
+  nthreads = threads_for(x.numel(), nthreads);
   dispatch_floating(x.dtype, "input", [&](auto tag) {
     using T = decltype(tag);
     using A = compute_t<T>;
@@ -774,6 +776,7 @@ void batch_norm_backward_cpu(const TensorView& grad_y, const TensorView& x, cons
                              const TensorView* grad_weight, const TensorView* grad_bias, int nthreads) {
   const BatchNormShape sh = check_batch_norm_backward_args(grad_y, x, y, mean, var, weight, grad_x, grad_residual,
                                                            grad_weight, grad_bias, DeviceType::CPU);
+  nthreads = threads_for(x.numel(), nthreads);
   dispatch_floating(x.dtype, "input", [&](auto tag) {
     using T = decltype(tag);
     using A = compute_t<T>;
