@@ -360,9 +360,10 @@ def _mask_grad(dm_ptr, dst, rows, cols, L, S, dml, dms, MASK_GRAD: tl.constexpr,
                SUM_S: tl.constexpr):
     """Adds dS^T [keys `cols`, queries `rows`] (float32, natural-log units: d loss / d mask) into the mask
     gradient at dm_ptr (this (b, h)'s entry) + row * dml + col * dms. A mask that broadcasts over the
-    queries (SUM_L) or keys (SUM_S) gets the tile's sums along them; MASK_GRAD 1 stores (every entry
-    written by one program once), 2 adds atomically (entries shared between programs, heads of a group or
-    query blocks). Padded rows and columns hold dS = 0."""
+    queries (SUM_L) or keys (SUM_S) gets the tile's sums along them; MASK_GRAD 1 adds with a plain load and
+    store (every entry belongs to one program, visited once), 2 atomically (entries shared between
+    programs, heads of a group or
+    query blocks): both add to what the tensor holds. Padded rows and columns hold dS = 0."""
     r_ok = rows < L
     c_ok = cols < S
     if SUM_L and SUM_S:
@@ -375,7 +376,7 @@ def _mask_grad(dm_ptr, dst, rows, cols, L, S, dml, dms, MASK_GRAD: tl.constexpr,
         ptrs = dm_ptr + tl.cast(cols, tl.int64)[:, None] * dms + tl.cast(rows, tl.int64)[None, :] * dml
         ok = c_ok[:, None] & r_ok[None, :]
         if MASK_GRAD == 1:
-            tl.store(ptrs, dst, mask=ok)
+            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0) + dst, mask=ok)
         else:
             tl.atomic_add(ptrs, dst, mask=ok)
 
