@@ -163,6 +163,9 @@ def _forward_impl(q, k, v, mask, dropout_p, is_causal, scale, seed):
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     full = _full_mask(q, k, mask)
+    if q.dim() == 4:
+        _forward_call(q, k, v, full, dropout_p, is_causal, scale, seed, 0, out, lse)
+        return out, lse
     calls = list(_calls(q.dim() - 3, _decisive(q, k, v, mask, full), [q, k, v, full, out, lse]))
     for offset, (q4, k4, v4, m4, o4, l4) in enumerate(calls):
         _forward_call(q4, k4, v4, m4, dropout_p, is_causal, scale, seed, offset, o4, l4)
@@ -206,6 +209,9 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
     dq, dk, dv, dmask = _backward_outputs(q, k, v, mask, mask_grad)
     full = _full_mask(q, k, mask)
     acc = dmask.expand(full.shape) if mask_grad else None  # the kernels add dS into it
+    if q.dim() == 4:
+        _backward_call(grad_out, q, k, v, out, lse, full, dropout_p, is_causal, scale, seed, 0, dq, dk, dv, acc)
+        return dq, dk, dv, dmask
     calls = list(_calls(q.dim() - 3, _decisive(q, k, v, mask, full),
                         [q, k, v, full, grad_out, out, lse, dq, dk, dv, acc]))
     for offset, (q4, k4, v4, m4, g4, o4, l4, dq4, dk4, dv4, a4) in enumerate(calls):
@@ -265,11 +271,28 @@ torch.library.register_autograd("fastcv::attention_forward", _backward, setup_co
 # ---------------------------------------------------------------- the public function
 
 
+def _broadcast_shapes(*shapes):
+    """torch.broadcast_shapes as a tuple, None where they do not broadcast (plain Python: torch's costs
+    about 10 us a call, as much as a small attention)."""
+    n = max(len(sh) for sh in shapes)
+    out = []
+    for i in range(n):
+        size = 1
+        for sh in shapes:
+            j = i - n + len(sh)
+            if j >= 0 and sh[j] != 1:
+                if size != 1 and sh[j] != size:
+                    return None
+                size = sh[j]
+        out.append(size)
+    return tuple(out)
+
+
 def _broadcast(shapes, what):
-    try:
-        return tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError:
-        raise ValueError(what) from None
+    out = _broadcast_shapes(*shapes)
+    if out is None:
+        raise ValueError(what)
+    return out
 
 
 def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
@@ -293,7 +316,7 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"value's length ({value.shape[-2]}) must equal the key's ({key.shape[-2]})")
     shapes = f"query {list(query.shape)}, key {list(key.shape)} and value {list(value.shape)}"
-    qlead, klead, vlead = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    qlead, klead, vlead = tuple(query.shape[:-2]), tuple(key.shape[:-2]), tuple(value.shape[:-2])
     repeat = False
     if enable_gqa:  # PyTorch repeats key and value over the heads (dim -3), then broadcasts
         if min(query.dim(), key.dim(), value.dim()) < 3:
@@ -333,11 +356,7 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         target = (*attn, query.shape[-2], key.shape[-2])
         if query.dim() == key.dim() == value.dim() == 3:
             target = (1, *target)
-        try:
-            ok = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if attn_mask.dim() > len(target) or _broadcast_shapes(tuple(attn_mask.shape), target) != target:
             raise ValueError(f"attn_mask of shape {list(attn_mask.shape)} does not broadcast to the scores "
                              f"{list(target)} (..., L, S)")
     return batch, repeat
