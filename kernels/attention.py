@@ -23,6 +23,11 @@ Kernels (each program one tile of query rows or of key rows; batch and head offs
                      keep mask / (1-p) with dropout), dS = P * (dP - delta), dK += dS^T Q, dK *= scale.
                      Causal: starts at the first query block that reaches the key block; only the
                      diagonal blocks are masked, the blocks past the last full query block mask rows.
+                     With MASK_GRAD, dS is also added into the mask's gradient (float32, seen as
+                     [B, Hq, L, S] through strides): read-add-write where each entry belongs to this
+                     program, fp32 atomic adds where the mask broadcasts over batch, heads, queries or
+                     keys (tiles summed first along broadcast queries or keys); the autotuner restores
+                     the accumulator after each benchmark run.
   _bwd_dq_kernel     per (b, h, query block): dQ = scale * sum over key blocks of dS K, recomputing P and
                      dP the same way, the key blocks walked in the forward's two stages.
                      dQ has its own kernel (P is computed twice in the backward) instead of float32

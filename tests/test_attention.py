@@ -3,7 +3,9 @@ the same rounded inputs, so only our own arithmetic is measured): outputs and th
 value for every dtype, odd lengths, head dims up to 128, 2-D to 5-D inputs, bool and additive masks of every
 broadcast shape, fully masked rows, is_causal (L == S, L < S, L > S, with a mask), custom scales, grouped-query
 attention, dropout (through a value = identity trick that makes the dropped probabilities visible), gradcheck,
-opcheck, torch.compile, empty tensors, thread-count determinism, strided inputs and bad arguments.
+opcheck, torch.compile, empty tensors, thread-count determinism, strided inputs and bad arguments; query, key
+and value that broadcast against each other (every rank combination PyTorch accepts, read in place), and the
+gradient of a floating mask that requires grad (every broadcast shape, causal, dropout, GQA, half dtypes).
 
 On CUDA the op runs the Triton kernels for float16/bfloat16/float32 and PyTorch's own op for float64; every
 device-parametrised test here is written to hold there too. Small sizes: the file runs in well under a minute

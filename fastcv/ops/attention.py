@@ -5,15 +5,20 @@ stored. The forward walks key blocks with an online softmax and saves one log-su
 backward recomputes each block's probabilities from it (FlashAttention-2's scheme). Memory grows
 linearly in the sequence lengths.
 
-Semantics are F.scaled_dot_product_attention's: inputs (..., L, E), (..., S, E), (..., S, Ev) with the
-same leading dimensions (the last of them the heads); boolean masks (True takes part) or additive
-masks of the query's dtype, broadcast to (..., L, S); is_causal with PyTorch's top-left alignment
-(query i sees keys j <= i, also when L != S); a custom scale; grouped-query attention with
-enable_gqa=True (the query's heads a multiple of the key's); rows whose keys are all masked give 0, as
-PyTorch does. Dropout draws a counter-based Philox stream from a seed taken from torch's generator
-(torch.manual_seed reproduces it), and the backward regenerates the same mask. Gradients flow to query,
-key and value; a mask that requires grad is refused (its gradient would be the L x S matrix this op
-exists to avoid).
+Semantics are F.scaled_dot_product_attention's (math backend): inputs (..., L, E), (..., S, E), (..., S, Ev)
+of any ranks >= 2 whose leading dimensions (the last of them the heads) broadcast against each other as
+PyTorch broadcasts them; broadcast inputs reach the kernels as stride-0 views (expand), never as copies,
+and their gradients are summed back to their own shapes. Boolean masks (True takes part) or additive
+masks of the query's dtype that broadcast to the scores (*broadcast(query, key) batch, L, S) without
+growing them; is_causal with PyTorch's top-left alignment (query i sees keys j <= i, also when L != S);
+a custom scale; grouped-query attention with enable_gqa=True (the key's and value's heads divide the
+query's); rows whose keys are all masked give 0, as PyTorch does. Dropout draws a counter-based Philox
+stream from a seed taken from torch's generator (torch.manual_seed reproduces it), and the backward
+regenerates the same mask. Gradients flow to query, key and value, and to a floating mask that requires
+grad (a learned bias such as Swin's relative-position bias): its gradient, the score gradient
+dS = P * (dP - delta) summed over the dimensions the mask broadcasts over, is accumulated by the backward
+kernels at the mask's own shape (no L x S buffer per batch and head); 0 at -inf entries and on fully
+masked rows, as PyTorch's math gives.
 
 Backends: CPU C++ (csrc/ops/attention/), GPU Triton (kernels/attention.py). float64 on a GPU has no
 Triton kernels: it runs PyTorch's op.

@@ -16,7 +16,9 @@
 // Threads take (head, query blocks) tasks in the forward and (key-value head, key blocks) tasks in the
 // backward, which own their dK/dV rows outright. dQ is accumulated per task and summed afterwards in a
 // fixed order when a head's key blocks are split over several tasks (only when there are fewer heads
-// than threads), so results do not depend on the thread count or its timing.
+// than threads), so results do not depend on the threads' timing. A mask gradient (dS added into an
+// accumulator of the mask's shape) regroups the backward's tasks by the entries they add to (see
+// backward_split), in a split that depends on the shape only.
 // float16 and bfloat16 compute in float32 (converted on the way in); float64 runs the double kernels.
 #include <algorithm>
 #include <cmath>
