@@ -1041,3 +1041,14 @@ def test_compile_mask_grad(device):
     g = make(out_e.shape, torch.float32, device, 4)
     for a, b in zip(torch.autograd.grad(out_c, (q, bias), g), torch.autograd.grad(out_e, (q, bias), g)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD if BAD[c][2] is ValueError and "attn_mask" not in BAD[c][1]
+                                  and "dropout_p" not in BAD[c][1] and "scale" not in BAD[c][1]
+                                  and "too_large" not in c and c != "mixed_devices"]
+                         + ["mask_broadcast", "mask_heads", "mask_rank", "mask_beyond_scores", "mask_rank_2d"])
+def test_bad_shapes_pytorch_rejects_too(case):
+    """Each shape fastcv refuses, F.scaled_dot_product_attention (math backend) refuses as well."""
+    make_args, kwargs, _, _ = BAD[case]
+    with pytest.raises((RuntimeError, IndexError, ValueError)), sdpa_kernel(SDPBackend.MATH):
+        F.scaled_dot_product_attention(*make_args(), **kwargs)
