@@ -23,6 +23,11 @@ Kernels (each program one tile of query rows or of key rows; batch and head offs
                      keep mask / (1-p) with dropout), dS = P * (dP - delta), dK += dS^T Q, dK *= scale.
                      Causal: starts at the first query block that reaches the key block; only the
                      diagonal blocks are masked, the blocks past the last full query block mask rows.
+                     With MASK_GRAD, dS is also added into the mask's gradient (float32, seen as
+                     [B, Hq, L, S] through strides): read-add-write where each entry belongs to this
+                     program, fp32 atomic adds where the mask broadcasts over batch, heads, queries or
+                     keys (tiles summed first along broadcast queries or keys); the autotuner restores
+                     the accumulator after each benchmark run.
   _bwd_dq_kernel     per (b, h, query block): dQ = scale * sum over key blocks of dS K, recomputing P and
                      dP the same way, the key blocks walked in the forward's two stages.
                      dQ has its own kernel (P is computed twice in the backward) instead of float32
@@ -356,10 +361,37 @@ def _bwd_preprocess(Out, DO, Delta, sdb, sdh, sdl, H, L, D,
 
 
 @triton.jit
+def _mask_grad(dm_ptr, dst, rows, cols, L, S, dml, dms, MASK_GRAD: tl.constexpr, SUM_L: tl.constexpr,
+               SUM_S: tl.constexpr):
+    """Adds dS^T [keys `cols`, queries `rows`] (float32, natural-log units: d loss / d mask) into the mask
+    gradient at dm_ptr (this (b, h)'s entry) + row * dml + col * dms. A mask that broadcasts over the
+    queries (SUM_L) or keys (SUM_S) gets the tile's sums along them; MASK_GRAD 1 adds with a plain load and
+    store (every entry belongs to one program, visited once), 2 atomically (entries shared between
+    programs, heads of a group or
+    query blocks): both add to what the tensor holds. Padded rows and columns hold dS = 0."""
+    r_ok = rows < L
+    c_ok = cols < S
+    if SUM_L and SUM_S:
+        tl.atomic_add(dm_ptr, tl.sum(tl.sum(dst, 1), 0))
+    elif SUM_L:
+        tl.atomic_add(dm_ptr + tl.cast(cols, tl.int64) * dms, tl.sum(dst, 1), mask=c_ok)
+    elif SUM_S:
+        tl.atomic_add(dm_ptr + tl.cast(rows, tl.int64) * dml, tl.sum(dst, 0), mask=r_ok)
+    else:
+        ptrs = dm_ptr + tl.cast(cols, tl.int64)[:, None] * dms + tl.cast(rows, tl.int64)[None, :] * dml
+        ok = c_ok[:, None] & r_ok[None, :]
+        if MASK_GRAD == 1:
+            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0) + dst, mask=ok)
+        else:
+            tl.atomic_add(ptrs, dst, mask=ok)
+
+
+@triton.jit
 def _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, start_n, cols, col_ok, lo, hi,
-                  sql, sdl, sml, qk_scale, inv_keep, L, seed, thr, bh, offset, d_ok,
+                  sql, sdl, sml, qk_scale, inv_keep, L, S, seed, thr, bh, offset, d_ok, dm_ptr, dml, dms,
                   CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, MASK_COLS: tl.constexpr, HAS_MASK: tl.constexpr,
                   DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  MASK_GRAD: tl.constexpr, DM_SUM_L: tl.constexpr, DM_SUM_S: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Transposed tiles: rows of s^T are this program's keys, columns the query rows of the block.
     offs_m = tl.arange(0, BLOCK_M)
@@ -406,6 +438,8 @@ def _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, s
             pt_drop = pt
         dv = _dot(pt_drop.to(do.dtype), do, dv, PRECISION, UPCAST)
         dst = pt * (dpt - delta[None, :])
+        if MASK_GRAD != 0:
+            _mask_grad(dm_ptr, dst, rows, cols, L, S, dml, dms, MASK_GRAD, DM_SUM_L, DM_SUM_S)
         dk = _dot(dst.to(q.dtype), q, dk, PRECISION, UPCAST)
         q_ptrs += BLOCK_M * sql
         do_ptrs += BLOCK_M * sdl
@@ -416,11 +450,13 @@ def _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, s
 
 @triton.heuristics({"MASK_COLS": lambda args: args["S"] % args["BLOCK_N"] != 0})
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
                      sqb, sqh, sql, skb, skh, skn, svb, svh, svn, smb, smh, sml, sms, sdb, sdh, sdl,
+                     dmb, dmh, dml, dms,
                      H, HKV, GROUP, L, S, D, qk_scale, scale, inv_keep, seed, thr, offset, L_BUCKET, S_BUCKET,
                      IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     MASK_GRAD: tl.constexpr, DM_SUM_L: tl.constexpr, DM_SUM_S: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_COLS: tl.constexpr):
     n_blocks = tl.cdiv(S, BLOCK_N)
     pid = tl.program_id(0)
@@ -466,15 +502,19 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
             m_ptrs = Mask + b64 * smb + h64 * smh + offs_m64[None, :] * sml + cols64[:, None] * sms
         else:
             m_ptrs = Mask
+        dm_ptr = DMask + b64 * dmb + h64 * dmh
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, start_n, cols, col_ok, lo, mid,
-                               sql, sdl, sml, qk_scale, inv_keep, L, seed, thr, bh, offset, d_ok,
-                               True, True, MASK_COLS, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
+                               sql, sdl, sml, qk_scale, inv_keep, L, S, seed, thr, bh, offset, d_ok, dm_ptr, dml, dms,
+                               True, True, MASK_COLS, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST,
+                               MASK_GRAD, DM_SUM_L, DM_SUM_S, BLOCK_M, BLOCK_N)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, start_n, cols, col_ok, mid, full_end,
-                               sql, sdl, sml, qk_scale, inv_keep, L, seed, thr, bh, offset, d_ok,
-                               False, False, MASK_COLS, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
+                               sql, sdl, sml, qk_scale, inv_keep, L, S, seed, thr, bh, offset, d_ok, dm_ptr, dml, dms,
+                               False, False, MASK_COLS, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST,
+                               MASK_GRAD, DM_SUM_L, DM_SUM_S, BLOCK_M, BLOCK_N)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, start_n, cols, col_ok, tail, m_end,
-                               sql, sdl, sml, qk_scale, inv_keep, L, seed, thr, bh, offset, d_ok,
-                               False, True, MASK_COLS, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST, BLOCK_M, BLOCK_N)
+                               sql, sdl, sml, qk_scale, inv_keep, L, S, seed, thr, bh, offset, d_ok, dm_ptr, dml, dms,
+                               False, True, MASK_COLS, HAS_MASK, DROPOUT, EVEN_D, PRECISION, UPCAST,
+                               MASK_GRAD, DM_SUM_L, DM_SUM_S, BLOCK_M, BLOCK_N)
     out_rows = (b64 * HKV + tl.cast(hk, tl.int64)) * S + cols64
     out_ptrs = out_rows[:, None] * D + offs_d[None, :]
     tl.store(DK + out_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -561,8 +601,10 @@ def _dropout_mask_kernel(Out, L, S, seed, thr, offset, BLOCK_M: tl.constexpr, BL
 
 _fwd_tuned = triton.autotune(_configs("fwd"), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune("fwd")})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs("kv"), key=_KEY,
-                              prune_configs_by={"early_config_prune": _prune("kv")})(_bwd_dkdv_kernel)
+# The mask gradient is accumulated in place (atomic adds): benchmarking restores it after every run.
+_dkdv_tuned = triton.autotune(_configs("kv"), key=_KEY + ["MASK_GRAD", "DM_SUM_L", "DM_SUM_S"],
+                              prune_configs_by={"early_config_prune": _prune("kv")},
+                              restore_value=["DMask"])(_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs("q"), key=_KEY,
                             prune_configs_by={"early_config_prune": _prune("q")})(_bwd_dq_kernel)
 
@@ -639,8 +681,9 @@ def _common(q, k, mask, is_causal, dropout_p, seed, offset):
     )
 
 
-def _launch(tuned, kind, c, grid_rows, grid_mult, args):
+def _launch(tuned, kind, c, grid_rows, grid_mult, args, extra_flags=None):
     """Runs a kernel: explicit blocks (tests' override, or one configuration), else the autotuner."""
+    flags = c["flags"] if extra_flags is None else {**c["flags"], **extra_flags}
     blocks = None
     if _BLOCKS_OVERRIDE is not None and kind in _BLOCKS_OVERRIDE:
         m, n = _BLOCKS_OVERRIDE[kind]
@@ -651,11 +694,11 @@ def _launch(tuned, kind, c, grid_rows, grid_mult, args):
         m, n, w, s = blocks
         per = m if kind != "kv" else n
         tuned.fn[(grid_mult * triton.cdiv(grid_rows, per),)](
-            *args, **c["flags"], BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+            *args, **flags, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     else:
         per_key = "BLOCK_M" if kind != "kv" else "BLOCK_N"
         grid = lambda meta: (grid_mult * triton.cdiv(grid_rows, meta[per_key]),)
-        tuned[grid](*args, **c["flags"])
+        tuned[grid](*args, **flags)
 
 
 def forward(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float, seed: int, offset: int,
@@ -676,10 +719,31 @@ def forward(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float, seed
     _launch(_fwd_tuned, "fwd", c, L, B * Hq, args)
 
 
+def _mask_grad_args(dmask, B, Hq, L, S, device):
+    """(DMask, its strides as [B, Hq, L, S], flags) for the dK/dV kernel. DMask is a 1-D tensor over the
+    memory the view spans (the autotuner saves and restores it: the view itself overlaps)."""
+    if dmask is None:
+        return torch.zeros(1, dtype=torch.float32, device=device), (0, 0, 0, 0), \
+            dict(MASK_GRAD=0, DM_SUM_L=False, DM_SUM_S=False)
+    if dmask.dtype != torch.float32 or dmask.device != device:
+        raise TypeError(f"attention: dmask must be a float32 tensor on {device}, got {dmask.dtype} on {dmask.device}")
+    dmask = dmask.expand(B, Hq, L, S)
+    st = dmask.stride()
+    if min(st) < 0:
+        raise ValueError("attention: dmask must not have negative strides")
+    span = 1 + sum((n - 1) * s for n, s in zip(dmask.shape, st))
+    base = dmask.as_strided((span,), (1,))
+    sum_l, sum_s = st[2] == 0 and L > 1, st[3] == 0 and S > 1
+    shared = (st[0] == 0 and B > 1) or (st[1] == 0 and Hq > 1) or sum_l or sum_s
+    return base, st, dict(MASK_GRAD=2 if shared else 1, DM_SUM_L=sum_l, DM_SUM_S=sum_s)
+
+
 def backward(grad_out, q, k, v, out, lse, mask, scale: float, is_causal: bool, dropout_p: float,
-             seed: int, offset: int, dq, dk, dv) -> None:
+             seed: int, offset: int, dq, dk, dv, dmask=None) -> None:
     """Gradients of forward() with respect to q, k and v, for the same arguments, out and lse, into dq
-    (like q), dk and dv (like k, v): contiguous, in the inputs' dtype."""
+    (like q), dk and dv (like k, v): contiguous, in the inputs' dtype. dmask: None, or a float32 tensor
+    broadcastable to [B, Hq, L, S] (any strides, 0 on the dimensions the mask broadcasts over) into which
+    the mask's gradient dS = P * (dP - delta) is added (summed over the broadcast dimensions)."""
     mask = _check(q, k, v, mask, (("grad_out", grad_out), ("out", out), ("dq", dq), ("dk", dk), ("dv", dv)))
     c = _common(q, k, mask, is_causal, dropout_p, seed, offset)
     B, Hq, Hkv, L, S, D = c["B"], c["Hq"], c["Hkv"], c["L"], c["S"], c["D"]
@@ -698,8 +762,10 @@ def backward(grad_out, q, k, v, out, lse, mask, scale: float, is_causal: bool, d
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *c["mask_args"][1:], *grad_out.stride()[:3])
     tail = (L, S, D, float(scale) * _LOG2E, float(scale), c["inv_keep"], c["seed"], c["thr"], c["offset"],
             _bucket(L), _bucket(S))
-    kv_args = (q, k, v, c["mask_args"][0], grad_out, lse, delta, dk, dv, *common, Hq, Hkv, Hq // Hkv, *tail)
-    _launch(_dkdv_tuned, "kv", c, S, B * Hkv, kv_args)
+    dm, dm_strides, dm_flags = _mask_grad_args(dmask, B, Hq, L, S, q.device)
+    kv_args = (q, k, v, c["mask_args"][0], grad_out, lse, delta, dk, dv, dm, *common, *dm_strides, Hq, Hkv,
+               Hq // Hkv, *tail)
+    _launch(_dkdv_tuned, "kv", c, S, B * Hkv, kv_args, dm_flags)
     q_args = (q, k, v, c["mask_args"][0], grad_out, lse, delta, dq, *common, Hq, Hq // Hkv, *tail)
     _launch(_dq_tuned, "q", c, L, B * Hq, q_args)
 

@@ -3,7 +3,9 @@ the same rounded inputs, so only our own arithmetic is measured): outputs and th
 value for every dtype, odd lengths, head dims up to 128, 2-D to 5-D inputs, bool and additive masks of every
 broadcast shape, fully masked rows, is_causal (L == S, L < S, L > S, with a mask), custom scales, grouped-query
 attention, dropout (through a value = identity trick that makes the dropped probabilities visible), gradcheck,
-opcheck, torch.compile, empty tensors, thread-count determinism, strided inputs and bad arguments.
+opcheck, torch.compile, empty tensors, thread-count determinism, strided inputs and bad arguments; query, key
+and value that broadcast against each other (every rank combination PyTorch accepts, read in place), and the
+gradient of a floating mask that requires grad (every broadcast shape, causal, dropout, GQA, half dtypes).
 
 On CUDA the op runs the Triton kernels for float16/bfloat16/float32 and PyTorch's own op for float64; every
 device-parametrised test here is written to hold there too. Small sizes: the file runs in well under a minute
@@ -95,13 +97,14 @@ def reference(q, k, v, grad_out=None, mask=None, is_causal=False, scale=None, en
     return out.detach(), grads
 
 
-def close(actual, expected, dtype, what=""):
+def close(actual, expected, dtype, what="", scale=None):
+    """scale: the magnitude the error is relative to (default: the reference's largest)."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
     actual = actual.detach().cpu().double()
     assert not actual.isnan().any(), f"{what}: NaN in the result"
-    scale = expected.abs().max().item() or 1.0
+    scale = scale or expected.abs().max().item() or 1.0
     err = (actual - expected).abs().max().item()
     tol = TOL[dtype] * scale
     assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({dtype}, largest magnitude {scale:.3g})"
@@ -472,7 +475,7 @@ def test_opcheck():
                      args[2].clone().requires_grad_(), *args[3:])
         torch.library.opcheck(ops.attention_forward, grad_args)
         out, lse = ops.attention_forward(*args)
-        torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), *args[:3], out, lse, *args[3:]))
+        torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), *args[:3], out, lse, *args[3:], False))
 
 
 def test_op_rejects_bad_arguments():
@@ -647,8 +650,10 @@ BAD = {
                   r"key's head dim \(4\).*query's \(8\)"),
     "batch_dims": (lambda: (_t(2, 3, 5, 8), _t(3, 3, 7, 8), _t(3, 3, 7, 8)), {}, ValueError,
                    "query.*key.*value.*leading"),
-    "rank_mismatch": (lambda: (_t(2, 3, 5, 8), _t(3, 7, 8), _t(3, 7, 8)), {}, ValueError, "leading"),
-    "kv_batch_dims": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(1, 3, 7, 8)), {}, ValueError, "leading"),
+    "kv_batch_dims": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(3, 3, 7, 8)), {}, ValueError,
+                      "query.*key.*value.*broadcast"),
+    "query_heads_vs_key": (lambda: (_t(2, 3, 5, 8), _t(2, 7, 8), _t(2, 7, 8)), {}, ValueError,
+                           "query has 3 heads and key 2"),
     "value_length": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 6, 8)), {}, ValueError,
                      r"value's length \(6\).*key's \(7\)"),
     "rank1": (lambda: (_t(8), _t(7, 8), _t(7, 8)), {}, ValueError, "query must have at least 2 dimensions"),
@@ -664,8 +669,6 @@ BAD = {
                      {"attn_mask": _t(5, 7, dtype=torch.float64)}, TypeError, "attn_mask.*torch.float64"),
     "mask_not_tensor": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)),
                         {"attn_mask": [[True] * 7] * 5}, TypeError, "attn_mask must be a Tensor"),
-    "mask_requires_grad": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)),
-                           {"attn_mask": _t(5, 7, requires_grad=True)}, ValueError, "attn_mask must not require grad"),
     "dropout_negative": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)), {"dropout_p": -0.1}, ValueError,
                          "dropout_p"),
     "dropout_one": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)), {"dropout_p": 1.0}, ValueError,
@@ -682,8 +685,15 @@ BAD = {
                             "head dims up to .*value"),
     "gqa_not_divisible": (lambda: (_t(2, 6, 5, 8), _t(2, 4, 7, 8), _t(2, 4, 7, 8)), {"enable_gqa": True},
                           ValueError, "query has 6 heads and key 4"),
-    "gqa_kv_heads_differ": (lambda: (_t(2, 6, 5, 8), _t(2, 2, 7, 8), _t(2, 3, 7, 8)), {"enable_gqa": True},
-                            ValueError, "leading"),
+    "gqa_2d": (lambda: (_t(5, 8), _t(7, 8), _t(7, 8)), {"enable_gqa": True}, ValueError,
+               "enable_gqa=True needs.*3-D"),
+    "gqa_query_fewer_heads": (lambda: (_t(2, 1, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)), {"enable_gqa": True},
+                              ValueError, "query has 1 heads and key 3"),
+    # PyTorch adds the mask in place to the scores of broadcast(query, key): value's extra dims do not count
+    "mask_beyond_scores": (lambda: (_t(3, 5, 8), _t(3, 7, 8), _t(2, 3, 7, 8)),
+                           {"attn_mask": _t(2, 3, 5, 7)}, ValueError, r"attn_mask of shape \[2, 3, 5, 7\]"),
+    "mask_rank_2d": (lambda: (_t(5, 8), _t(7, 8), _t(7, 8)), {"attn_mask": _t(1, 5, 7)}, ValueError,
+                     r"attn_mask of shape \[1, 5, 7\]"),
     "mixed_dtypes": (lambda: (_t(2, 3, 5, 8), _t(2, 3, 7, 8, dtype=torch.float64), _t(2, 3, 7, 8)), {}, TypeError,
                      "key and value must have the query's dtype"),
     "int_query": (lambda: (_t(2, 3, 5, 8, dtype=torch.int64),) * 3, {}, TypeError, "query must be float32"),
@@ -717,3 +727,331 @@ def test_mask_requiring_grad_is_fine_without_grad():
     mask = torch.zeros(3, 4, requires_grad=True)
     with torch.no_grad():
         torch.testing.assert_close(sdpa(q, k, v, mask), sdpa(q, k, v))
+
+
+# ------------------------------------------------------------------ broadcasting between query, key and value
+
+# (query, key, value shapes, enable_gqa): every rank combination F.scaled_dot_product_attention's math backend
+# accepts; L, S, E = 5, 7, 8 and Ev = 6.
+BROADCAST = {
+    "q4_kv3": ((2, 3, 5, 8), (3, 7, 8), (3, 7, 6), False),
+    "q4_kv4_batch1": ((2, 3, 5, 8), (1, 3, 7, 8), (1, 3, 7, 6), False),
+    "q4_kv_one_head": ((2, 3, 5, 8), (2, 1, 7, 8), (2, 1, 7, 6), False),
+    "q_batch1": ((1, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), False),
+    "q_one_head": ((2, 1, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), False),
+    "k_v_differ": ((2, 3, 5, 8), (2, 3, 7, 8), (1, 3, 7, 6), False),
+    "q3_kv4": ((3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), False),
+    "q2_kv4": ((5, 8), (2, 3, 7, 8), (2, 3, 7, 6), False),
+    "q4_kv2": ((2, 3, 5, 8), (7, 8), (7, 6), False),
+    "q5_kv3": ((2, 2, 3, 5, 8), (3, 7, 8), (3, 7, 6), False),
+    "q5_kv5_unmergeable": ((2, 2, 3, 5, 8), (2, 1, 3, 7, 8), (2, 1, 3, 7, 6), False),
+    "value_beyond_scores": ((3, 5, 8), (3, 7, 8), (2, 3, 7, 6), False),
+    "gqa_kv3": ((2, 6, 5, 8), (3, 7, 8), (3, 7, 6), True),
+    "gqa_k_v_heads_differ": ((2, 6, 5, 8), (2, 2, 7, 8), (2, 3, 7, 6), True),
+    "gqa_5d_batch1": ((2, 2, 6, 5, 8), (1, 2, 3, 7, 8), (1, 2, 3, 7, 6), True),
+    "gqa_q_batch1": ((1, 6, 5, 8), (2, 2, 7, 8), (2, 2, 7, 6), True),
+}
+
+
+def _broadcast_inputs(case, dtype, device):
+    qs, ks, vs, gqa = BROADCAST[case]
+    q, k, v = make(qs, dtype, device, 0), make(ks, dtype, device, 1), make(vs, dtype, device, 2)
+    return [t.requires_grad_() for t in (q, k, v)], gqa
+
+
+@pytest.mark.parametrize("case", list(BROADCAST))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_broadcast_inputs(device, case, dtype):
+    """Outputs and gradients (each at its input's shape, summed over the dims it broadcasts over) as PyTorch's."""
+    (q, k, v), gqa = _broadcast_inputs(case, dtype, device)
+    out = check(q, k, v, enable_gqa=gqa)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(*(t.detach().cpu() for t in (q, k, v)), enable_gqa=gqa)
+    assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("case", ["q4_kv3", "q_one_head", "q5_kv5_unmergeable", "gqa_5d_batch1"])
+def test_broadcast_inputs_with_mask_causal_dropout(device, case):
+    """Broadcast inputs together with a broadcast mask (that requires grad) and causal masking; with dropout,
+    the same seed gives the same output twice and the unmergeable 5-D split draws different masks per call."""
+    (q, k, v), gqa = _broadcast_inputs(case, torch.float64, device)
+    with sdpa_kernel(SDPBackend.MATH):
+        scores = F.scaled_dot_product_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(),
+                                                enable_gqa=gqa)
+    mask = random_mask((1, 5, 7), "additive", torch.float64, device).requires_grad_()
+    check(q, k, v, mask, is_causal=True, enable_gqa=gqa)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(4)
+        runs.append(sdpa(q, k, v, mask, dropout_p=0.5, enable_gqa=gqa))
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == scores.shape
+    grads = torch.autograd.grad(runs[0].sum(), (q, k, v, mask))
+    assert all(g.shape == t.shape and torch.isfinite(g).all() for g, t in zip(grads, (q, k, v, mask)))
+
+
+def test_broadcast_reads_inputs_in_place(monkeypatch):
+    """Broadcast inputs and masks reach the kernels as views of the caller's memory (stride 0 along the broadcast
+    dims), in the forward and the backward: no input is expanded into a copy."""
+    calls = []
+    fwd, bwd = attention_module._forward_call, attention_module._backward_call
+
+    def record_fwd(q, k, v, mask, *rest):
+        calls.append(("fwd", q, k, v, mask))
+        return fwd(q, k, v, mask, *rest)
+
+    def record_bwd(grad_out, q, k, v, out, lse, mask, *rest):
+        calls.append(("bwd", q, k, v, mask))
+        return bwd(grad_out, q, k, v, out, lse, mask, *rest)
+
+    monkeypatch.setattr(attention_module, "_forward_call", record_fwd)
+    monkeypatch.setattr(attention_module, "_backward_call", record_bwd)
+    for case in ("q4_kv3", "q_one_head", "q2_kv4", "q5_kv5_unmergeable", "gqa_5d_batch1"):
+        (q, k, v), gqa = _broadcast_inputs(case, torch.float32, "cpu")
+        mask = torch.randn(5, 7).requires_grad_()
+        calls.clear()
+        out = sdpa(q, k, v, mask, enable_gqa=gqa)
+        out.sum().backward()
+        assert {c[0] for c in calls} == {"fwd", "bwd"}
+        for _, *views in calls:
+            for view, src in zip(views, (q, k, v, mask)):
+                assert view.untyped_storage().data_ptr() == src.untyped_storage().data_ptr(), case
+                assert view.untyped_storage().nbytes() == src.untyped_storage().nbytes(), case
+            assert views[3].stride()[:2] == (0, 0), case  # the mask broadcast over batch and heads
+        # batch dims of an input expanded along some but not all of them merge into no single stride: one
+        # call per index of the first dim (2 here), forward and backward
+        assert len(calls) == (4 if case in ("q5_kv5_unmergeable", "gqa_5d_batch1") else 2), case
+
+
+# ------------------------------------------------------------------ the gradient of a floating mask
+
+# mask shapes for B, H, L, S = 2, 3, 5, 9 (Swin's relative-position bias is [H, L, S] or [1, H, L, S])
+MASK_GRAD_SHAPES = {
+    "LS": (5, 9),
+    "11LS": (1, 1, 5, 9),
+    "HLS": (3, 5, 9),
+    "1HLS": (1, 3, 5, 9),
+    "B1LS": (2, 1, 5, 9),
+    "BHLS": (2, 3, 5, 9),
+    "BH1S": (2, 3, 1, 9),
+    "1HL1": (1, 3, 5, 1),
+    "1S": (1, 9),
+    "L1": (5, 1),
+    "scalar": (1,),
+}
+
+
+def reference_mask_grad(q, k, v, mask, grad_out, is_causal=False, enable_gqa=False, keep=None, p=0.0):
+    """float64: the output and the gradients of q, k, v and the mask, through PyTorch's math (softmax of the
+    scores plus the mask; with `keep`, the dropout mask the kernels drew), and the largest |dS| of a full
+    [B, H, L, S] mask: the scale of the mask gradient, which is ~0 for masks that broadcast over the keys
+    (adding one value to a whole row of scores changes no probability)."""
+    qd, kd, vd, md = (t.detach().cpu().double().requires_grad_() for t in (q, k, v, mask))
+    L, S = q.shape[-2], k.shape[-2]
+    full = torch.zeros((*q.shape[:-1], S), dtype=torch.float64, requires_grad=True)
+    m = md + full
+    if is_causal:
+        m = m.masked_fill(~causal_mask(L, S), -INF)
+    if keep is None:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(qd, kd, vd, m, enable_gqa=enable_gqa)
+    else:
+        group = q.shape[-3] // k.shape[-3]
+        s = qd @ kd.repeat_interleave(group, -3).transpose(-1, -2) / math.sqrt(q.shape[-1]) + m
+        out = (torch.softmax(s, -1) * keep / (1 - p)) @ vd.repeat_interleave(group, -3)
+    grads = torch.autograd.grad(out, (qd, kd, vd, md, full), grad_out.detach().cpu().double())
+    return out.detach(), grads[:4], grads[4].abs().max().item()
+
+
+def check_mask_grad(q, k, v, mask, is_causal=False, enable_gqa=False, seed=7, dropout_p=0.0, keep=None):
+    dtype = q.dtype
+    if dropout_p:
+        torch.manual_seed(seed)
+    out = sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa)
+    grad_out = make(out.shape, dtype, q.device, seed)
+    ref, ref_grads, ds_scale = reference_mask_grad(q, k, v, mask, grad_out, is_causal, enable_gqa, keep, dropout_p)
+    close(out, ref, dtype, "output")
+    grads = torch.autograd.grad(out, (q, k, v, mask), grad_out)
+    for name, a, r in zip(("grad_query", "grad_key", "grad_value"), grads, ref_grads):
+        close(a, r, dtype, name)
+    dmask = grads[3]
+    assert dmask.shape == mask.shape and dmask.dtype == mask.dtype
+    close(dmask, ref_grads[3], dtype, "grad_mask", scale=max(ref_grads[3].abs().max().item(), ds_scale))
+    return dmask
+
+
+@pytest.mark.parametrize("shape", list(MASK_GRAD_SHAPES))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_mask_grad(device, shape, is_causal, dtype):
+    q, k, v = qkv((2, 3), 5, 9, 16, 12, dtype, device)
+    shape = MASK_GRAD_SHAPES[shape]  # -inf entries, but not a whole mask of them
+    mask = random_mask(shape, "additive", dtype, device, fraction=0.2 if shape[-1] > 1 else 0.0).requires_grad_()
+    dmask = check_mask_grad(q, k, v, mask, is_causal)
+    masked = (mask == -INF).cpu()
+    assert torch.equal(dmask.cpu()[masked], torch.zeros(int(masked.sum()), dtype=dtype)), "-inf entries: grad 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["HLS", "B1LS", "BHLS"])
+def test_mask_grad_half(device, dtype, shape):
+    """float16/bfloat16 masks: the gradient comes back in the mask's dtype; dS is computed in float32 from
+    the exactly rounded inputs and rounded once, so TOL's input-dtype tolerances hold (as for dQ, dK)."""
+    q, k, v = qkv((2, 3), 5, 9, 16, 12, dtype, device)
+    mask = random_mask(MASK_GRAD_SHAPES[shape], "additive", dtype, device).requires_grad_()
+    check_mask_grad(q, k, v, mask)
+
+
+def test_mask_grad_long(device):
+    """Several key and query blocks (L = 150, S = 333) with a Swin-like [H, L, S] bias, float32."""
+    q, k, v = qkv((2, 2), 150, 333, 32, 32, torch.float32, device)
+    mask = make((2, 150, 333), torch.float32, device, 5).requires_grad_()
+    check_mask_grad(q, k, v, mask, is_causal=True)
+    check_mask_grad(q, k, v, mask)
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 19), (2, 1, 7, 19), (7, 19), (1, 6, 7, 1)], ids=str)
+def test_mask_grad_gqa(device, shape):
+    q, k, v = qkv((2, 6), 7, 19, 16, 8, torch.float64, device, hkv=2)
+    mask = make(shape, torch.float64, device, 5).requires_grad_()
+    check_mask_grad(q, k, v, mask, enable_gqa=True)
+    check_mask_grad(q, k, v, mask, is_causal=True, enable_gqa=True)
+
+
+def test_mask_grad_fully_masked_rows(device):
+    """Rows whose keys are all -inf: output 0 and every gradient 0 there, mask's included (PyTorch's math gives 0
+    too, no NaN); the same for single -inf entries."""
+    B, H, L, S = 2, 2, 6, 40
+    q, k, v = qkv((B, H), L, S, 16, 16, torch.float64, device)
+    mask = random_mask((B, H, L, S), "additive", torch.float64, device, fraction=0.2).cpu()
+    mask[0, 0, 1] = mask[1, 1] = -INF
+    mask = mask.to(device).requires_grad_()
+    dmask = check_mask_grad(q, k, v, mask).cpu()
+    assert torch.isfinite(dmask).all()
+    assert torch.equal(dmask[0, 0, 1], torch.zeros(S, dtype=torch.float64))
+    assert torch.equal(dmask[1, 1], torch.zeros(L, S, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", ["HLS", "LS", "BHLS"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_mask_grad_dropout(device, shape, is_causal):
+    """With dropout, against the float64 reference that applies the very keep mask the forward drew (recovered
+    with value = eye(S), as test_dropout_gradients does)."""
+    B, H, S, p = 2, 3, 24, 0.3
+    qe, ke, ve = eye_inputs(B, H, S, torch.float64, device)
+    torch.manual_seed(5)
+    keep = (sdpa(qe, ke, ve, dropout_p=p, is_causal=is_causal) != 0).cpu()
+    if is_causal:
+        keep |= ~causal_mask(S, S)
+    q, k, v = qkv((B, H), S, S, 16, 16, torch.float64, device)
+    mask = make({"HLS": (H, S, S), "LS": (S, S), "BHLS": (B, H, S, S)}[shape], torch.float64, device, 6)
+    check_mask_grad(q, k, v, mask.requires_grad_(), is_causal, seed=5, dropout_p=p, keep=keep.double())
+
+
+GRADCHECK_MASKS = {"LS": (3, 5), "HLS": (2, 3, 5), "B1LS": (2, 1, 3, 5), "BHLS": (2, 2, 3, 5), "BH1S": (2, 2, 1, 5),
+                   "1HL1": (1, 2, 3, 1)}
+
+
+@pytest.mark.parametrize("shape", list(GRADCHECK_MASKS))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_mask(shape, is_causal):
+    q, k, v = qkv((2, 2), 3, 5, 4, 3, torch.float64, "cpu")
+    mask = make(GRADCHECK_MASKS[shape], torch.float64, "cpu", 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c, m: sdpa(a, b, c, m, is_causal=is_causal), (q, k, v, mask))
+
+
+def test_gradcheck_mask_gqa_dropout():
+    q, k, v = qkv((1, 4), 3, 5, 4, 3, torch.float64, "cpu", hkv=2)
+    mask = make((4, 3, 5), torch.float64, "cpu", 4).requires_grad_()
+
+    def fn(a, b, c, m):
+        torch.manual_seed(0)
+        return sdpa(a, b, c, m, dropout_p=0.3, enable_gqa=True)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+def test_mask_grad_only_when_needed(monkeypatch):
+    """The backward asks the kernels for the mask's gradient (an accumulator) only when the mask requires grad."""
+    q, k, v = qkv((1, 2), 3, 5, 8, 8, torch.float32, "cpu")
+    seen = []
+    real = attention_module._backward_call
+
+    def spy(*args):
+        seen.append(args[-1] is not None)
+        return real(*args)
+
+    monkeypatch.setattr(attention_module, "_backward_call", spy)
+    mask = torch.randn(3, 5)
+    sdpa(q, k, v, mask).sum().backward()
+    sdpa(q, k, v, mask.requires_grad_()).sum().backward()
+    assert seen == [False, True]
+    assert mask.grad is not None and mask.grad.shape == (3, 5)
+
+
+def test_mask_grad_thread_count_does_not_change_results():
+    """Forward and backward, the mask's gradient included, bit-identical with 1 and 2 threads: few heads (so
+    the backward splits key blocks into chunks), masks that broadcast over batch, heads, queries or keys."""
+    q, k, v = qkv((1, 4), 67, 300, 40, 24, torch.float32, "cpu", hkv=2)
+    g = make((1, 4, 67, 24), torch.float32, "cpu", 11)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            run = []
+            for shape, kw in (((4, 67, 300), dict(is_causal=True)), ((67, 300), dict(dropout_p=0.2)),
+                              ((1, 4, 67, 1), {}), ((1, 1, 1, 300), {})):
+                mask = make(shape, torch.float32, "cpu", 12).requires_grad_()
+                torch.manual_seed(3)
+                out = sdpa(q, k, v, mask, enable_gqa=True, **kw)
+                run.append((out.detach(), *torch.autograd.grad(out, (q, k, v, mask), g)))
+            results.append(run)
+    finally:
+        torch.set_num_threads(before)
+    for run in results[1:]:
+        for mine, ref in zip(run, results[0]):
+            for a, b in zip(mine, ref):
+                assert torch.equal(a, b)
+
+
+def test_opcheck_mask_grad():
+    ops = torch.ops.fastcv
+    q, k, v = _op_inputs()
+    for shape in ((1, 1, 5, 7), (2, 1, 5, 7), (1, 2, 5, 1), (2, 2, 5, 7)):
+        mask = random_mask(shape, "additive", torch.float32, "cpu", fraction=0.0)
+        args = (q, k, v, mask, 0.0, True, 0.35, 0)
+        grad_args = (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
+                     mask.clone().requires_grad_(), *args[4:])
+        torch.library.opcheck(ops.attention_forward, grad_args)
+        out, lse = ops.attention_forward(*args)
+        torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), *args[:3], out, lse, *args[3:], True))
+        dq, dk, dv, dmask = ops.attention_backward(torch.randn_like(out), *args[:3], out, lse, *args[3:], True)
+        assert dmask.shape == mask.shape and dmask.dtype == torch.float32
+    with pytest.raises(ValueError, match="mask_grad=True needs a mask"):
+        ops.attention_backward(torch.randn_like(out), q, k, v, out, lse, None, 0.0, False, 0.35, 0, True)
+
+
+def test_compile_mask_grad(device):
+    q, k, v = qkv((2, 3), 9, 13, 16, 8, torch.float32, device)
+    bias = make((3, 9, 13), torch.float32, device, 6).requires_grad_()
+
+    def fn(a, b, c, m):
+        return sdpa(a, b, c, m * 2, is_causal=True)
+
+    out_c = torch.compile(fn, fullgraph=True)(q, k, v, bias)
+    out_e = fn(q, k, v, bias)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
+    g = make(out_e.shape, torch.float32, device, 4)
+    for a, b in zip(torch.autograd.grad(out_c, (q, bias), g), torch.autograd.grad(out_e, (q, bias), g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD if BAD[c][2] is ValueError and "attn_mask" not in BAD[c][1]
+                                  and "dropout_p" not in BAD[c][1] and "scale" not in BAD[c][1]
+                                  and "too_large" not in c and c != "mixed_devices"]
+                         + ["mask_broadcast", "mask_heads", "mask_rank", "mask_beyond_scores", "mask_rank_2d"])
+def test_bad_shapes_pytorch_rejects_too(case):
+    """Each shape fastcv refuses, F.scaled_dot_product_attention (math backend) refuses as well."""
+    make_args, kwargs, _, _ = BAD[case]
+    with pytest.raises((RuntimeError, IndexError, ValueError)), sdpa_kernel(SDPBackend.MATH):
+        F.scaled_dot_product_attention(*make_args(), **kwargs)

@@ -358,3 +358,103 @@ def test_cpu_and_triton_drop_the_same_elements():
     keep = triton_attention.dropout_mask(B, H, L, S, p, seed, 0, triton_device()).cpu()
     assert torch.equal(out != 0, keep)
     assert not attention_ops._TRITON_ON_CPU
+
+
+# ---------------------------------------------------------------- the mask's gradient (dK/dV kernel)
+
+# mask shapes for B, Hq, L, S = 2, 4, 20, 37 (two query and three key blocks of the interpreter's 16 x 16
+# tiles) and how the kernel adds them: stores when every entry belongs to one program, else atomic adds,
+# with the tile summed first over the queries (L broadcast) or keys (S broadcast).
+MASK_GRAD = {
+    "BHLS_store": (2, 4, 20, 37),
+    "HLS_batch_atomic": (1, 4, 20, 37),
+    "LS_heads_atomic": (1, 1, 20, 37),
+    "BH1S_sum_queries": (2, 4, 1, 37),
+    "1HL1_sum_keys": (1, 4, 20, 1),
+    "1111_sum_both": (1, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(MASK_GRAD))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mask_grad(device, name, causal):
+    """dmask (float32, the mask's shape, seen through stride-0 views) against the float64 autograd of the
+    mask; GQA (Hkv = 2) so that heads of one program share broadcast entries."""
+    q, k, v, grad_out = make_inputs(2, 4, 2, 20, 37, 24, torch.float32, device, seed=1)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.randn(MASK_GRAD[name], generator=g, dtype=torch.float64)
+    scale = 1.0 / math.sqrt(24)
+    out, lse, *_ = run(q, k, v, grad_out, mask.float().to(device), scale, causal)
+    dmask = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    triton_attention.backward(grad_out, q, k, v, out, lse, mask.float().to(device), scale, causal, 0.0, 0, 0,
+                              dq, dk, dv, dmask=dmask)
+    md = mask.clone().requires_grad_()
+    full = torch.zeros(2, 4, 20, 37, dtype=torch.float64, requires_grad=True)  # dS itself: the error's scale
+    qd, kd, vd = (t.cpu().double() for t in (q, k, v))
+    s = qd @ kd.repeat_interleave(2, 1).transpose(-1, -2) * scale + md + full
+    if causal:
+        s = s.masked_fill(~torch.ones(20, 37, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.softmax(s, -1) @ vd.repeat_interleave(2, 1)
+    ref_dmask, ds = torch.autograd.grad(ref, (md, full), grad_out.cpu().double())
+    tol = 1e-4 * max(ds.abs().max().item(), ref_dmask.abs().max().item())
+    torch.testing.assert_close(dmask.cpu().double(), ref_dmask, rtol=0, atol=tol)
+
+
+def test_mask_grad_accumulates(device):
+    """The kernel adds into dmask (the op zeroes it once and may launch several calls into it)."""
+    q, k, v, grad_out = make_inputs(1, 2, 2, 9, 13, 16, torch.float32, device)
+    mask = torch.randn(1, 2, 9, 13, device=device)
+    out, lse, *_ = run(q, k, v, grad_out, mask, 0.25, False)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    once = torch.zeros_like(mask)
+    triton_attention.backward(grad_out, q, k, v, out, lse, mask, 0.25, False, 0.0, 0, 0, *grads, dmask=once)
+    twice = torch.full_like(mask, 1.0)
+    triton_attention.backward(grad_out, q, k, v, out, lse, mask, 0.25, False, 0.0, 0, 0, *grads, dmask=twice)
+    torch.testing.assert_close(twice, once + 1.0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_shape", [(4, 9, 13), (2, 1, 9, 13), (1, 4, 9, 1)], ids=str)
+def test_public_op_mask_grad_on_triton(device, triton_route, mask_shape):
+    """The public op's Triton path with a mask that requires grad (GQA, causal, dropout off and on)."""
+    from fastcv.ops import scaled_dot_product_attention
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 2, 13, 16, generator=g), \
+        torch.randn(2, 2, 13, 16, generator=g)
+    mask = torch.randn(mask_shape, generator=g)
+    grad = torch.randn(2, 4, 9, 16, generator=g)
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v, mask)]
+    out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], is_causal=True, enable_gqa=True)
+    grads = torch.autograd.grad(out, leaves, grad.to(device))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    causal = torch.zeros(9, 13, dtype=torch.float64).masked_fill(~torch.ones(9, 13, dtype=torch.bool).tril(),
+                                                                 float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves[:3], attn_mask=ref_leaves[3] + causal,
+                                                           enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    assert_matches(out, ref, 1e-4, "out")
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+        assert a.shape == b.shape
+        assert_matches(a, b, 1e-4, name)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 5, 8), (3, 7, 8), (1, 7)), ((2, 2, 3, 5, 8), (2, 1, 3, 7, 8), (3, 5, 7))],
+                         ids=["q4_kv3_mask1S", "q5_kv5_unmergeable_maskHLS"])
+def test_public_op_broadcast_on_triton(device, triton_route, shapes):
+    """Broadcast query/key/value (expanded views; the 5-D case splits into one launch per index of its first
+    dim) with a broadcast mask that requires grad, through the Triton path."""
+    from fastcv.ops import scaled_dot_product_attention
+    qs, ks, ms = shapes
+    g = torch.Generator().manual_seed(5)
+    q, k, v, mask = (torch.randn(s, generator=g) for s in (qs, ks, ks, ms))
+    grad = torch.randn(qs, generator=g)
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v, mask)]
+    out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
+    grads = torch.autograd.grad(out, leaves, grad.to(device))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves[:3], attn_mask=ref_leaves[3])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    assert_matches(out, ref, 1e-4, "out")
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+        assert a.shape == b.shape
+        assert_matches(a, b, 1e-4, name)

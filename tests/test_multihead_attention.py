@@ -421,3 +421,18 @@ def test_bad_mask_dtype_raises():
             run(ours, q, k, v, **kw)
         with pytest.raises(AssertionError, match="only bool and floating types of"):
             run(ref, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("mask", ["attn2d_float", "attn3d_float", "both_float"])
+def test_learned_attn_mask_gets_its_gradient(device, mask):
+    """A float attn_mask that requires grad (a learned bias) gets the gradient nn.MultiheadAttention gives it."""
+    ref, ours = pair(device=device)
+    q, k, v = inputs("cross", False, device=device)
+    kpm, attn = masks(mask, device=device)
+    grads = []
+    for m in (ref, ours):
+        bias = attn.detach().clone().requires_grad_()
+        out = run(m, q, k, v, key_padding_mask=kpm, attn_mask=bias)
+        grads.append(torch.autograd.grad(out.square().sum(), bias)[0])
+    assert grads[1].shape == attn.shape
+    assert_close(grads[1], grads[0], torch.float64)

@@ -64,7 +64,7 @@ AttentionShape check_attention_args(const TensorView& q, const TensorView& k, co
 
 void check_attention_grads(const TensorView& grad_out, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv, const TensorView& q, const TensorView& k, const TensorView& v,
-                           const TensorView& out) {
+                           const TensorView& out, const TensorView* grad_mask) {
   const struct {
     const TensorView& t;
     const char* arg;
@@ -77,6 +77,11 @@ void check_attention_grads(const TensorView& grad_out, const TensorView& dq, con
     check_same(p.t, p.arg, q, q.device);
     if (p.contiguous) check_contiguous(p.t, p.arg);
     check_rows(p.t, p.arg);
+  }
+  if (grad_mask) {
+    check_shape(*grad_mask, "grad_mask", {q.size(0), q.size(1), q.size(2), k.size(2)});
+    check_device(*grad_mask, "grad_mask", q.device);
+    check_dtype(*grad_mask, "grad_mask", compute_dtype(q.dtype));
   }
 }
 

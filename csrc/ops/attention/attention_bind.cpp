@@ -23,9 +23,9 @@ void bind_attention(py::module_& m) {
   m.def("attention_backward_cpu",
         [](TensorView grad_out, TensorView q, TensorView k, TensorView v, TensorView out, TensorView lse, Opt mask,
            double scale, bool is_causal, double dropout_p, uint64_t seed, uint64_t offset, TensorView dq,
-           TensorView dk, TensorView dv, int nthreads) {
+           TensorView dk, TensorView dv, Opt grad_mask, int nthreads) {
           attention_backward_cpu(grad_out, q, k, v, out, lse, mask ? &*mask : nullptr, scale, is_causal, dropout_p,
-                                 seed, offset, dq, dk, dv, nthreads);
+                                 seed, offset, dq, dk, dv, grad_mask ? &*grad_mask : nullptr, nthreads);
         },
         nogil);
 }

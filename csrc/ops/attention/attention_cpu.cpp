@@ -16,7 +16,9 @@
 // Threads take (head, query blocks) tasks in the forward and (key-value head, key blocks) tasks in the
 // backward, which own their dK/dV rows outright. dQ is accumulated per task and summed afterwards in a
 // fixed order when a head's key blocks are split over several tasks (only when there are fewer heads
-// than threads), so results do not depend on the thread count or its timing.
+// than threads), so results do not depend on the threads' timing. A mask gradient (dS added into an
+// accumulator of the mask's shape) regroups the backward's tasks by the entries they add to (see
+// backward_split), in a split that depends on the shape only.
 // float16 and bfloat16 compute in float32 (converted on the way in); float64 runs the double kernels.
 #include <algorithm>
 #include <cmath>
@@ -68,6 +70,8 @@ struct Problem {
   uint32_t threshold;  // attention::dropout_threshold(dropout_p)
   T keep_scale;        // 1 / (1 - dropout_p), rounded once to T
   uint64_t seed, offset;
+  T* grad_mask;  // the backward's mask-gradient accumulator, or null
+  int64_t gb, gh, gl, gs;
   int64_t group() const { return sh.hq / sh.hkv; }
   T scale2() const { return scale * T(attention::kLog2e); }  // scores in base 2
   T mask_at(int64_t b, int64_t h, int64_t i, int64_t j) const { return mask[b * mb + h * mh + i * ml + j * ms]; }
@@ -76,8 +80,8 @@ struct Problem {
 template <class T>
 Problem<T> make_problem(const AttentionShape& sh, const TensorView* mask, double scale, bool causal, double p,
                         uint64_t seed, uint64_t offset) {
-  Problem<T> pr{sh,     nullptr, 0,      0, 0, 0, T(scale), causal, p, attention::dropout_threshold(p),
-                T(1.0 / (1.0 - p)), seed, offset};
+  Problem<T> pr{sh,   nullptr, 0,      0,       0, 0, T(scale), causal, p, attention::dropout_threshold(p),
+                T(1.0 / (1.0 - p)), seed, offset, nullptr, 0, 0, 0, 0};
   if (mask) {
     pr.mask = mask->ptr<const T>();
     pr.mb = mask->stride(0), pr.mh = mask->stride(1), pr.ml = mask->stride(2), pr.ms = mask->stride(3);
@@ -471,6 +475,25 @@ struct BackwardDims {
   int64_t mr, nr, block_q, block_k, l_pad, s_pad, ld_d, ld_dv;
 };
 
+// grad_mask[b, h, q0 + i, k0 + j] += ds[i][j] over the valid queries and keys (causal: keys j <= i; the
+// others are 0). ds is dL/d(score) in natural-log units: P is the true probability (the base-2 scores
+// only change how it is computed), and the mask is added to the score, so dL/dmask = dS.
+template <class T>
+void add_mask_grad(const Problem<T>& pr, int64_t b, int64_t h, const T* ds, int64_t ld, int64_t q0, int64_t k0,
+                   int64_t qn, int64_t kn) {
+  T* base = pr.grad_mask + b * pr.gb + h * pr.gh + k0 * pr.gs;
+  for (int64_t i = 0; i < qn; ++i) {
+    const int64_t kend = pr.causal ? std::clamp<int64_t>(q0 + i - k0 + 1, 0, kn) : kn;
+    T* row = base + (q0 + i) * pr.gl;
+    const T* src = ds + i * ld;
+    if (pr.gs == 1) {
+      for (int64_t j = 0; j < kend; ++j) row[j] += src[j];
+    } else {
+      for (int64_t j = 0; j < kend; ++j) row[j * pr.gs] += src[j];
+    }
+  }
+}
+
 // One (query block, key block) step for query head h: queries [q0, q0 + qn), keys [k0, k0 + block_k).
 template <class T>
 void backward_block(const gemm::Kernel<T>& kern, const Problem<T>& pr, const BackwardDims<T>& dm, int64_t b,
@@ -498,6 +521,7 @@ void backward_block(const gemm::Kernel<T>& kern, const Problem<T>& pr, const Bac
     dropout_tile(pr, b, h, dp, dp, false, qn, BK, q0, k0);
   }
   score_grad(p, dp, qn, BK, delta + q0);  // dS, in dp
+  if (pr.grad_mask) add_mask_grad(pr, b, h, dp, BK, q0, k0, qvalid, kvalid);
   const int64_t q_last = q0 + qvalid - 1;
   for (int64_t kr = 0; kr < kvalid; kr += MR) {
     if (pr.causal && k0 + kr > q_last) break;  // these keys are after every query of the block
@@ -514,6 +538,52 @@ void backward_block(const gemm::Kernel<T>& kern, const Problem<T>& pr, const Bac
       kern.tile_strided(kvalid, dp + r * BK, 1, BK, ws.k.data() + k0 * dm.ld_d + c, dm.ld_d, dq + (q0 + r) * dm.ld_d + c,
                         dm.ld_d, true);
   }
+}
+
+// The backward's tasks: `supers * chunks` of them, each walking `members` (b, kv head) pairs in order and,
+// for each, the key blocks chunk, chunk + chunks, ... (dQ is summed per chunk, the chunks added up in
+// order afterwards).
+// - No mask gradient: one (b, kv head) per task; a head's key blocks are split into chunks only when
+//   there are too few heads to keep the threads busy.
+// - A mask gradient: the tasks that could add to the same mask-gradient entry are one task. A task owns
+//   a b (unless the mask broadcasts over the batch: then it walks every b), a kv head (unless the mask
+//   broadcasts over the heads of different kv groups) and a chunk of key blocks, whose mask columns are
+//   its own (one chunk when the mask broadcasts over the keys). The chunk count depends on the shape
+//   only, not on nthreads, so the sums' order and the results are the same for any thread count.
+struct BackwardSplit {
+  int64_t supers, members, chunks;
+  bool own_b, own_h;  // a task owns its b / kv head (else it walks them all)
+  int64_t batch(int64_t super, int64_t member, int64_t hkv) const {
+    return own_b ? (own_h ? super / hkv : super) : (own_h ? member : member / hkv);
+  }
+  int64_t kv_head(int64_t super, int64_t member, int64_t hkv) const {
+    return own_h ? (own_b ? super % hkv : super) : (own_b ? member : member % hkv);
+  }
+};
+
+constexpr int64_t kMaskGradTasks = 16;                   // tasks the mask-gradient split aims for
+constexpr int64_t kMaskGradChunkBytes = int64_t(256) << 20;  // cap on the extra per-chunk dQ sums
+
+// dq_bytes: one (b, kv head)'s dQ accumulator.
+template <class T>
+BackwardSplit backward_split(const Problem<T>& pr, int64_t heads, int64_t k_blocks, int64_t dq_bytes, int nthreads) {
+  const int64_t max_chunks = std::max<int64_t>(k_blocks, 1);
+  if (!pr.grad_mask)
+    return {heads, 1, std::clamp<int64_t>((2 * int64_t(nthreads) + heads - 1) / heads, 1, max_chunks), true, true};
+  BackwardSplit sp;
+  sp.own_b = pr.sh.b <= 1 || pr.gb != 0;
+  sp.own_h = pr.sh.hkv <= 1 || pr.gh != 0;
+  sp.supers = (sp.own_b ? pr.sh.b : 1) * (sp.own_h ? pr.sh.hkv : 1);
+  sp.members = sp.supers > 0 ? heads / sp.supers : 0;
+  if (pr.gs == 0 && pr.sh.s > 1) {
+    sp.chunks = 1;
+  } else {
+    const int64_t want = std::clamp<int64_t>((kMaskGradTasks + sp.supers - 1) / std::max<int64_t>(sp.supers, 1), 1,
+                                             max_chunks);
+    const int64_t affordable = 1 + kMaskGradChunkBytes / std::max<int64_t>(heads * dq_bytes, 1);
+    sp.chunks = std::min(want, affordable);
+  }
+  return sp;
 }
 
 template <class T, class S>
@@ -536,18 +606,17 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
   const S* out = outv.ptr<const S>();
   const T* lse_in = lsev.ptr<const T>();
   const int64_t k_blocks = dm.s_pad / dm.block_k;
-  // Heads are split into chunks (chunk c takes key blocks c, c + chunks, ...) only when there are too
-  // few to keep the threads busy; each chunk then sums its own dQ, added up in chunk order afterwards.
   const int64_t heads = sh.b * sh.hkv;
-  const int64_t chunks = std::clamp<int64_t>((2 * int64_t(nthreads) + heads - 1) / heads, 1, std::max<int64_t>(k_blocks, 1));
   const int64_t dq_size = dm.l_pad * dm.ld_d;
+  const BackwardSplit split = backward_split(pr, heads, k_blocks, G * dq_size * int64_t(sizeof(T)), nthreads);
+  const int64_t chunks = split.chunks;
   thread_local CallBuffer<T> buffer;
   T* dqacc = buffer.get(size_t(heads * chunks * G * dq_size));
   std::fill(dqacc, dqacc + heads * chunks * G * dq_size, T(0));
   S* dk = dkv.ptr<S>();
   S* dv = dvv.ptr<S>();
   const T scale2 = pr.scale2(), ln2 = T(attention::kLn2), log2e = T(attention::kLog2e);
-  parallel_for(0, heads * chunks, 1, nthreads, [&](int64_t begin, int64_t end) {
+  parallel_for(0, split.supers * chunks, 1, nthreads, [&](int64_t begin, int64_t end) {
     thread_local BackwardScratch<T> ws;
     const int64_t q_size = dm.l_pad * dm.ld_d, do_size = dm.l_pad * dm.ld_dv;
     ws.q.resize(size_t(G * q_size));
@@ -563,9 +632,11 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
     ws.dp.resize(size_t(dm.block_q * dm.block_k));
     ws.dk.resize(size_t(dm.block_k * dm.ld_d));
     ws.dv.resize(size_t(dm.block_k * dm.ld_dv));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bhk = task / chunks, chunk = task % chunks;
-      const int64_t b = bhk / sh.hkv, hk = bhk % sh.hkv;
+    for (int64_t task = begin; task < end; ++task)
+    for (int64_t member = 0; member < split.members; ++member) {
+      const int64_t chunk = task % chunks;
+      const int64_t b = split.batch(task / chunks, member, sh.hkv), hk = split.kv_head(task / chunks, member, sh.hkv);
+      const int64_t bhk = b * sh.hkv + hk;
       copy_padded(K.row(b, hk, 0), K.sr, Sk, D, dm.s_pad, dm.ld_d, T(1), ws.k.data());
       copy_padded(V.row(b, hk, 0), V.sr, Sk, Dv, dm.s_pad, dm.ld_dv, T(1), ws.v.data());
       transpose(ws.k.data(), dm.ld_d, dm.s_pad, D, ws.kt.data(), dm.s_pad);
@@ -643,14 +714,19 @@ void attention_backward_cpu(const TensorView& grad_out, const TensorView& q, con
                             const TensorView& v, const TensorView& out, const TensorView& lse,
                             const TensorView* mask, double scale, bool is_causal, double dropout_p, uint64_t seed,
                             uint64_t offset, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                            int nthreads) {
+                            const TensorView* grad_mask, int nthreads) {
   const AttentionShape sh = check_attention_args(q, k, v, mask, out, lse, DeviceType::CPU);
-  check_attention_grads(grad_out, dq, dk, dv, q, k, v, out);
+  check_attention_grads(grad_out, dq, dk, dv, q, k, v, out, grad_mask);
   if (sh.b * sh.hkv == 0 || (sh.l == 0 && sh.s == 0)) return;
   dispatch_floating(q.dtype, "query", [&](auto tag) {
     using S = decltype(tag);
     using T = compute_t<S>;
-    const Problem<T> pr = make_problem<T>(sh, mask, scale, is_causal, dropout_p, seed, offset);
+    Problem<T> pr = make_problem<T>(sh, mask, scale, is_causal, dropout_p, seed, offset);
+    if (grad_mask) {
+      pr.grad_mask = grad_mask->ptr<T>();
+      pr.gb = grad_mask->stride(0), pr.gh = grad_mask->stride(1), pr.gl = grad_mask->stride(2);
+      pr.gs = grad_mask->stride(3);
+    }
     attention_backward_impl<T, S>(grad_out, q, k, v, out, lse, pr, dq, dk, dv, nthreads);
   });
 }

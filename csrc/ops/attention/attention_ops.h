@@ -29,20 +29,25 @@ AttentionShape check_attention_args(const TensorView& q, const TensorView& k, co
                                     const TensorView* mask, const TensorView& out, const TensorView& lse,
                                     DeviceType device);
 
-// The backward's other tensors: grad_out like out, dq like q, dk like k, dv like v (contiguous).
+// The backward's other tensors: grad_out like out, dq like q, dk like k, dv like v (contiguous);
+// grad_mask (when not null) [B, Hq, L, S] in the compute type, any strides.
 void check_attention_grads(const TensorView& grad_out, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv, const TensorView& q, const TensorView& k, const TensorView& v,
-                           const TensorView& out);
+                           const TensorView& out, const TensorView* grad_mask);
 
 void attention_forward_cpu(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask,
                            double scale, bool is_causal, double dropout_p, uint64_t seed, uint64_t offset,
                            const TensorView& out, const TensorView& lse, int nthreads);
 
-// out and lse: the forward's. Writes dq, dk, dv.
+// out and lse: the forward's. Writes dq, dk, dv. grad_mask: null, or the mask's gradient accumulator
+// (compute type, seen as [B, Hq, L, S] through strides, 0 on the dimensions the mask broadcasts over):
+// dS = P * (dP - delta) of every score is ADDED to the entry its mask element occupies, so a broadcast
+// mask's gradient is summed over its broadcast dimensions. Deterministic: tasks that could add to the
+// same entry run in one thread in a fixed order, and the split does not depend on nthreads.
 void attention_backward_cpu(const TensorView& grad_out, const TensorView& q, const TensorView& k,
                             const TensorView& v, const TensorView& out, const TensorView& lse,
                             const TensorView* mask, double scale, bool is_causal, double dropout_p, uint64_t seed,
                             uint64_t offset, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                            int nthreads);
+                            const TensorView* grad_mask, int nthreads);
 
 }  // namespace fastcv
