@@ -567,11 +567,13 @@ def test_empty_head_dims(device):
 
 # ------------------------------------------------------------------ threads and strides
 
-def test_thread_count_does_not_change_results():
-    """Forward and backward bit-identical with 1 and 2 threads (causal, mask, GQA, dropout)."""
-    q, k, v = qkv((2, 4), 67, 129, 40, 24, torch.float32, "cpu", hkv=2)
-    mask = random_mask((2, 1, 67, 129), "additive", torch.float32, "cpu")
-    g = make((2, 4, 67, 24), torch.float32, "cpu", 11)
+@pytest.mark.parametrize("heads,kv_heads,keys", [((2, 4), 2, 129), ((1, 1), 1, 600)], ids=["gqa", "one_head"])
+def test_thread_count_does_not_change_results(heads, kv_heads, keys):
+    """Forward and backward bit-identical with 1 and 2 threads (causal, mask, GQA, dropout), also with
+    fewer heads than threads, where the backward splits a head's keys over several tasks."""
+    q, k, v = qkv(heads, 67, keys, 40, 24, torch.float32, "cpu", hkv=kv_heads)
+    mask = random_mask((heads[0], 1, 67, keys), "additive", torch.float32, "cpu")
+    g = make((*heads, 67, 24), torch.float32, "cpu", 11)
     before = torch.get_num_threads()
     results = []
     try:

@@ -544,12 +544,13 @@ void backward_block(const gemm::Kernel<T>& kern, const Problem<T>& pr, const Bac
 // for each, the key blocks chunk, chunk + chunks, ... (dQ is summed per chunk, the chunks added up in
 // order afterwards).
 // - No mask gradient: one (b, kv head) per task; a head's key blocks are split into chunks only when
-//   there are too few heads to keep the threads busy.
+//   there are fewer heads than kBackwardTasks.
 // - A mask gradient: the tasks that could add to the same mask-gradient entry are one task. A task owns
 //   a b (unless the mask broadcasts over the batch: then it walks every b), a kv head (unless the mask
 //   broadcasts over the heads of different kv groups) and a chunk of key blocks, whose mask columns are
-//   its own (one chunk when the mask broadcasts over the keys). The chunk count depends on the shape
-//   only, not on nthreads, so the sums' order and the results are the same for any thread count.
+//   its own (one chunk when the mask broadcasts over the keys).
+// Either way the chunk count depends on the shape only, not on nthreads, so the sums' order and the
+// results are the same for any thread count.
 struct BackwardSplit {
   int64_t supers, members, chunks;
   bool own_b, own_h;  // a task owns its b / kv head (else it walks them all)
@@ -561,15 +562,19 @@ struct BackwardSplit {
   }
 };
 
-constexpr int64_t kMaskGradTasks = 16;                   // tasks the mask-gradient split aims for
+constexpr int64_t kBackwardTasks = 16;                   // tasks a split aims for (threads to keep busy)
 constexpr int64_t kMaskGradChunkBytes = int64_t(256) << 20;  // cap on the extra per-chunk dQ sums
+
+// Chunks of key blocks per task so that `supers` tasks make about kBackwardTasks.
+inline int64_t backward_chunks(int64_t supers, int64_t k_blocks) {
+  return std::clamp<int64_t>((kBackwardTasks + supers - 1) / std::max<int64_t>(supers, 1), 1,
+                             std::max<int64_t>(k_blocks, 1));
+}
 
 // dq_bytes: one (b, kv head)'s dQ accumulator.
 template <class T>
-BackwardSplit backward_split(const Problem<T>& pr, int64_t heads, int64_t k_blocks, int64_t dq_bytes, int nthreads) {
-  const int64_t max_chunks = std::max<int64_t>(k_blocks, 1);
-  if (!pr.grad_mask)
-    return {heads, 1, std::clamp<int64_t>((2 * int64_t(nthreads) + heads - 1) / heads, 1, max_chunks), true, true};
+BackwardSplit backward_split(const Problem<T>& pr, int64_t heads, int64_t k_blocks, int64_t dq_bytes) {
+  if (!pr.grad_mask) return {heads, 1, backward_chunks(heads, k_blocks), true, true};
   BackwardSplit sp;
   sp.own_b = pr.sh.b <= 1 || pr.gb != 0;
   sp.own_h = pr.sh.hkv <= 1 || pr.gh != 0;
@@ -578,8 +583,7 @@ BackwardSplit backward_split(const Problem<T>& pr, int64_t heads, int64_t k_bloc
   if (pr.gs == 0 && pr.sh.s > 1) {
     sp.chunks = 1;
   } else {
-    const int64_t want = std::clamp<int64_t>((kMaskGradTasks + sp.supers - 1) / std::max<int64_t>(sp.supers, 1), 1,
-                                             max_chunks);
+    const int64_t want = backward_chunks(sp.supers, k_blocks);
     const int64_t affordable = 1 + kMaskGradChunkBytes / std::max<int64_t>(heads * dq_bytes, 1);
     sp.chunks = std::min(want, affordable);
   }
@@ -608,7 +612,7 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
   const int64_t k_blocks = dm.s_pad / dm.block_k;
   const int64_t heads = sh.b * sh.hkv;
   const int64_t dq_size = dm.l_pad * dm.ld_d;
-  const BackwardSplit split = backward_split(pr, heads, k_blocks, G * dq_size * int64_t(sizeof(T)), nthreads);
+  const BackwardSplit split = backward_split(pr, heads, k_blocks, G * dq_size * int64_t(sizeof(T)));
   const int64_t chunks = split.chunks;
   thread_local CallBuffer<T> buffer;
   T* dqacc = buffer.get(size_t(heads * chunks * G * dq_size));
