@@ -44,6 +44,19 @@ def cpu_isa(request):
         yield request.param
 
 
+def pytest_collection_modifyitems(config, items):
+    """A GPU test does not depend on the CPU's instruction set: it runs once, under the best one."""
+    drop = []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if params.get("cpu_isa", CPU_ISAS[-1]) != CPU_ISAS[-1] and "cuda" in map(str, params.values()):
+            drop.append(item)
+    if drop:
+        dropped = set(map(id, drop))
+        items[:] = [item for item in items if id(item) not in dropped]
+        config.hook.pytest_deselected(items=drop)
+
+
 def pytest_report_header(config):
     return (f"fastcv CPU instruction sets tested: {', '.join(CPU_ISAS)} "
             f"(compiled: {', '.join(fastcv.cpu.compiled_cpu_isas())})")
