@@ -206,8 +206,8 @@ def pyramid(dtype=torch.float64, channels_last=False, seed=0, levels=4, channels
     return feats, [b[:70], b[70:]], image_shapes
 
 
-def run_multi_scale(module_cls, feats, boxes, image_shapes, upstream_seed=1):
-    names = list(feats)
+def run_multi_scale(module_cls, feats, boxes, image_shapes, upstream_seed=1, names=None):
+    names = list(feats) if names is None else names
     module = module_cls(names, (7, 5), 2)
     inputs = {k: v.detach().clone().requires_grad_(True) for k, v in feats.items()}
     out = module(inputs, boxes, image_shapes)
@@ -225,6 +225,28 @@ def test_multi_scale_matches_torchvision(channels_last, levels):
     assert torch.equal(out, ref)  # bit for bit, the gradients too
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("names", [["p0", "p2"], ["p0", "p3"], ["p1", "p3"], ["p0", "p1", "p3"], ["p0", "p2", "p3"],
+                                   ["p2", "p0"], ["p3", "p1", "p0"]])
+def test_multi_scale_non_consecutive_levels_match_torchvision(names, dtype):
+    """Maps that skip levels (p0 and p2 of this pyramid are levels 2 and 4, as p2 and p4 of an FPN).
+    torchvision's LevelMapper clamps each box's level to [k_min, k_max], the levels of the first and
+    the last map, and pools the box from the map at position level - k_min: the list position, not the
+    level. So boxes can come from a map of another level, and those whose position is past the last
+    map get zeros (and give no gradient). The maps are taken in the dict's order, not featmap_names'."""
+    feats, boxes, shapes = pyramid(dtype=dtype, seed=9)
+    assert [f.shape[2] for f in feats.values()] == [100, 50, 25, 12]  # levels 2, 3, 4, 5 for 400-high images
+    out, grads = run_multi_scale(fnn.MultiScaleRoIAlign, feats, boxes, shapes, names=names)
+    ref, ref_grads = run_multi_scale(torchvision.ops.MultiScaleRoIAlign, feats, boxes, shapes, names=names)
+    assert torch.equal(out, ref)  # bit for bit, the gradients too
+    for name, g, r in zip(names, grads, ref_grads):
+        assert (g is None) == (r is None), name
+        assert g is None or torch.equal(g, r), name
+    if names in (["p0", "p2"], ["p0", "p3"]):  # boxes of level 4 are past the last map: zeros, the others not
+        empty = (ref.flatten(1) == 0).all(1)
+        assert empty.any() and not empty.all()
 
 
 def test_multi_scale_float32_and_degenerate_boxes():
@@ -300,14 +322,17 @@ def test_cuda_matches_cpu(dtype, channels_last, aligned, sampling_ratio):
 
 
 @needs_cuda
-def test_cuda_multi_scale_matches_torchvision():
+@pytest.mark.parametrize("names", [None, ["p0", "p2"]])  # all four levels; two that skip one
+def test_cuda_multi_scale_matches_torchvision(names):
     feats, boxes, shapes = pyramid(dtype=torch.float32, seed=8)
     cuda_feats = type(feats)((k, v.cuda()) for k, v in feats.items())
-    out, grads = run_multi_scale(fnn.MultiScaleRoIAlign, cuda_feats, [b.cuda() for b in boxes], shapes)
-    ref, ref_grads = run_multi_scale(torchvision.ops.MultiScaleRoIAlign, feats, boxes, shapes)
+    out, grads = run_multi_scale(fnn.MultiScaleRoIAlign, cuda_feats, [b.cuda() for b in boxes], shapes, names=names)
+    ref, ref_grads = run_multi_scale(torchvision.ops.MultiScaleRoIAlign, feats, boxes, shapes, names=names)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
     for gr, r in zip(grads, ref_grads):
-        torch.testing.assert_close(gr.cpu(), r, rtol=1e-4, atol=1e-4)
+        assert (gr is None) == (r is None)
+        if gr is not None:
+            torch.testing.assert_close(gr.cpu(), r, rtol=1e-4, atol=1e-4)
 
 
 @needs_cuda
