@@ -146,6 +146,71 @@ def test_noncontiguous_input_and_weight():
     assert_sums_close(ops.conv2d(x, w, padding=1), ref, mag, torch.float32, SUM_UNITS)
 
 
+HUGE = 10**8
+# input shape, weight shape, stride, padding, dilation, groups: one output along each strided axis
+HUGE_STRIDES = [
+    ((1, 4, 25, 5), (3, 4, 3, 2), (1, HUGE), (1, 1), (1, 1), 1),  # horizontal
+    ((1, 4, 5, 25), (3, 4, 2, 3), (HUGE, 1), (1, 1), (1, 1), 1),  # vertical
+    ((2, 4, 5, 6), (4, 2, 3, 2), (HUGE, HUGE), (0, 2), (1, 2), 2),  # both, grouped and dilated
+    ((1, 4, 25, 5), (8, 1, 3, 3), (1, HUGE), (1, 1), (1, 1), 4),  # depthwise, two outputs per channel
+    ((1, 4, 5, 25), (8, 1, 3, 3), (HUGE, 2), (1, 1), (1, 1), 4),
+]
+# conv_transpose2d: input shape, weight shape, stride, padding (one input along each strided axis)
+HUGE_TRANSPOSED = [
+    ((1, 4, 5, 1), (4, 6, 3, 3), (1, HUGE), (1, 1)),
+    ((1, 4, 1, 5), (4, 6, 3, 3), (HUGE, 1), (0, 1)),
+    ((2, 4, 1, 1), (4, 3, 2, 3), (HUGE, HUGE), (0, 0)),
+]
+
+
+def check_huge_strides(device):
+    """conv2d and conv_transpose2d with strides of 10**8 (larger than the padded input: one output, or
+    one input for the transpose, along that axis) against F.conv2d / F.conv_transpose2d in float64,
+    forward and gradients, in both layouts."""
+    g = torch.Generator().manual_seed(17)
+    calls = [(ops.conv2d, F.conv2d, x, w, dict(stride=s, padding=p, dilation=d, groups=gr))
+             for x, w, s, p, d, gr in HUGE_STRIDES]
+    calls += [(ops.conv_transpose2d, F.conv_transpose2d, x, w, dict(stride=s, padding=p))
+              for x, w, s, p in HUGE_TRANSPOSED]
+    for ours, theirs, x_shape, w_shape, kw in calls:
+        x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+        w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+        b = torch.randn(w_shape[0] if ours is ops.conv2d else w_shape[1] * kw.get("groups", 1), generator=g,
+                        dtype=torch.float64)
+        grad = torch.randn(theirs(x, w, b, **kw).shape, generator=g, dtype=torch.float64)
+        refs, mags = conv2d_reference(x, w, b, grad, conv=theirs, **kw)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xd, wd, bd = (t.detach().clone().to(device).requires_grad_()
+                          for t in (x.contiguous(memory_format=fmt), w, b))
+            out = ours(xd, wd, bd, **kw)
+            out.backward(grad.to(device))
+            for name, value, ref, mag in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                             (out, xd.grad, wd.grad, bd.grad), refs, mags):
+                assert_sums_close(value, ref, mag, torch.float64, SUM_UNITS, f"{x_shape} {kw} {fmt}: {name}")
+
+
+def test_huge_strides_match_pytorch(device):
+    check_huge_strides(device)
+
+
+def test_memory_does_not_grow_with_the_stride():
+    """The same calls with the process's address space limited to 1 GiB more than it has: buffers
+    sized by the stride (a stride-phase row of the padded input of stride x columns or more, which
+    asked for tens of GB at a stride of 10**8) fail with MemoryError."""
+    resource = pytest.importorskip("resource")
+    with open("/proc/self/statm") as f:
+        in_use = int(f.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = in_use + (1 << 30)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        check_huge_strides("cpu")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 # N, Cin, H, W, Cout, kernel, stride, padding, output_padding, groups, dilation
 TRANSPOSED = [
     (2, 4, 5, 6, 3, 3, 2, 1, 1, 1, 1),  # FCN-style x2 upsampling

@@ -213,3 +213,32 @@ def test_tf32_follows_cudnn_conv_switch(monkeypatch):
         assert triton_conv._dot_args(torch.float32)["PRECISION"] == "ieee"
     finally:
         conv.fp32_precision = saved
+
+
+@pytest.mark.parametrize("stride", [(1, 10**8), (10**8, 1), (10**8, 10**8)])
+def test_huge_stride_through_the_op_layers_geometry(device, stride):
+    """A stride larger than the padded input leaves one output along its axis; the op layer
+    (fastcv.ops.conv._geometry) hands the kernels the smallest stride that does the same (the input
+    gradient's grid has sh * sw stride phases). The kernels with that stride against F.conv2d with the
+    huge one."""
+    from fastcv.ops import conv as conv_op
+
+    n, c, h, w, cout, k = 1, 4, 6, 7, 5, (3, 2)
+    padding, dilation, groups = (1, 0), (1, 2), 2
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(cout - 1, c // groups, *k, generator=g)
+    geometry = conv_op._geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    kernel_stride = (geometry[8], geometry[9])
+    assert max(kernel_stride) < 10 and geometry[14:] == [1 if s > 1 else v for s, v in zip(stride, (6, 5))]
+    y = F.conv2d(x.double(), weight.double(), None, stride, padding, dilation, groups)
+    grad_out = torch.randn(y.shape, generator=g)
+    refs, mags = conv2d_reference(x, weight, None, grad_out, stride=stride, padding=padding, dilation=dilation,
+                                  groups=groups)
+    args = (kernel_stride, padding, dilation, groups)
+    x, weight, grad_out = on(device, x, weight, grad_out)
+    assert_matches(triton_conv.conv2d_forward(x, weight, None, *args), (refs[0], mags[0]), torch.float32)
+    assert_matches(triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args), (refs[1], mags[1]),
+                   torch.float32)
+    assert_matches(triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args), (refs[2], mags[2]),
+                   torch.float32)
