@@ -1,11 +1,22 @@
 """fastcv.ops.conv2d / conv_transpose2d and fastcv.nn.Conv2d / ConvTranspose2d against PyTorch (CPU C++
 kernels; the Triton kernels have tests/test_conv2d_triton.py, depthwise tests/test_conv2d_depthwise.py)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastcv.nn
 from fastcv import ops
+from helpers import assert_sums_close, conv2d_reference
+
+# How many unit roundoffs u of the compute dtype (float32, or float64 for float64 inputs) each result
+# may be off, relative to the sum of its terms' absolute values (see helpers.assert_sums_close: K u for
+# a K-term sum at worst, a few u for sums of terms of either sign). Measured on the CPU over these
+# tests: 4.3 u at most (float32 gradients; float64 3.6 u, float16 / bfloat16 0.5 u beyond their final
+# rounding). 16 leaves a margin of almost 4; the float32 gradients had been held to 1e-4 of their largest
+# value against F.conv2d's float32 ones, 1e-4 / 2**-24 = 1700 u of it.
+SUM_UNITS = 16
 
 # Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_isa")
@@ -48,43 +59,43 @@ def test_forward_matches_pytorch_float64(shape, channels_last):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     out = ops.conv2d(x, w, b, **kw)
-    torch.testing.assert_close(out, F.conv2d(x, w, b, **kw), rtol=0, atol=1e-11)
+    (ref, *_), (mag, *_) = conv2d_reference(x, w, b, None, **kw)
+    assert_sums_close(out, ref, mag, torch.float64, SUM_UNITS)
     fmt = torch.channels_last if channels_last and x.shape[0] else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[8]])
-def test_forward_dtypes(shape, dtype, tol, channels_last):
+def test_forward_dtypes(shape, dtype, channels_last):
     """Reduced precision computes in float32 and rounds once: compared with the float64 convolution of
-    the same rounded inputs, relative to the output's scale."""
+    the same rounded inputs."""
     x, w, b, kw = _inputs(shape, dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     out = ops.conv2d(x, w, b, **kw)
     assert out.dtype == dtype
-    ref = F.conv2d(x.double(), w.double(), b.double(), **kw)
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * scale)
+    (ref, *_), (mag, *_) = conv2d_reference(x, w, b, None, **kw)
+    assert_sums_close(out, ref, mag, dtype, SUM_UNITS)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gradients_match_pytorch(shape, channels_last):
+    """float32 gradients against float64 ones of the same values (F.conv2d's own float32 gradients are
+    off by as much as ours)."""
     x, w, b, kw = _inputs(shape, torch.float32, seed=1)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    grads = []
-    for conv in (ops.conv2d, F.conv2d):
-        xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
-        out = conv(xr, wr, br, **kw)
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
-        out.backward(grad)
-        grads.append((xr.grad, wr.grad, br.grad))
-    for ours, theirs in zip(*grads):
-        scale = max(theirs.abs().amax().item() if theirs.numel() else 0.0, 1.0)
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * scale)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    out = ops.conv2d(xr, wr, br, **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad)
+    refs, mags = conv2d_reference(x, w, b, grad, **kw)
+    for name, ours, ref, mag in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                    (out, xr.grad, wr.grad, br.grad), refs, mags):
+        assert_sums_close(ours, ref, mag, torch.float32, SUM_UNITS, name)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[7]])
@@ -125,7 +136,8 @@ def test_padding_same_valid_and_unbatched():
         w = torch.randn(5, 3, *kk, generator=g, dtype=torch.float64)
         for padding in ("same", "valid"):
             out = ops.conv2d(x, w, padding=padding, dilation=d)
-            torch.testing.assert_close(out, F.conv2d(x, w, padding=padding, dilation=d), rtol=0, atol=1e-11)
+            (ref, *_), (mag, *_) = conv2d_reference(x, w, None, None, padding=padding, dilation=d)
+            assert_sums_close(out, ref, mag, torch.float64, SUM_UNITS)
             assert out.dim() == 3
 
 
@@ -133,7 +145,73 @@ def test_noncontiguous_input_and_weight():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 11, 5, 9, generator=g).transpose(1, 3)[:, ::2]  # [2, 5, 5, 11] with odd strides
     w = torch.randn(5, 3, 4, 3, generator=g).transpose(0, 1)  # [3, 5, 4, 3], a transposed view
-    torch.testing.assert_close(ops.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-5)
+    (ref, *_), (mag, *_) = conv2d_reference(x, w, None, None, padding=1)
+    assert_sums_close(ops.conv2d(x, w, padding=1), ref, mag, torch.float32, SUM_UNITS)
+
+
+HUGE = 10**8
+# input shape, weight shape, stride, padding, dilation, groups: one output along each strided axis
+HUGE_STRIDES = [
+    ((1, 4, 25, 5), (3, 4, 3, 2), (1, HUGE), (1, 1), (1, 1), 1),  # horizontal
+    ((1, 4, 5, 25), (3, 4, 2, 3), (HUGE, 1), (1, 1), (1, 1), 1),  # vertical
+    ((2, 4, 5, 6), (4, 2, 3, 2), (HUGE, HUGE), (0, 2), (1, 2), 2),  # both, grouped and dilated
+    ((1, 4, 25, 5), (8, 1, 3, 3), (1, HUGE), (1, 1), (1, 1), 4),  # depthwise, two outputs per channel
+    ((1, 4, 5, 25), (8, 1, 3, 3), (HUGE, 2), (1, 1), (1, 1), 4),
+]
+# conv_transpose2d: input shape, weight shape, stride, padding (one input along each strided axis)
+HUGE_TRANSPOSED = [
+    ((1, 4, 5, 1), (4, 6, 3, 3), (1, HUGE), (1, 1)),
+    ((1, 4, 1, 5), (4, 6, 3, 3), (HUGE, 1), (0, 1)),
+    ((2, 4, 1, 1), (4, 3, 2, 3), (HUGE, HUGE), (0, 0)),
+]
+
+
+def check_huge_strides(device):
+    """conv2d and conv_transpose2d with strides of 10**8 (larger than the padded input: one output, or
+    one input for the transpose, along that axis) against F.conv2d / F.conv_transpose2d in float64,
+    forward and gradients, in both layouts."""
+    g = torch.Generator().manual_seed(17)
+    calls = [(ops.conv2d, F.conv2d, x, w, dict(stride=s, padding=p, dilation=d, groups=gr))
+             for x, w, s, p, d, gr in HUGE_STRIDES]
+    calls += [(ops.conv_transpose2d, F.conv_transpose2d, x, w, dict(stride=s, padding=p))
+              for x, w, s, p in HUGE_TRANSPOSED]
+    for ours, theirs, x_shape, w_shape, kw in calls:
+        x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+        w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+        b = torch.randn(w_shape[0] if ours is ops.conv2d else w_shape[1] * kw.get("groups", 1), generator=g,
+                        dtype=torch.float64)
+        grad = torch.randn(theirs(x, w, b, **kw).shape, generator=g, dtype=torch.float64)
+        refs, mags = conv2d_reference(x, w, b, grad, conv=theirs, **kw)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xd, wd, bd = (t.detach().clone().to(device).requires_grad_()
+                          for t in (x.contiguous(memory_format=fmt), w, b))
+            out = ours(xd, wd, bd, **kw)
+            out.backward(grad.to(device))
+            for name, value, ref, mag in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                             (out, xd.grad, wd.grad, bd.grad), refs, mags):
+                assert_sums_close(value, ref, mag, torch.float64, SUM_UNITS, f"{x_shape} {kw} {fmt}: {name}")
+
+
+def test_huge_strides_match_pytorch(device):
+    check_huge_strides(device)
+
+
+def test_memory_does_not_grow_with_the_stride():
+    """The same calls with the process's address space limited to 1 GiB more than it has: buffers
+    sized by the stride (a stride-phase row of the padded input of stride x columns or more, which
+    asked for tens of GB at a stride of 10**8) fail with MemoryError."""
+    resource = pytest.importorskip("resource")
+    with open("/proc/self/statm") as f:
+        in_use = int(f.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = in_use + (1 << 30)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        check_huge_strides("cpu")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # N, Cin, H, W, Cout, kernel, stride, padding, output_padding, groups, dilation
@@ -157,8 +235,8 @@ def test_conv_transpose2d_matches_pytorch(shape):
     b = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=True)
     kw = dict(stride=s, padding=p, output_padding=op, groups=groups, dilation=d)
     out = ops.conv_transpose2d(x, w, b, **kw)
-    ref = F.conv_transpose2d(x, w, b, **kw)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-11)
+    (ref, *_), (mag, *_) = conv2d_reference(x, w, b, None, conv=F.conv_transpose2d, **kw)
+    assert_sums_close(out, ref, mag, torch.float64, SUM_UNITS)
     if n:
         assert torch.autograd.gradcheck(lambda *a: ops.conv_transpose2d(*a, **kw), (x, w, b))
 
@@ -196,11 +274,13 @@ def test_torch_compile_fullgraph():
 
 
 def test_autocast_casts_like_f_conv2d():
-    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    g = torch.Generator().manual_seed(16)
+    x, w = torch.randn(1, 3, 8, 8, generator=g), torch.randn(4, 3, 3, 3, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, ref = ops.conv2d(x, w), F.conv2d(x, w)
-    assert out.dtype == ref.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        out, theirs = ops.conv2d(x, w), F.conv2d(x, w)
+    assert out.dtype == theirs.dtype == torch.bfloat16
+    (ref, *_), (mag, *_) = conv2d_reference(x.bfloat16(), w.bfloat16(), None, None)  # what autocast computes
+    assert_sums_close(out, ref, mag, torch.bfloat16, SUM_UNITS)
 
 
 def test_bad_input_raises_clear_errors():
@@ -233,6 +313,17 @@ def test_bad_input_raises_clear_errors():
             call()
 
 
+def _assert_module_matches(ours, ref, x, **call):
+    """ours(x) against the torch module `ref` run in float64, with the sums of |terms| from the same
+    module with |weight| and |bias| on |x| (padding modes commute with abs)."""
+    ref64 = copy.deepcopy(ref).double()
+    expected = ref64(x.double(), **call)
+    with torch.no_grad():
+        for p in ref64.parameters():
+            p.abs_()
+    assert_sums_close(ours(x, **call), expected, ref64(x.double().abs(), **call), x.dtype, SUM_UNITS)
+
+
 def test_modules_are_drop_ins():
     torch.manual_seed(10)
     ref = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True)
@@ -240,17 +331,17 @@ def test_modules_are_drop_ins():
     ours.load_state_dict(ref.state_dict())
     assert list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 4, 9, 10)
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    _assert_module_matches(ours, ref, x)
     for mode in ("reflect", "circular", "replicate"):
         ref = torch.nn.Conv2d(4, 3, 3, padding=2, padding_mode=mode)
         ours = fastcv.nn.Conv2d(4, 3, 3, padding=2, padding_mode=mode)
         ours.load_state_dict(ref.state_dict())
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        _assert_module_matches(ours, ref, x)
     ref = torch.nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
     ours = fastcv.nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
     ours.load_state_dict(ref.state_dict())
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours(x, output_size=(19, 21)), ref(x, output_size=(19, 21)), rtol=1e-5, atol=1e-5)
+    _assert_module_matches(ours, ref, x)
+    _assert_module_matches(ours, ref, x, output_size=(19, 21))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -264,20 +355,21 @@ def test_conv2d_fused_matches_the_unfused_sequence(relu, with_residual, channels
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     kw = dict(stride=2, padding=1, groups=2)
-    ref = F.conv2d(x, w, b, **kw) + (r if with_residual else 0)
-    ref = torch.relu(ref) if relu else ref
-    out = ops.conv2d_fused(x, w, b, residual=r, relu=relu, **kw)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+    def check(out, x, w, b, r):  # relu moves no value by more than its argument moved
+        (ref, *_), (mag, *_) = conv2d_reference(x, w, b, None, **kw)
+        if r is not None:
+            ref, mag = ref + r.double(), mag + r.double().abs()
+        assert_sums_close(out, torch.relu(ref) if relu else ref, mag, out.dtype, SUM_UNITS)
+
+    check(ops.conv2d_fused(x, w, b, residual=r, relu=relu, **kw), x, w, b, r)
     inputs = tuple(t.requires_grad_() for t in (x, w, b) + ((r,) if with_residual else ()))
     fn = (lambda x, w, b, r=None: ops.conv2d_fused(x, w, b, residual=r, relu=relu, **kw))
     assert torch.autograd.gradcheck(fn, inputs)
     # bfloat16: one rounding at the end, against float64 of the rounded inputs
     args = [t.detach().bfloat16() for t in (x, w, b)]
     rb = r.detach().bfloat16() if with_residual else None
-    out = ops.conv2d_fused(*args, residual=rb, relu=relu, **kw)
-    ref = F.conv2d(*[t.double() for t in args], **kw) + (rb.double() if with_residual else 0)
-    ref = torch.relu(ref) if relu else ref
-    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    check(ops.conv2d_fused(*args, residual=rb, relu=relu, **kw), *args, rb)
 
 
 def test_conv2d_fused_opcheck_and_bad_residual():
@@ -300,26 +392,25 @@ def test_conv2d_fused_depthwise(channels_last):
     if channels_last:
         x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
     out = ops.conv2d_fused(x, w, b, padding=1, groups=6, residual=r, relu=True)
-    torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, padding=1, groups=6) + r), rtol=0, atol=1e-12)
+    (ref, *_), (mag, *_) = conv2d_reference(x, w, b, None, padding=1, groups=6)
+    assert_sums_close(out, torch.relu(ref + r), mag + r.abs(), torch.float64, SUM_UNITS)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4], SHAPES[9]])
-def test_gpu_ops_match_pytorch(device, shape, dtype, tol, monkeypatch):
+def test_gpu_ops_match_pytorch(device, shape, dtype, monkeypatch):
     """The op layer on each device (on a GPU: the Triton kernels), forward and gradients, channels_last,
     against PyTorch's float64 results on the CPU."""
     from fastcv.kernels import conv2d as triton_conv
 
     monkeypatch.setattr(triton_conv, "_allow_tf32", lambda: False)  # full float32 on the GPU
-    x, w, b, kw = _inputs(shape, torch.float64, seed=14)
-    x, w, b = x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double()  # representable in dtype
-    grad = torch.randn(F.conv2d(x, w, b, **kw).shape, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
-    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    ref = F.conv2d(xr, wr, br, **kw)
-    ref.backward(grad)
-    xd, wd, bd = (t.to(device, dtype).requires_grad_() for t in (x.to(memory_format=torch.channels_last), w, b))
+    x, w, b, kw = _inputs(shape, dtype, seed=14)
+    grad = torch.randn(F.conv2d(x.double(), w.double(), b.double(), **kw).shape,
+                       generator=torch.Generator().manual_seed(15)).to(dtype)
+    refs, mags = conv2d_reference(x, w, b, grad, **kw)  # from the same rounded values, gradient included
+    xd, wd, bd = (t.to(device).requires_grad_() for t in (x.to(memory_format=torch.channels_last), w, b))
     out = ops.conv2d(xd, wd, bd, **kw)
-    out.backward(grad.to(device, dtype))
-    for ours, theirs in ((out, ref), (xd.grad, xr.grad), (wd.grad, wr.grad), (bd.grad, br.grad)):
-        scale = max(theirs.abs().amax().item() if theirs.numel() else 0.0, 1.0)
-        torch.testing.assert_close(ours.detach().double().cpu(), theirs.detach(), rtol=tol, atol=tol * scale)
+    out.backward(grad.to(device))
+    for name, ours, ref, mag in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                                    (out, xd.grad, wd.grad, bd.grad), refs, mags):
+        assert_sums_close(ours, ref, mag, dtype, SUM_UNITS, name)

@@ -65,9 +65,14 @@ def test_triton_batched_nms_padded(device):
 
 
 def test_triton_max_keep_stops_early(device):
+    """The pass takes boxes already sorted best first and keeps at most max_keep: the first max_keep of
+    torchvision's result for scores falling with the position, -1 after the kept ones."""
     g = torch.Generator().manual_seed(8)
-    boxes = random_boxes(90, device=device, generator=g).unsqueeze(0)
-    keep, count = nms_impl._gpu_pass(boxes.contiguous(), None, 0.5, None, 5)
-    full, full_count = nms_impl._gpu_pass(boxes.contiguous(), None, 0.5, None, 90)
-    assert count.item() == min(5, full_count.item())
-    assert torch.equal(keep[0, :5], full[0, :5])
+    boxes = random_boxes(90, device=device, generator=g)
+    expected = torchvision.ops.nms(boxes.cpu(), torch.linspace(1, 0, 90), 0.5).tolist()
+    assert len(expected) > 5  # so that max_keep=5 cuts the list
+    for max_keep in (5, 90):
+        keep, count = nms_impl._gpu_pass(boxes.unsqueeze(0).contiguous(), None, 0.5, None, max_keep)
+        kept = expected[:max_keep]
+        assert count.item() == len(kept)
+        assert keep[0].tolist() == kept + [-1] * (max_keep - len(kept))

@@ -37,7 +37,10 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_level = canonical_level
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = [x[name] for name in self.featmap_names]
+        # torchvision's selection: the maps named in featmap_names, in the dict's order
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(f"none of featmap_names {self.featmap_names} is among the feature maps {list(x)}")
         return multi_scale_roi_align(features, boxes, self.output_size, self.sampling_ratio, image_shapes,
                                      canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
 

@@ -54,6 +54,15 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> l
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"the dilated kernel ({dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the "
                          f"padded input ({h + 2 * ph}x{w + 2 * pw})")
+    # A stride larger than the padded input leaves one output along its axis, which reads the first window
+    # whatever the stride: the kernels get the smallest stride that leaves one output (the padded size
+    # less the dilated kernel, plus one), the same convolution. Their buffers and grids follow the stride
+    # (the CPU kernels' stride-phase rows of the padded input, the depthwise kernels' column phases, the
+    # Triton input gradient's grid of sh * sw phases): a stride of 10**8 had asked for gigabytes.
+    if out_h == 1:
+        sh = min(sh, h + 2 * ph - dh * (kh - 1))
+    if out_w == 1:
+        sw = min(sw, w + 2 * pw - dw * (kw - 1))
     return [n, c, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w]
 
 
@@ -134,7 +143,7 @@ def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, 
 def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
     cuda = input.is_cuda
     if cuda and not (_cuda_depthwise(input, g) and residual is None and not relu):
-        return _triton().conv2d_forward(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+        return _triton().conv2d_forward(input, weight, bias, (g[8], g[9]), tuple(padding), tuple(dilation), groups,
                                         residual=residual, relu=relu)
     fmt = _memory_format(input, weight)
     out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
@@ -174,7 +183,7 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
     cuda = grad_output.is_cuda
     if cuda and not _cuda_depthwise(grad_output, g):
-        return _triton().conv2d_input_grad(grad_output, weight, tuple(g[:4]), tuple(stride), tuple(padding),
+        return _triton().conv2d_input_grad(grad_output, weight, tuple(g[:4]), (g[8], g[9]), tuple(padding),
                                            tuple(dilation), groups)
     fmt = _memory_format(grad_output, weight)
     out = _empty(g[:4], grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
@@ -205,7 +214,7 @@ def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation
     g = _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
     cuda = grad_output.is_cuda
     if cuda and not _cuda_depthwise(grad_output, g):
-        return _triton().conv2d_weight_grad(grad_output, input, tuple(weight_size), tuple(stride), tuple(padding),
+        return _triton().conv2d_weight_grad(grad_output, input, tuple(weight_size), (g[8], g[9]), tuple(padding),
                                             tuple(dilation), groups)
     fmt = _memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)

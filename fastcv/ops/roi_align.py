@@ -55,7 +55,7 @@ def _check(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int
 
 
 def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, sampling_ratio, aligned):
-    """Both ops' forward on any backend; mapping: (canonical_scale, canonical_level, k_min) or None."""
+    """Both ops' forward on any backend; mapping: (canonical_scale, canonical_level, k_min, k_max) or None."""
     first = features[0]
     fmt = _format(first)
     maps = [f.contiguous(memory_format=fmt) for f in features]
@@ -191,8 +191,17 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
 # ---------------------------------------------------------------- multi_scale_roi_align
 
 
-def _k_min(scales) -> int:
-    return int(round(-math.log2(scales[0])))
+def _level(scale: float) -> int:
+    """The pyramid level of a map of this spatial scale, as torchvision's _setup_scales computes it
+    (-log2 in float32, truncated): 2 for a scale of 1/4."""
+    return int(-torch.log2(torch.tensor(scale, dtype=torch.float32)).item())
+
+
+def _mapping(scales, canonical_scale, canonical_level) -> tuple:
+    """The level rule's arguments: torchvision's LevelMapper clamps each box's level to [k_min, k_max],
+    the levels of the first and the last map, and pools the box from the map at list position
+    level - k_min (the kernels give zeros where there is no map: maps that skip levels)."""
+    return canonical_scale, canonical_level, _level(scales[0]), _level(scales[-1])
 
 
 def _check_levels(features, rois, scales, pooled_height, pooled_width) -> None:
@@ -210,7 +219,7 @@ def _check_levels(features, rois, scales, pooled_height, pooled_width) -> None:
 def _ms_forward_impl(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
                      canonical_level):
     _check_levels(features, rois, scales, pooled_height, pooled_width)
-    mapping = (canonical_scale, canonical_level, _k_min(scales))
+    mapping = _mapping(scales, canonical_scale, canonical_level)
     return _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
@@ -223,7 +232,7 @@ def _ms_forward_fake(features, rois, scales, pooled_height, pooled_width, sampli
 
 def _ms_backward_impl(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
                       canonical_scale, canonical_level):
-    mapping = (canonical_scale, canonical_level, _k_min(scales))
+    mapping = _mapping(scales, canonical_scale, canonical_level)
     shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
     return _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned)
 
@@ -270,19 +279,24 @@ no_second_derivative("multi_scale_roi_align_backward", "multi_scale_roi_align")
 
 def infer_scales(features, image_shapes) -> list[float]:
     """torchvision's MultiScaleRoIAlign rule: each map's scale is the power of two nearest to its size
-    over the largest image size (heights decide; widths are assumed to agree)."""
+    over the largest image size (heights decide; widths are assumed to agree), with torchvision's
+    operations (log2 of the float32 ratio, rounded half to even)."""
     if not image_shapes:
         raise ValueError("image_shapes must list each image's (height, width) to infer the levels' scales")
     max_h = max(s[0] for s in image_shapes)
-    return [2.0 ** round(math.log2(f.shape[2] / max_h)) for f in features]
+    return [2.0 ** float(torch.tensor(float(f.shape[2]) / float(max_h)).log2().round()) for f in features]
 
 
 def multi_scale_roi_align(features, boxes, output_size, sampling_ratio: int = -1, image_shapes=None, *,
                           scales=None, canonical_scale: float = 224.0, canonical_level: int = 4,
                           aligned: bool = False) -> Tensor:
-    """torchvision.ops.MultiScaleRoIAlign as one call: each box pooled from the FPN level its size picks
-    (floor(canonical_level + log2(sqrt(area) / canonical_scale)), clamped to the levels given), the level
-    decided per box in the kernel, with no per-level Python loop and no host sync.
+    """torchvision.ops.MultiScaleRoIAlign as one call: each box pooled from the FPN level its size picks,
+    the level decided per box in the kernel, with no per-level Python loop and no host sync. The rule is
+    torchvision's: level k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped
+    to [k_min, k_max], the levels of the first and the last map (a map of scale 2^-k is level k), and the
+    box is pooled from features[k - k_min]. For maps that skip levels (p2 and p4, say) that is the list
+    position, not the level: boxes of level 3 come from p4 and boxes of level 4 get zeros, as in
+    torchvision.
 
     features: the levels, finest first (Tensor[N, C, H_l, W_l] each); boxes: Tensor[K, 5] or a list of
     Tensor[L, 4]; scales: each level's spatial scale, or inferred from image_shapes as torchvision does.

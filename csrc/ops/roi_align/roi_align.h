@@ -93,21 +93,26 @@ FASTCV_HD Bilinear<T> bilinear(T y, T x, int64_t height, int64_t width) {
   return b;
 }
 
-// torchvision's MultiScaleRoIAlign level rule with its float operations:
-// floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to levels [k_min,
-// k_min + levels); returned relative to k_min. -1 when the area is negative or NaN (torchvision then
-// pools nothing for the box: zeros).
+// torchvision's MultiScaleRoIAlign level rule (LevelMapper) with its float operations:
+// k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped as torch.clamp does
+// (to at least k_min, then to at most k_max) to the levels of the first and the last map; the box is
+// pooled from the map at list position k - k_min. Returns that position, or -1 when the box pools
+// nothing and gets zeros, as in torchvision: a position past the last map (maps that skip levels, p2
+// and p4 say, leave level 4 at position 2 of 2) or before the first (k_min > k_max, maps not finest
+// first), and an area that is negative or NaN.
 template <class T>
 FASTCV_HD int64_t box_level(T x1, T y1, T x2, T y2, double canonical_scale, int64_t canonical_level, int64_t k_min,
-                            int64_t levels) {
+                            int64_t k_max, int64_t levels) {
 #if !defined(__CUDA_ARCH__)
   using std::floor, std::log2, std::sqrt;  // the float overloads on the host (CUDA has its own)
 #endif
   const T s = sqrt((x2 - x1) * (y2 - y1));
-  const T v = floor(T(canonical_level) + log2(s / T(canonical_scale)) + T(1e-6));
+  T v = floor(T(canonical_level) + log2(s / T(canonical_scale)) + T(1e-6));
   if (!(v == v)) return -1;
-  const T low = T(k_min), high = T(k_min + levels - 1);
-  return int64_t(v < low ? low : (v > high ? high : v)) - k_min;
+  v = v < T(k_min) ? T(k_min) : v;
+  v = v > T(k_max) ? T(k_max) : v;
+  const int64_t position = int64_t(v) - k_min;
+  return position >= 0 && position < levels ? position : -1;
 }
 
 }  // namespace roi_align

@@ -18,25 +18,27 @@ void bind_roi_align(py::module_& m) {
   m.def(
       "multi_scale_roi_align_forward_cpu",
       [](std::vector<TensorView> inputs, std::vector<double> scales, TensorView rois, double canonical_scale,
-         int64_t canonical_level, int64_t k_min, int64_t sampling_ratio, bool aligned, TensorView output,
-         int nthreads) {
-        multi_scale_roi_align_forward_cpu(inputs, scales, rois, {canonical_scale, canonical_level, k_min},
+         int64_t canonical_level, int64_t k_min, int64_t k_max, int64_t sampling_ratio, bool aligned,
+         TensorView output, int nthreads) {
+        multi_scale_roi_align_forward_cpu(inputs, scales, rois, {canonical_scale, canonical_level, k_min, k_max},
                                           sampling_ratio, aligned, output, nthreads);
       },
       nogil);
   m.def(
       "multi_scale_roi_align_backward_cpu",
       [](TensorView grad_output, std::vector<double> scales, TensorView rois, double canonical_scale,
-         int64_t canonical_level, int64_t k_min, int64_t sampling_ratio, bool aligned,
+         int64_t canonical_level, int64_t k_min, int64_t k_max, int64_t sampling_ratio, bool aligned,
          std::vector<TensorView> grad_inputs, int nthreads) {
-        multi_scale_roi_align_backward_cpu(grad_output, scales, rois, {canonical_scale, canonical_level, k_min},
+        multi_scale_roi_align_backward_cpu(grad_output, scales, rois,
+                                           {canonical_scale, canonical_level, k_min, k_max},
                                            sampling_ratio, aligned, grad_inputs, nthreads);
       },
       nogil);
 #ifdef FASTCV_WITH_CUDA
-  using Mapping = std::optional<std::tuple<double, int64_t, int64_t>>;  // canonical scale, level, k_min
+  // canonical scale, canonical level, k_min, k_max
+  using Mapping = std::optional<std::tuple<double, int64_t, int64_t, int64_t>>;
   const auto level_mapping = [](const Mapping& m) {
-    return m ? LevelMapping{std::get<0>(*m), std::get<1>(*m), std::get<2>(*m)} : LevelMapping{};
+    return m ? LevelMapping{std::get<0>(*m), std::get<1>(*m), std::get<2>(*m), std::get<3>(*m)} : LevelMapping{};
   };
   m.def(
       "roi_align_forward_cuda",

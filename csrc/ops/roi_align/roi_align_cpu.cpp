@@ -54,7 +54,7 @@ void box_samples(const S* roi, int64_t k, const Levels& lv, int64_t sampling_rat
   out.image = int64_t(index);
   out.level = lv.mapping ? roi_align::box_level(x1, y1, x2, y2, lv.mapping->canonical_scale,
                                                   lv.mapping->canonical_level, lv.mapping->k_min,
-                                                  int64_t(lv.maps.size()))
+                                                  lv.mapping->k_max, int64_t(lv.maps.size()))
                         : 0;
   out.count = T(1);
   out.per_bin = 0;

@@ -27,7 +27,7 @@ struct LevelsArg {
   int64_t n, c, ph, pw;
   bool channels_last, multi;
   double canonical_scale;
-  int64_t canonical_level, k_min;
+  int64_t canonical_level, k_min, k_max;
   int64_t tile_base[kMaxLevels + 1];  // deterministic backward: first work item of each level
 };
 
@@ -62,7 +62,7 @@ __device__ bool box_setup(const S* roi, const LevelsArg& a, int64_t sampling_rat
   if (!(index >= T(0) && index < T(a.n))) return false;
   const T x1 = to_float(roi[1]), y1 = to_float(roi[2]), x2 = to_float(roi[3]), y2 = to_float(roi[4]);
   const int64_t l = a.multi ? roi_align::box_level(x1, y1, x2, y2, a.canonical_scale, a.canonical_level, a.k_min,
-                                                   int64_t(a.levels))
+                                                   a.k_max, int64_t(a.levels))
                             : 0;
   if (l < 0) return false;
   level = int(l);
@@ -198,7 +198,10 @@ LevelsArg make_args(const std::vector<TensorView>& maps, const std::vector<doubl
     a.tile_base[l + 1] = a.tile_base[l] + a.n * a.c * ((a.h[l] + kTileRows - 1) / kTileRows);
   }
   a.multi = mapping != nullptr;
-  if (mapping) a.canonical_scale = mapping->canonical_scale, a.canonical_level = mapping->canonical_level, a.k_min = mapping->k_min;
+  if (mapping) {
+    a.canonical_scale = mapping->canonical_scale, a.canonical_level = mapping->canonical_level;
+    a.k_min = mapping->k_min, a.k_max = mapping->k_max;
+  }
   return a;
 }
 

@@ -7,11 +7,12 @@
 namespace fastcv {
 
 // torchvision's MultiScaleRoIAlign level rule: a box of area A goes to level
-// floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6), clamped to the pyramid, whose first
-// level is k_min (a map of stride 2^k_min).
+// floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6), clamped to [k_min, k_max], the
+// levels of the first and the last map (a map of stride 2^k is level k), and is pooled from the map at
+// list position level - k_min; none (zeros) when there is no map there (see roi_align::box_level).
 struct LevelMapping {
   double canonical_scale;
-  int64_t canonical_level, k_min;
+  int64_t canonical_level, k_min, k_max;
 };
 
 // The checked shape of a pooling call (roi_align_args.cpp, shared by both backends).
@@ -39,7 +40,7 @@ void roi_align_backward_cpu(const TensorView& grad_output, const TensorView& roi
 
 // multi_scale_roi_align: inputs are the pyramid's levels [N,C,H_l,W_l] (finest first, one memory
 // format) with their spatial scales; each box is pooled from the level the mapping picks for it, in
-// one call. Boxes with a negative or NaN area get zeros, as in torchvision. grad_inputs: one per level,
+// one call. Boxes with a negative or NaN area, or mapped past the last map, get zeros, as in torchvision. grad_inputs: one per level,
 // compute type, zero-filled by the caller.
 void multi_scale_roi_align_forward_cpu(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
                                        const TensorView& rois, const LevelMapping& mapping, int64_t sampling_ratio,
