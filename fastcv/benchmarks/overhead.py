@@ -21,10 +21,6 @@ def _close(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def _equal(got, expected):
-    assert torch.equal(got, expected), f"{got.tolist()} != {expected.tolist()}"
-
-
 def _with_grad(fn, n_inputs):
     """fn's output and the gradients of its first n_inputs arguments (which require grad)."""
     def run(*args):
@@ -54,17 +50,10 @@ def cases(device: str) -> list[Case]:
         return Case(op=op, name=f"{OP_NAME}: {name}", make=make(builder), fastcv=ours, reference=reference,
                     reference_name=reference_name, check=check, tags={"overhead": True})
 
-    def boxes(g, n=10):
-        xy = torch.rand(n, 2, generator=g) * 20
-        return torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g) * 10], 1)
-
     import torchvision
 
     out = []
-    # NMS and RoI Align: torchvision's ops
-    out.append(case("nms", "10 boxes", lambda g: (boxes(g), torch.rand(10, generator=g)),
-                    lambda b, s: ops.nms(b, s, 0.5), lambda b, s: torchvision.ops.nms(b, s, 0.5),
-                    "torchvision.ops.nms", check=_equal))
+    # RoI Align: torchvision's op (NMS has its own tiny case in fastcv/benchmarks/nms.py)
     roi = lambda g: (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([[0.0, 1, 1, 5, 6]]))  # noqa: E731
     for grad in (0, 1):
         out.append(case("roi_align", "[1,4,8,8], 1 box, 2x2", roi,

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
-from fastcv._library import FP32, define, no_second_derivative
+from fastcv._library import FP32, OPS, define, no_second_derivative, register_autograd
 from fastcv.ops._args import pair
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
@@ -157,12 +157,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (rois,) = ctx.saved_tensors
     spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned = ctx.args
-    grad_input = torch.ops.fastcv.roi_align_backward(grad, rois, spatial_scale, ph, pw, n, c, h, w,
+    grad_input = OPS.roi_align_backward(grad, rois, spatial_scale, ph, pw, n, c, h, w,
                                                      sampling_ratio, aligned)
     return grad_input, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastcv::roi_align", _backward, setup_context=_setup_context)
+register_autograd("roi_align", _backward, setup_context=_setup_context)
 no_second_derivative("roi_align_backward", "roi_align")
 
 
@@ -184,7 +184,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
               aligned: bool = False) -> Tensor:
     """Drop-in for torchvision.ops.roi_align (see the module notes). Returns Tensor[K, C, PH, PW]."""
     ph, pw = pair(output_size, "output_size")
-    return torch.ops.fastcv.roi_align(input, _rois(boxes, input), float(spatial_scale), ph, pw,
+    return OPS.roi_align(input, _rois(boxes, input), float(spatial_scale), ph, pw,
                                       int(sampling_ratio), bool(aligned))
 
 
@@ -269,11 +269,11 @@ def _ms_setup_context(ctx, inputs, output):
 
 def _ms_backward(ctx, grad):
     (rois,) = ctx.saved_tensors
-    grads = torch.ops.fastcv.multi_scale_roi_align_backward(grad, rois, *ctx.args)
+    grads = OPS.multi_scale_roi_align_backward(grad, rois, *ctx.args)
     return list(grads), None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastcv::multi_scale_roi_align", _ms_backward, setup_context=_ms_setup_context)
+register_autograd("multi_scale_roi_align", _ms_backward, setup_context=_ms_setup_context)
 no_second_derivative("multi_scale_roi_align_backward", "multi_scale_roi_align")
 
 
@@ -308,6 +308,6 @@ def multi_scale_roi_align(features, boxes, output_size, sampling_ratio: int = -1
     rois = _rois(boxes, features[0])
     if len(features) == 1:  # torchvision pools a single level without the level rule
         return roi_align(features[0], rois, (ph, pw), scales[0], sampling_ratio, aligned)
-    return torch.ops.fastcv.multi_scale_roi_align(features, rois, [float(s) for s in scales], ph, pw,
+    return OPS.multi_scale_roi_align(features, rois, [float(s) for s in scales], ph, pw,
                                                   int(sampling_ratio), bool(aligned), float(canonical_scale),
                                                   int(canonical_level))
