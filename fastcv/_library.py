@@ -182,7 +182,7 @@ def _route(args) -> int:
             grad = grad or a.requires_grad
         elif isinstance(a, torch.Tensor):  # a subclass: it may override anything
             return _DISPATCH
-        elif type(a) is list or type(a) is tuple:
+        elif (type(a) is list or type(a) is tuple) and a and isinstance(a[0], torch.Tensor):  # Tensor[]
             for t in a:
                 if type(t) is torch.Tensor:
                     grad = grad or t.requires_grad
