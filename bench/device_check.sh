@@ -43,6 +43,10 @@ if [ "${ONLY:-}" = attention ]; then
   FASTCV_TRITON_AUTOTUNE=0 step tests_attention 75 "$PY" -m pytest -q -x tests/test_attention.py \
     -k "cuda and (test_long_sequence or test_gqa or test_fully_masked_rows or test_dropout_gradients)"
   tail -3 "$OUT/tests_attention.log"
+  # Mask gradients (atomic adds where the mask broadcasts) and broadcast batch dims, compiled for real
+  FASTCV_TRITON_AUTOTUNE=0 step tests_attention_mask_grad 60 "$PY" -m pytest -q -x tests/test_attention_triton.py \
+    tests/test_attention.py -k "cuda and (mask_grad or broadcast)"
+  tail -3 "$OUT/tests_attention_mask_grad.log"
   FASTCV_TRITON_AUTOTUNE=0 step bench_attention 110 "$PY" -m fastcv bench --device cuda --op attention \
     --match "${BENCH_MATCH:-FA2}" --json "$OUT/bench_attention.json"
   cat "$OUT/bench_attention.log"
