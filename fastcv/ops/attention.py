@@ -301,6 +301,17 @@ def _broadcast(shapes, what):
     return out
 
 
+class _Shapes:
+    """The inputs' shapes for an error message, formatted only if one is raised (a few µs a call)."""
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def __format__(self, spec):
+        q, k, v = (list(t.shape) for t in self.tensors)
+        return f"query {q}, key {k} and value {v}"
+
+
 def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     """Checks the arguments as F.scaled_dot_product_attention (math backend) accepts them; returns the
     plan: (batch dims of the output, kv heads the kernels take or None, whether key and value are
@@ -321,7 +332,7 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         raise ValueError(f"key's head dim ({key.shape[-1]}) must equal the query's ({query.shape[-1]})")
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"value's length ({value.shape[-2]}) must equal the key's ({key.shape[-2]})")
-    shapes = f"query {list(query.shape)}, key {list(key.shape)} and value {list(value.shape)}"
+    shapes = _Shapes(query, key, value)
     qlead, klead, vlead = tuple(query.shape[:-2]), tuple(key.shape[:-2]), tuple(value.shape[:-2])
     repeat = False
     if enable_gqa:  # PyTorch repeats key and value over the heads (dim -3), then broadcasts
@@ -340,8 +351,11 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         if hq != hk and hq != 1 and hk != 1:
             raise ValueError(f"query has {hq} heads and key {hk}: they must be equal (or one of them 1), or the "
                              "query's a multiple of the key's with enable_gqa=True")
-    attn = _broadcast((qlead, klead), f"{shapes} must have leading (batch) dimensions that broadcast")
-    batch = _broadcast((attn, vlead), f"{shapes} must have leading (batch) dimensions that broadcast")
+    if qlead == klead == vlead:  # the usual call: nothing to broadcast
+        attn = batch = qlead
+    else:
+        attn = _broadcast((qlead, klead), f"{shapes} must have leading (batch) dimensions that broadcast")
+        batch = _broadcast((attn, vlead), f"{shapes} must have leading (batch) dimensions that broadcast")
     limit = MAX_HEAD_DIM["cuda" if query.is_cuda else "cpu"]
     if max(query.shape[-1], value.shape[-1]) > limit:
         raise ValueError(f"head dims up to {limit} are supported on {query.device.type}, got query "
@@ -373,6 +387,11 @@ def _lift(t: Tensor, rank: int) -> Tensor:
     return t[(None,) * (rank - t.dim())] if t.dim() < rank else t
 
 
+def _expand(t: Tensor, shape: tuple) -> Tensor:
+    """t.expand(shape), or t itself when it has that shape already (the usual call)."""
+    return t if t.shape == shape else t.expand(shape)
+
+
 def _dropout_seed() -> int:
     """A seed for the Philox stream from torch's default generator (so torch.manual_seed reproduces it)."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -391,7 +410,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     L, S = query.shape[-2], key.shape[-2]
     lead = (1,) * max(0, 2 - len(batch)) + batch  # [*B, H] for the ops: at least one batch dim and the heads
     rank = len(lead) + 2
-    q = _lift(query, rank).expand(*lead, L, query.shape[-1])  # expand: stride-0 views, never copies
+    q = _expand(_lift(query, rank), (*lead, L, query.shape[-1]))  # expand: stride-0 views, never copies
     k, v = _lift(key, rank), _lift(value, rank)
     if repeat:  # enable_gqa with key and value heads that differ: both repeated to the query's heads
         k = k.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
@@ -400,8 +419,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     # single kv head (broadcast) also stays single; else key and value are expanded to every head.
     hkv = k.shape[-3] if enable_gqa and k.shape[-3] == v.shape[-3] else \
         1 if k.shape[-3] == v.shape[-3] == 1 else lead[-1]
-    k = k.expand(*lead[:-1], hkv, S, key.shape[-1])
-    v = v.expand(*lead[:-1], hkv, S, value.shape[-1])
+    k = _expand(k, (*lead[:-1], hkv, S, key.shape[-1]))
+    v = _expand(v, (*lead[:-1], hkv, S, value.shape[-1]))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask = None
     if attn_mask is not None:  # additive in the compute dtype at its own shape (broadcast by the kernels)
@@ -415,4 +434,4 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     seed = _dropout_seed() if dropout_p > 0 else 0
     args = (q, k, v, mask, float(dropout_p), bool(is_causal), scale, seed)
     out, _ = OPS.attention_forward(*args)
-    return out.reshape(*batch, L, value.shape[-1])
+    return out if len(batch) == out.dim() - 2 else out.reshape(*batch, L, value.shape[-1])
