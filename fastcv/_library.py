@@ -133,7 +133,7 @@ def _autocast_kernel(op, device_type: str, policy: str, keep: frozenset, restore
 
 def autocast_args(name: str, *args):
     """A public wrapper's tensor arguments (tensors, lists of tensors or None) cast as the op `name`
-    casts its own under autocast, so that the wrapper's checks and eager fast path (eager_direct) see
+    casts its own under autocast, so that the wrapper's checks and Op's direct route see
     what the dispatcher would: every floating argument, also ones the op itself takes converted (an
     attention mask, as F.scaled_dot_product_attention casts it). The arguments unchanged when autocast
     is off; wrappers call it only `if autocast_enabled()`, which is cheaper than the call."""
@@ -232,12 +232,6 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
 
     op.function = type(f"{name}_function", (torch.autograd.Function,),
                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-
-
-def eager_direct(*tensors) -> bool:
-    """Whether a call with these tensors may run an implementation directly (no gradient to record,
-    nothing else that must see the op): Op's _DIRECT route, for wrappers that run several steps."""
-    return _route(tensors) == _DIRECT
 
 
 def no_second_derivative(name: str, what: str) -> None:
