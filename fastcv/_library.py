@@ -32,6 +32,7 @@ def define(
     *,
     impl: Callable,
     fake: Callable,
+    check: Callable | None = None,
     autocast: str | dict[str, str | None] | None = None,
     autocast_keep: tuple[str, ...] = (),
     autocast_restore: bool = False,
@@ -39,6 +40,10 @@ def define(
     """Defines torch.ops.fastcv.<name> with its implementation (one Python function for the CPU and
     CUDA dispatch keys: it picks the kernels by device), fake (meta) impl and autocast behaviour.
 
+    check: raises for arguments the op does not take (what the C++ checks would reject, as Python
+    exceptions), before impl and fake run under the dispatcher. fastcv's own calls (Op) skip it: the
+    public wrappers have checked their arguments already, and backward formulas pass what the forward
+    saved.
     autocast: the op's policy under torch.autocast, its PyTorch counterpart's: LOWER, FP32 or PROMOTE,
     for both device types or as {"cpu": ..., "cuda": ...}; None (or a device type left out) runs the op
     in its inputs' dtypes, as PyTorch does for ops on none of autocast's lists (F.batch_norm, F.unfold).
@@ -51,13 +56,22 @@ def define(
     """
     name = schema.split("(", 1)[0]
     lib.define(schema)
-    lib.impl(name, impl, "CPU")
-    lib.impl(name, impl, "CUDA")
-    torch.library.register_fake(f"fastcv::{name}", fake, lib=lib)
+    kernel = impl if check is None else _checked(check, impl)
+    lib.impl(name, kernel, "CPU")
+    lib.impl(name, kernel, "CUDA")
+    torch.library.register_fake(f"fastcv::{name}", fake if check is None else _checked(check, fake), lib=lib)
     _ops[name] = Op(name, impl)
     setattr(OPS, name, _ops[name])
     _register_autocast(name, schema, autocast, autocast_keep, autocast_restore)
     return _ops[name]
+
+
+def _checked(check: Callable, fn: Callable) -> Callable:
+    def checked(*args):
+        check(*args)
+        return fn(*args)
+
+    return checked
 
 
 def _register_autocast(name, schema, autocast, autocast_keep, autocast_restore) -> None:
@@ -161,6 +175,7 @@ def autocast_args(name: str, *args):
 # subclasses, functorch transforms) goes through torch.ops.
 
 _ops: dict[str, "Op"] = {}
+_TENSOR_LISTS = ("List[Tensor]", "List[Optional[Tensor]]")
 _DIRECT, _FUNCTION, _DISPATCH = range(3)
 
 # Every op by name, as fastcv's own code calls it: OPS.conv2d(...) is torch.ops.fastcv.conv2d(...) by
@@ -168,27 +183,31 @@ _DIRECT, _FUNCTION, _DISPATCH = range(3)
 OPS = types.SimpleNamespace()
 
 
-def _route(args) -> int:
-    """How a call with these arguments may run (_DIRECT, _FUNCTION or _DISPATCH). A few C calls: this
-    runs on every call of every op."""
-    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing after it
+def _route(args, tensors, lists, _tensor=torch.Tensor, _is_compiling=torch.compiler.is_compiling,
+           _dispatch_stack=torch._C._len_torch_dispatch_stack,
+           _functorch=torch._C._are_functorch_transforms_active,
+           _function_mode=torch._C._is_torch_function_mode_enabled, _grad_enabled=torch.is_grad_enabled) -> int:
+    """How a call with these arguments may run (_DIRECT, _FUNCTION or _DISPATCH); tensors and lists: the
+    positions of the schema's Tensor and Tensor[] arguments. A few C calls: this runs on every call of
+    every op (the defaults bind the globals it reads once)."""
+    if _is_compiling():  # first: Dynamo folds it to True and traces nothing after it
         return _DISPATCH
-    if (torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or torch._C._is_torch_function_mode_enabled()):
+    if _dispatch_stack() or _functorch() or _function_mode():
         return _DISPATCH
     grad = False
-    for a in args:
-        if type(a) is torch.Tensor:
+    for i in tensors:
+        a = args[i]
+        if type(a) is _tensor:
             grad = grad or a.requires_grad
-        elif isinstance(a, torch.Tensor):  # a subclass: it may override anything
+        elif isinstance(a, _tensor):  # a subclass: it may override anything
             return _DISPATCH
-        elif (type(a) is list or type(a) is tuple) and a and isinstance(a[0], torch.Tensor):  # Tensor[]
-            for t in a:
-                if type(t) is torch.Tensor:
-                    grad = grad or t.requires_grad
-                elif isinstance(t, torch.Tensor):
-                    return _DISPATCH
-    return _FUNCTION if grad and torch.is_grad_enabled() else _DIRECT
+    for i in lists:
+        for t in args[i]:
+            if type(t) is _tensor:
+                grad = grad or t.requires_grad
+            elif isinstance(t, _tensor):
+                return _DISPATCH
+    return _FUNCTION if grad and _grad_enabled() else _DIRECT
 
 
 class Op:
@@ -199,11 +218,14 @@ class Op:
     def __init__(self, name: str, impl: Callable):
         self.name, self.impl = name, impl
         self.packet = getattr(torch.ops.fastcv, name)
+        arguments = self.packet.default._schema.arguments
+        self.tensors = tuple(i for i, a in enumerate(arguments) if str(a.type) in ("Tensor", "Optional[Tensor]"))
+        self.lists = tuple(i for i, a in enumerate(arguments) if str(a.type).startswith(_TENSOR_LISTS))
         self.function: type[torch.autograd.Function] | None = None  # set by register_autograd
         self.autocast = False  # whether the op has an autocast policy (then autocast takes the dispatcher)
 
     def __call__(self, *args):
-        route = _route(args)
+        route = _route(args, self.tensors, self.lists)
         if self.autocast and autocast_enabled():
             route = _DISPATCH
         if route == _DIRECT:
@@ -218,8 +240,7 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     route's autograd.Function (the same setup_context and backward, so the two cannot differ)."""
     torch.library.register_autograd(f"fastcv::{name}", backward, setup_context=setup_context, lib=lib)
     op = _ops[name]
-    if any(str(a.type).startswith("List[Tensor]") or str(a.type).startswith("List[Optional[Tensor]]")
-           for a in op.packet.default._schema.arguments):
+    if op.lists:
         return  # an autograd.Function sees no tensor inside a list: such ops keep the dispatcher's wrapper
     impl = op.impl
 

@@ -348,6 +348,30 @@ def test_opcheck():
         torch.library.opcheck(ops.batch_norm_backward,
                               (torch.randn_like(inp), inp, inp.relu(), mean, var, None, False, 1e-5,
                                [True, True, False, True]))
+    torch.library.opcheck(ops.batch_norm_update_running, (torch.zeros(4), torch.ones(4), mean, var.abs(), 0.1, 8))
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("momentum,count", [(0.1, 24), (0.5, 2), (1.0, 5), (0.0, 3), (0.3, 1)])
+def test_update_running(device, running_dtype, momentum, count):
+    """The running-statistics update against nn.BatchNorm's formula in float64, for buffers of every
+    floating dtype, read and written through strides (a buffer can be a view into a larger one). One
+    rounding to the buffer's dtype: within one unit of its last place."""
+    g = torch.Generator().manual_seed(3)
+    stats = torch.float64 if running_dtype == torch.float64 else torch.float32
+    mean = torch.randn(5, generator=g).to(device, stats)
+    var = (torch.rand(5, generator=g) + 0.1).to(device, stats)
+    storage = torch.randn(5, 3, generator=g).to(device, running_dtype)
+    rm, rv = storage[:, 0], storage[:, 2]  # stride 3
+    rm0, rv0, untouched = rm.double().clone(), rv.double().clone(), storage[:, 1].clone()
+    torch.ops.fastcv.batch_norm_update_running(rm, rv, mean, var, momentum, count)
+    unbiased = count / (count - 1) if count > 1 else 1.0
+    expected_mean = (1 - momentum) * rm0 + momentum * mean.double()
+    expected_var = (1 - momentum) * rv0 + momentum * var.double() * unbiased
+    eps = torch.finfo(running_dtype).eps
+    torch.testing.assert_close(rm.double(), expected_mean, rtol=eps, atol=eps)
+    torch.testing.assert_close(rv.double(), expected_var, rtol=eps, atol=eps)
+    assert torch.equal(storage[:, 1], untouched), "the update wrote between the buffers' strided elements"
 
 
 def test_compile():

@@ -71,7 +71,7 @@ def _triton():
 # over the dimensions it broadcasts over) when mask_grad, else an empty tensor.
 
 
-def _check_op(q, k, v, mask):
+def _check_op(q, k, v, mask, *_):
     """What the kernels' own checks would reject, as Python exceptions (direct torch.ops.fastcv calls)."""
     if q.dim() < 4 or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError("attention_forward takes query, key and value of one rank, at least 4-D ([..., B, H, L, E])")
@@ -163,7 +163,6 @@ def _forward_outputs(q, v):
 
 
 def _forward_impl(q, k, v, mask, dropout_p, is_causal, scale, seed):
-    _check_op(q, k, v, mask)
     out, lse = _forward_outputs(q, v)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
@@ -196,7 +195,6 @@ def _forward_call(q, k, v, mask, dropout_p, is_causal, scale, seed, offset, out,
 
 
 def _forward_fake(q, k, v, mask, dropout_p, is_causal, scale, seed):
-    _check_op(q, k, v, mask)
     return _forward_outputs(q, v)
 
 
@@ -210,7 +208,6 @@ def _backward_outputs(q, k, v, mask, mask_grad):
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed, mask_grad):
-    _check_op(q, k, v, mask)
     dq, dk, dv, dmask = _backward_outputs(q, k, v, mask, mask_grad)
     full = _full_mask(q, k, mask)
     acc = dmask.expand(full.shape) if mask_grad else None  # the kernels add dS into it
@@ -243,16 +240,20 @@ def _backward_call(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
             dq.copy_(grads[0][..., :e]), dk.copy_(grads[1][..., :e]), dv.copy_(grads[2][..., :ev])
 
 
+def _check_backward(grad_out, q, k, v, out, lse, mask, *_):
+    _check_op(q, k, v, mask)
+
+
 def _backward_fake(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed, mask_grad):
     return _backward_outputs(q, k, v, mask, mask_grad)
 
 
 define("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, "
-       "float scale, int seed) -> (Tensor, Tensor)", impl=_forward_impl, fake=_forward_fake,
+       "float scale, int seed) -> (Tensor, Tensor)", impl=_forward_impl, fake=_forward_fake, check=_check_op,
        autocast=LOWER, autocast_keep=("mask",))  # SDPA's policy; the mask stays in the compute dtype
 define("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
        "float dropout_p, bool is_causal, float scale, int seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-       impl=_backward_impl, fake=_backward_fake)
+       impl=_backward_impl, fake=_backward_fake, check=_check_backward)
 
 
 def _setup(ctx, inputs, output):

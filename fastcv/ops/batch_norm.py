@@ -163,8 +163,15 @@ def _check_op(x, weight, bias, residual, mean=None, var=None):
                          f"{residual.dtype} {list(residual.shape)} on {residual.device}")
 
 
-def _train_impl(input, weight, bias, residual, relu, eps):
+def _check_train(input, weight, bias, residual, relu, eps):
     _check_op(input, weight, bias, residual)
+
+
+def _check_eval(input, mean, var, weight, bias, residual, relu, eps):
+    _check_op(input, weight, bias, residual, mean, var)
+
+
+def _train_impl(input, weight, bias, residual, relu, eps):
     x = _dense(input)
     y = _empty_like(x)
     c, stats = x.shape[1], _stats_dtype(x.dtype)
@@ -178,13 +185,11 @@ def _train_impl(input, weight, bias, residual, relu, eps):
 
 
 def _train_fake(input, weight, bias, residual, relu, eps):
-    _check_op(input, weight, bias, residual)
     stats = input.new_empty((input.shape[1],), dtype=_stats_dtype(input.dtype))
     return _empty_like(_dense(input)), stats, stats.clone()
 
 
 def _eval_impl(input, mean, var, weight, bias, residual, relu, eps):
-    _check_op(input, weight, bias, residual, mean, var)
     x = _dense(input)
     y = _empty_like(x)
     if y.numel():
@@ -194,7 +199,6 @@ def _eval_impl(input, mean, var, weight, bias, residual, relu, eps):
 
 
 def _eval_fake(input, mean, var, weight, bias, residual, relu, eps):
-    _check_op(input, weight, bias, residual, mean, var)
     return _empty_like(_dense(input))
 
 
@@ -238,9 +242,9 @@ def _backward_fake(grad_output, input, output, mean, var, weight, training, eps,
 # No autocast policy: F.batch_norm is on none of autocast's lists; it runs in the input's dtype (with
 # float32 parameters and statistics for float16/bfloat16 input), on the CPU and on CUDA.
 define("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, float eps) "
-       "-> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake)
+       "-> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake, check=_check_train)
 define("batch_norm_eval(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
-       "bool relu, float eps) -> Tensor", impl=_eval_impl, fake=_eval_fake)
+       "bool relu, float eps) -> Tensor", impl=_eval_impl, fake=_eval_fake, check=_check_eval)
 define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, Tensor var, "
        "Tensor? weight, bool training, float eps, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
        impl=_backward_impl, fake=_backward_fake)
@@ -285,6 +289,33 @@ def _eval_backward(ctx, grad):
     gx, gw, gb, gr = _grads(ctx, grad, False)
     return gx, None, None, gw, gb, gr, None, None
 
+
+def _check_update(running_mean, running_var, mean, var, momentum, count):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.shape != mean.shape or not t.is_floating_point() or t.device != mean.device:
+            raise ValueError(f"{name} must be a floating Tensor{list(mean.shape)} on {mean.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
+
+
+def _update_impl(running_mean, running_var, mean, var, momentum, count):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance (as nn.BatchNorm).
+    On the CPU one C++ pass (three torch ops cost more than a tiny batch norm); on a GPU two queued ops each."""
+    unbiased = count / (count - 1) if count > 1 else 1.0
+    if running_mean.is_cpu:
+        _C.batch_norm_update_running_cpu(view(running_mean), view(running_var), view(mean.contiguous()),
+                                         view(var.contiguous()), momentum, count)
+    else:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * unbiased)
+
+
+def _update_fake(running_mean, running_var, mean, var, momentum, count):
+    return None
+
+
+# Updates the running statistics in place: no gradient flows into or out of them.
+define("batch_norm_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+       "float momentum, int count) -> ()", impl=_update_impl, fake=_update_fake, check=_check_update)
 
 no_second_derivative("batch_norm_backward", "batch_norm")
 register_autograd("batch_norm_train", _train_backward, setup_context=_train_setup)
@@ -346,14 +377,6 @@ def _momentum(momentum, num_batches_tracked):
     return 1.0 / float(num_batches_tracked.item())
 
 
-@torch.no_grad()
-def _update_running(running_mean, running_var, mean, var, m, factor):
-    """running = (1 - factor) * running + factor * batch, with the unbiased variance: three small ops
-    (tiny calls are where per-op overhead shows)."""
-    running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    running_var.mul_(1 - factor).add_(var, alpha=factor * m / (m - 1) if m > 1 else factor)
-
-
 def _params(t, input):
     """Per-channel tensors in the kernels' dtype (float32 for reduced precision): a cast of C values."""
     if t is None:
@@ -374,7 +397,7 @@ def _batch_norm(input, identity, running_mean, running_var, weight, bias, traini
     if training and running_mean is not None:
         factor = _momentum(momentum, num_batches_tracked)  # counts the batch, as nn.BatchNorm does
         if _m(input) > 0:  # an empty batch leaves the statistics alone (as PyTorch does)
-            _update_running(running_mean, running_var, mean, var, _m(input), factor)
+            OPS.batch_norm_update_running(running_mean, running_var, mean, var, factor, _m(input))
     return y
 
 

@@ -699,6 +699,10 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
   buffer.trim();
 }
 
+// Multiply-adds of the scores and the output (Q K^T and P V): what decides how many threads are worth
+// waking. The results do not depend on the thread count.
+int64_t attention_macs(const AttentionShape& sh) { return sh.b * sh.hq * sh.l * sh.s * (sh.d + sh.dv); }
+
 }  // namespace
 
 void attention_forward_cpu(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask,
@@ -706,6 +710,7 @@ void attention_forward_cpu(const TensorView& q, const TensorView& k, const Tenso
                            const TensorView& out, const TensorView& lse, int nthreads) {
   const AttentionShape sh = check_attention_args(q, k, v, mask, out, lse, DeviceType::CPU);
   if (sh.b * sh.hq * sh.l == 0) return;
+  nthreads = threads_for(attention_macs(sh), nthreads);
   dispatch_floating(q.dtype, "query", [&](auto tag) {
     using S = decltype(tag);
     using T = compute_t<S>;
@@ -722,6 +727,7 @@ void attention_backward_cpu(const TensorView& grad_out, const TensorView& q, con
   const AttentionShape sh = check_attention_args(q, k, v, mask, out, lse, DeviceType::CPU);
   check_attention_grads(grad_out, dq, dk, dv, q, k, v, out, grad_mask);
   if (sh.b * sh.hkv == 0 || (sh.l == 0 && sh.s == 0)) return;
+  nthreads = threads_for(attention_macs(sh), nthreads);
   dispatch_floating(q.dtype, "query", [&](auto tag) {
     using S = decltype(tag);
     using T = compute_t<S>;

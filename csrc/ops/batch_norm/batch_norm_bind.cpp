@@ -44,6 +44,7 @@ void bind_backend(py::module_& m, const char* suffix, Train train, Eval eval, Ba
 
 void bind_batch_norm(py::module_& m) {
   bind_backend<int>(m, "cpu", &batch_norm_forward_train_cpu, &batch_norm_forward_eval_cpu, &batch_norm_backward_cpu);
+  m.def("batch_norm_update_running_cpu", &batch_norm_update_running_cpu, py::call_guard<py::gil_scoped_release>());
 #ifdef FASTCV_WITH_CUDA
   bind_backend<uintptr_t>(m, "cuda", &batch_norm_forward_train_cuda, &batch_norm_forward_eval_cuda,
                           &batch_norm_backward_cuda);

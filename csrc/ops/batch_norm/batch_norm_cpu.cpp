@@ -645,6 +645,35 @@ void batch_norm_forward_eval_cpu(const TensorView& x, const TensorView& mean, co
   });
 }
 
+void batch_norm_update_running_cpu(const TensorView& running_mean, const TensorView& running_var,
+                                   const TensorView& mean, const TensorView& var, double momentum, int64_t count) {
+  const int64_t c = mean.numel();
+  for (const auto& [t, arg] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"},
+                               std::pair{&mean, "mean"}, std::pair{&var, "var"}}) {
+    check_shape(*t, arg, {c});
+    check_device(*t, arg, DeviceType::CPU);
+  }
+  check_contiguous(mean, "mean");
+  check_contiguous(var, "var");
+  check_dtype(var, "var", mean.dtype);
+  check_dtype(running_var, "running_var", running_mean.dtype);
+  const double unbiased = count > 1 ? double(count) / double(count - 1) : 1.0;
+  const int64_t sm = running_mean.stride(0), sv = running_var.stride(0);  // buffers may be strided views
+  dispatch_floating(mean.dtype, "mean", [&](auto stats_tag) {
+    using A = decltype(stats_tag);
+    dispatch_floating(running_mean.dtype, "running_mean", [&](auto tag) {
+      using R = decltype(tag);
+      const auto blend = [&](R& running, double batch) {
+        running = from_compute<R>(compute_t<R>(momentum * batch + (1 - momentum) * double(to_float(running))));
+      };
+      for (int64_t k = 0; k < c; ++k) {
+        blend(running_mean.ptr<R>()[k * sm], double(to_float(mean.ptr<A>()[k])));
+        blend(running_var.ptr<R>()[k * sv], double(to_float(var.ptr<A>()[k])) * unbiased);
+      }
+    });
+  });
+}
+
 // ---------------------------------------------------------------- backward
 
 namespace {

@@ -41,6 +41,11 @@ void batch_norm_forward_train_cpu(const TensorView& x, const TensorView* weight,
 void batch_norm_forward_eval_cpu(const TensorView& x, const TensorView& mean, const TensorView& var,
                                  const TensorView* weight, const TensorView* bias, const TensorView* residual,
                                  bool relu, double eps, const TensorView& y, int nthreads);
+// Training's update of the running statistics (nn.BatchNorm's buffers, [C], any floating dtype) from the
+// batch's mean and biased var over `count` values a channel: running = (1 - momentum) * running +
+// momentum * batch, with the unbiased variance, computed in double and rounded once.
+void batch_norm_update_running_cpu(const TensorView& running_mean, const TensorView& running_var,
+                                   const TensorView& mean, const TensorView& var, double momentum, int64_t count);
 // Backward of either forward. y: the forward's output when a ReLU was fused (its sign is the mask),
 // else null. mean, var: the statistics the forward normalised with; training: whether they were the
 // batch's own (then the gradient flows through them too). Outputs, each optional: grad_x, grad_residual

@@ -709,11 +709,18 @@ void apply_residual_relu(const TensorView& out, const Epilogue& e, int nthreads)
   });
 }
 
+// Multiply-adds of the convolution (each pass, forward or gradient, does as many): what decides how
+// many threads are worth waking.
+int64_t conv_macs(const Geometry& g) {
+  return g.batch * g.out_channels * g.pixels() * g.in_per_group() * g.taps();
+}
+
 }  // namespace
 
 void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const Epilogue& epilogue,
                         const TensorView& output, const Geometry& g, int nthreads) {
   check_conv2d_args(g, &input, weight, epilogue.bias, &output, DeviceType::CPU);
+  nthreads = threads_for(conv_macs(g), nthreads);
   if (epilogue.residual) {
     const TensorView& r = *epilogue.residual;
     check_shape(r, "residual", {g.batch, g.out_channels, g.out_h, g.out_w});
@@ -741,6 +748,7 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight, const TensorView& grad_input,
                            const Geometry& g, int nthreads) {
   check_conv2d_args(g, &grad_input, weight, nullptr, &grad_output, DeviceType::CPU);
+  nthreads = threads_for(conv_macs(g), nthreads);
   if (is_depthwise(g)) {  // either layout
     depthwise_input_grad_cpu(grad_output, weight, grad_input, g, nthreads);
     return;
@@ -759,6 +767,7 @@ void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weig
 void conv2d_weight_grad_cpu(const TensorView& grad_output, const TensorView& input, const TensorView& grad_weight,
                             const Geometry& g, int nthreads) {
   check_conv2d_args(g, &input, grad_weight, nullptr, &grad_output, DeviceType::CPU);
+  nthreads = threads_for(conv_macs(g), nthreads);
   check_arg(grad_weight.is_contiguous(), "grad_weight must be contiguous");
   if (is_depthwise(g)) {  // either layout
     depthwise_weight_grad_cpu(grad_output, input, grad_weight, g, nthreads);

@@ -82,6 +82,7 @@ void im2col_cpu(const TensorView& image, const Geometry& g, const TensorView& co
   const int64_t planes = image.size(0) * g.channels, plane = g.height * g.width;
   const int64_t rows = g.kh * g.kw * g.out_h * g.out_w;
   advise_huge_pages(columns.data, size_t(columns.numel() * dtype_size(columns.dtype)));  // kh*kw x the input
+  nthreads = threads_for(columns.numel(), nthreads);
   dispatch_floating(image.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
     parallel_for(0, planes, 1, nthreads, [&](int64_t p0, int64_t p1) {
@@ -94,6 +95,7 @@ void col2im_cpu(const TensorView& columns, const Geometry& g, const TensorView& 
   check_im2col_args(image, g, columns, DeviceType::CPU);
   const int64_t planes = image.size(0) * g.channels, plane = g.height * g.width;
   const int64_t rows = g.kh * g.kw * g.out_h * g.out_w;
+  nthreads = threads_for(columns.numel(), nthreads);
   dispatch_floating(image.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
     parallel_for(0, planes, 1, nthreads, [&](int64_t p0, int64_t p1) {
