@@ -12,37 +12,9 @@ import torch
 
 from fastcv import _C
 
-# Codes of csrc/common/tensor_view.h (enum class DType); keep the two in step.
-_DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.int64: 4,
-    torch.int32: 5,
-    torch.bool: 6,
-    torch.uint8: 7,
-}
-
 FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CUDA_BUILT: bool = bool(_C.build_info["cuda"])
 CUDA_ARCHS: str = _C.build_info["cuda_archs"]
-
-
-def view(t: torch.Tensor, _dtypes=_DTYPE_CODES) -> tuple:
-    """The tuple C++ turns into a TensorView (csrc/common/pyview.cpp). The tensor itself rides along
-    as the last element: the call's arguments then keep it alive, so `view(x.contiguous())` is safe.
-    Runs for every tensor of every call: attribute reads only (0.35 µs; t.device costs as much again)."""
-    return (t.data_ptr(), t.shape, t.stride(), _dtypes[t.dtype],
-            0 if t.is_cpu else 1 if t.is_cuda else _unsupported_device(t), t.get_device(), t)  # DeviceType codes
-
-
-def _unsupported_device(t: torch.Tensor):
-    raise ValueError(f"fastcv's kernels run on CPU and CUDA tensors, got one on {t.device}")
-
-
-def opt_view(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else view(t)
 
 
 def num_threads() -> int:

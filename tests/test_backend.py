@@ -31,16 +31,21 @@ def test_arch_covers(archs, capability, covered):
     assert _backend.arch_covers(archs, capability) is covered
 
 
-def test_view_describes_the_tensor():
-    t = torch.zeros(3, 5, dtype=torch.float64)[:, 1:4]
-    ptr, sizes, strides, dtype, device_type, index, owner = _backend.view(t)
-    assert (ptr, tuple(sizes), tuple(strides)) == (t.data_ptr(), (3, 3), (5, 1))
-    assert (dtype, device_type, index) == (1, 0, -1)
-    assert owner is t  # keeps a temporary alive for the call
+def test_compiled_module_reads_tensors_and_rejects_others():
+    # The bindings take torch tensors as they are; what they cannot run on is a clear ValueError.
+    boxes, scores, keep = torch.rand(4, 4), torch.rand(4), torch.empty(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="fastcv's kernels take float32, .* got torch.complex64"):
+        _C.nms_cpu(boxes.to(torch.complex64), scores, None, 0.5, keep, 1)
+    with pytest.raises(ValueError, match="run on CPU and CUDA tensors, got one on meta"):
+        _C.nms_cpu(boxes.to("meta"), scores, None, 0.5, keep, 1)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        _C.nms_cpu((0, (4, 4)), scores, None, 0.5, keep, 1)
+    n = _C.nms_cpu(boxes, scores, None, 0.5, keep, 1)  # and a valid call runs
+    assert 1 <= n <= 4
 
 
-def test_view_of_a_temporary_stays_valid_during_the_call():
-    # view(x.contiguous()) passes a tensor nothing else holds: the view itself must keep it alive.
+def test_temporary_argument_stays_valid_during_the_call():
+    # _C.im2col_cpu(x.contiguous(), ...) passes a tensor nothing else holds: the call keeps it alive.
     from fastcv import ops
     import torch.nn.functional as F
 
@@ -51,11 +56,9 @@ def test_view_of_a_temporary_stays_valid_during_the_call():
 
 def test_compiled_module_errors_are_value_errors():
     assert issubclass(_C.ArgError, ValueError)
-    with pytest.raises(ValueError, match="tensor view must be"):
-        _C.nms_cpu((0, (1,)), _backend.view(torch.zeros(1)), None, 0.5, _backend.view(torch.zeros(1)), 1)
     boxes, scores, keep = torch.rand(4, 4), torch.rand(4), torch.empty(4, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"iou_threshold must be in \[0, 1\]"):
-        _C.nms_cpu(_backend.view(boxes), _backend.view(scores), None, -0.5, _backend.view(keep), 1)
+        _C.nms_cpu(boxes, scores, None, -0.5, keep, 1)
 
 
 def test_build_info():

@@ -1,30 +1,95 @@
 #include "common/pyview.h"
 
+#include <string>
+
 namespace py = pybind11;
 
 namespace fastcv {
+namespace {
 
-TensorView view_from_tuple(py::handle obj) {
-  auto t = py::reinterpret_borrow<py::tuple>(obj);
-  // A 7th element, the tensor itself, only keeps the memory alive for the call.
-  check_arg(t.size() == 6 || t.size() == 7,
-            "tensor view must be (data_ptr, sizes, strides, dtype, device_type, device_index[, tensor])");
+// What view_from_tensor reads, looked up once: attribute names as interned strings, torch.Tensor and
+// the dtypes DType names (in DType's order). Every call of every op converts its tensors here, so the
+// reads are plain CPython calls, not pybind casts.
+struct Torch {
+  PyObject* tensor_type;
+  PyObject* dtypes[8];
+  PyObject *data_ptr, *shape, *stride, *dtype, *is_cuda, *is_cpu, *get_device, *device;
+};
+
+const Torch& torch_names() {
+  static const Torch names = [] {
+    py::gil_scoped_acquire gil;  // first use may come from a call that released it
+    const py::module_ torch = py::module_::import("torch");
+    Torch t;
+    t.tensor_type = py::object(torch.attr("Tensor")).release().ptr();
+    const char* dtypes[8] = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "bool", "uint8"};
+    for (int i = 0; i < 8; ++i) t.dtypes[i] = py::object(torch.attr(dtypes[i])).release().ptr();
+    t.data_ptr = PyUnicode_InternFromString("data_ptr");
+    t.shape = PyUnicode_InternFromString("shape");
+    t.stride = PyUnicode_InternFromString("stride");
+    t.dtype = PyUnicode_InternFromString("dtype");
+    t.is_cuda = PyUnicode_InternFromString("is_cuda");
+    t.is_cpu = PyUnicode_InternFromString("is_cpu");
+    t.get_device = PyUnicode_InternFromString("get_device");
+    t.device = PyUnicode_InternFromString("device");
+    return t;
+  }();
+  return names;
+}
+
+// A new reference, or the Python error raised.
+py::object owned(PyObject* p) {
+  if (!p) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(p);
+}
+
+int64_t to_int(PyObject* p) {
+  const long long v = PyLong_AsLongLong(p);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+// sizes or strides (a tuple of ints) into out; returns the count.
+int read_dims(const py::object& dims, int64_t* out, const char* what) {
+  check_arg(PyTuple_Check(dims.ptr()), std::string("tensor ") + what + " must be a tuple");
+  const Py_ssize_t n = PyTuple_GET_SIZE(dims.ptr());
+  check_arg(n <= kMaxDims, "fastcv's kernels take tensors of at most 8 dimensions");
+  for (Py_ssize_t d = 0; d < n; ++d) out[d] = to_int(PyTuple_GET_ITEM(dims.ptr(), d));
+  return int(n);
+}
+
+}  // namespace
+
+bool is_tensor(py::handle obj) {
+  const int r = PyObject_IsInstance(obj.ptr(), torch_names().tensor_type);
+  if (r < 0) throw py::error_already_set();
+  return r == 1;
+}
+
+TensorView view_from_tensor(py::handle obj) {
+  const Torch& t = torch_names();
+  PyObject* o = obj.ptr();
   TensorView v;
-  v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
-  auto sizes = t[1].cast<py::tuple>();
-  auto strides = t[2].cast<py::tuple>();
-  check_arg(sizes.size() <= size_t(kMaxDims) && sizes.size() == strides.size(),
-            "tensor view: at most 8 dimensions, with one stride per size");
-  v.ndim = int32_t(sizes.size());
-  for (int d = 0; d < v.ndim; ++d) {
-    v.sizes[d] = sizes[d].cast<int64_t>();
-    v.strides[d] = strides[d].cast<int64_t>();
+  v.data = PyLong_AsVoidPtr(owned(PyObject_CallMethodNoArgs(o, t.data_ptr)).ptr());
+  if (!v.data && PyErr_Occurred()) throw py::error_already_set();
+  v.ndim = read_dims(owned(PyObject_GetAttr(o, t.shape)), v.sizes, "shape");
+  check_arg(read_dims(owned(PyObject_CallMethodNoArgs(o, t.stride)), v.strides, "stride") == v.ndim,
+            "tensor strides must match its sizes");
+  const py::object dtype = owned(PyObject_GetAttr(o, t.dtype));
+  int code = 0;
+  while (code < 8 && t.dtypes[code] != dtype.ptr()) ++code;
+  check_arg(code < 8, "fastcv's kernels take float32, float64, float16, bfloat16, int64, int32, bool and uint8 "
+                      "tensors, got " + std::string(py::str(dtype)));
+  v.dtype = DType(code);
+  if (owned(PyObject_GetAttr(o, t.is_cpu)).ptr() == Py_True) {
+    v.device = DeviceType::CPU;
+  } else if (owned(PyObject_GetAttr(o, t.is_cuda)).ptr() == Py_True) {
+    v.device = DeviceType::CUDA;
+  } else {
+    throw ArgError("fastcv's kernels run on CPU and CUDA tensors, got one on " +
+                   std::string(py::str(owned(PyObject_GetAttr(o, t.device)))));
   }
-  const int dtype = t[3].cast<int>();
-  check_arg(dtype >= 0 && dtype <= int(DType::UInt8), "tensor view: unknown dtype code");
-  v.dtype = DType(dtype);
-  v.device = DeviceType(t[4].cast<int>());
-  v.device_index = t[5].cast<int32_t>();
+  v.device_index = int32_t(to_int(owned(PyObject_CallMethodNoArgs(o, t.get_device)).ptr()));
   return v;
 }
 

@@ -1,15 +1,16 @@
 #pragma once
-// The one place a Python tensor description becomes a TensorView. Python (fastcv/_backend.py, view())
-// passes (data_ptr, sizes, strides, dtype_code, device_type, device_index, tensor); the tensor keeps
-// the memory alive for the call. Plain tuples cost a fraction of a DLPack capsule per tensor, and tiny
-// calls are where per-call overhead shows.
+// The one place a Python torch.Tensor becomes a TensorView: bindings take tensors as they are and read
+// their data pointer, sizes, strides, dtype and device through CPython calls (no libtorch: the module
+// does not link against torch's C++ ABI). The call's arguments keep the tensors alive while C++ runs.
+// A fraction of a microsecond a tensor: tiny calls are where per-call overhead shows.
 #include <pybind11/pybind11.h>
 
 #include "common/check.h"
 #include "common/tensor_view.h"
 
 namespace fastcv {
-TensorView view_from_tuple(pybind11::handle obj);
+bool is_tensor(pybind11::handle obj);
+TensorView view_from_tensor(pybind11::handle obj);
 }
 
 namespace pybind11 {
@@ -18,8 +19,8 @@ template <>
 struct type_caster<fastcv::TensorView> {
   PYBIND11_TYPE_CASTER(fastcv::TensorView, const_name("TensorView"));
   bool load(handle src, bool) {
-    if (!isinstance<tuple>(src)) return false;
-    value = fastcv::view_from_tuple(src);
+    if (!fastcv::is_tensor(src)) return false;
+    value = fastcv::view_from_tensor(src);
     return true;
   }
 };

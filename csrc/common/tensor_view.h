@@ -5,7 +5,7 @@
 
 namespace fastcv {
 
-// Codes shared with fastcv/_backend.py (_DTYPE_CODES); keep the two in step.
+// The dtypes the kernels know, in the order pyview.cpp reads torch's (torch.float32, ...).
 enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int64 = 4, Int32 = 5, Bool = 6, UInt8 = 7 };
 enum class DeviceType : int32_t { CPU = 0, CUDA = 1 };
 

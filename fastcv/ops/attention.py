@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, num_threads, opt_view, view
+from fastcv._backend import FLOATING, num_threads
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, no_second_derivative, register_autograd
 
 __all__ = ["scaled_dot_product_attention"]
@@ -182,8 +182,8 @@ def _forward_call(q, k, v, mask, dropout_p, is_causal, scale, seed, offset, out,
         return
     q, k, v = _rows(q), _rows(k), _rows(v)
     if _use_cpp(q):
-        _C.attention_forward_cpu(view(q), view(k), view(v), opt_view(mask), scale, is_causal, dropout_p, seed, offset,
-                                 view(out), view(lse), num_threads())
+        _C.attention_forward_cpu(q, k, v, mask, scale, is_causal, dropout_p, seed, offset,
+                                 out, lse, num_threads())
     elif k.shape[2] == 0:  # no keys: every row is empty
         out.zero_(), lse.fill_(math.inf)
     else:
@@ -224,9 +224,9 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
 def _backward_call(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed, offset, dq, dk, dv, acc):
     grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
     if _use_cpp(q):
-        _C.attention_backward_cpu(view(grad_out), view(q), view(k), view(v), view(out.contiguous()),
-                                  view(lse.contiguous()), opt_view(mask), scale, is_causal, dropout_p, seed, offset,
-                                  view(dq), view(dk), view(dv), opt_view(acc), num_threads())
+        _C.attention_backward_cpu(grad_out, q, k, v, out.contiguous(),
+                                  lse.contiguous(), mask, scale, is_causal, dropout_p, seed, offset,
+                                  dq, dk, dv, acc, num_threads())
     elif 0 in (q.shape[2], k.shape[2]):  # no queries or no keys: nothing flows
         dq.zero_(), dk.zero_(), dv.zero_()
     elif 0 not in q.shape[:2]:

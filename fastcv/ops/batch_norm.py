@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
 from fastcv._library import OPS, define, no_second_derivative, register_autograd
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
@@ -106,11 +106,11 @@ def _run_train(x, weight, bias, residual, relu, eps, y, mean, var):
     if backend == "triton":
         _triton().forward_train(_as_3d(x), weight, bias, _opt_3d(residual), relu, eps, _as_3d(y), mean, var)
     elif backend == "cuda":
-        _C.batch_norm_forward_train_cuda(view(x), opt_view(weight), opt_view(bias), opt_view(residual), relu, eps,
-                                         view(y), view(mean), view(var), cuda_stream(x))
+        _C.batch_norm_forward_train_cuda(x, weight, bias, residual, relu, eps,
+                                         y, mean, var, cuda_stream(x))
     else:
-        _C.batch_norm_forward_train_cpu(view(x), opt_view(weight), opt_view(bias), opt_view(residual), relu, eps,
-                                        view(y), view(mean), view(var), num_threads())
+        _C.batch_norm_forward_train_cpu(x, weight, bias, residual, relu, eps,
+                                        y, mean, var, num_threads())
 
 
 def _run_eval(x, mean, var, weight, bias, residual, relu, eps, y):
@@ -118,11 +118,11 @@ def _run_eval(x, mean, var, weight, bias, residual, relu, eps, y):
     if backend == "triton":
         _triton().forward_eval(_as_3d(x), mean, var, weight, bias, _opt_3d(residual), relu, eps, _as_3d(y))
     elif backend == "cuda":
-        _C.batch_norm_forward_eval_cuda(view(x), view(mean), view(var), opt_view(weight), opt_view(bias),
-                                        opt_view(residual), relu, eps, view(y), cuda_stream(x))
+        _C.batch_norm_forward_eval_cuda(x, mean, var, weight, bias,
+                                        residual, relu, eps, y, cuda_stream(x))
     else:
-        _C.batch_norm_forward_eval_cpu(view(x), view(mean), view(var), opt_view(weight), opt_view(bias),
-                                       opt_view(residual), relu, eps, view(y), num_threads())
+        _C.batch_norm_forward_eval_cpu(x, mean, var, weight, bias,
+                                       residual, relu, eps, y, num_threads())
 
 
 def _run_backward(grad, x, y, mean, var, weight, training, eps, grads):
@@ -132,12 +132,12 @@ def _run_backward(grad, x, y, mean, var, weight, training, eps, grads):
         _triton().backward(_as_3d(grad), _as_3d(x), _opt_3d(y), mean, var, weight, training, eps, _opt_3d(gx),
                            _opt_3d(gr), gw, gb)
     elif backend == "cuda":
-        _C.batch_norm_backward_cuda(view(grad), view(x), opt_view(y), view(mean), view(var), opt_view(weight),
-                                    training, eps, opt_view(gx), opt_view(gr), opt_view(gw), opt_view(gb),
+        _C.batch_norm_backward_cuda(grad, x, y, mean, var, weight,
+                                    training, eps, gx, gr, gw, gb,
                                     cuda_stream(x))
     else:
-        _C.batch_norm_backward_cpu(view(grad), view(x), opt_view(y), view(mean), view(var), opt_view(weight),
-                                   training, eps, opt_view(gx), opt_view(gr), opt_view(gw), opt_view(gb),
+        _C.batch_norm_backward_cpu(grad, x, y, mean, var, weight,
+                                   training, eps, gx, gr, gw, gb,
                                    num_threads())
 
 
@@ -302,8 +302,8 @@ def _update_impl(running_mean, running_var, mean, var, momentum, count):
     On the CPU one C++ pass (three torch ops cost more than a tiny batch norm); on a GPU two queued ops each."""
     unbiased = count / (count - 1) if count > 1 else 1.0
     if running_mean.is_cpu:
-        _C.batch_norm_update_running_cpu(view(running_mean), view(running_var), view(mean.contiguous()),
-                                         view(var.contiguous()), momentum, count)
+        _C.batch_norm_update_running_cpu(running_mean, running_var, mean.contiguous(),
+                                         var.contiguous(), momentum, count)
     else:
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * unbiased)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, register_autograd
 from fastcv.ops._args import pair
 
@@ -148,12 +148,12 @@ def _forward(input, weight, bias, residual, relu, stride, padding, dilation, gro
     fmt = _memory_format(input, weight)
     out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
     if out.numel():
-        x, b = view(input.contiguous(memory_format=fmt)), opt_view(None if bias is None else bias.contiguous())
+        x, b = input.contiguous(memory_format=fmt), None if bias is None else bias.contiguous()
         if cuda:
-            _C.depthwise_forward_cuda(x, view(weight), b, view(out), g, cuda_stream(out))
+            _C.depthwise_forward_cuda(x, weight, b, out, g, cuda_stream(out))
         else:
-            r = None if residual is None else view(residual.contiguous(memory_format=fmt))
-            _C.conv2d_forward_cpu(x, view(weight), b, r, relu, view(out), g, num_threads())
+            r = None if residual is None else residual.contiguous(memory_format=fmt)
+            _C.conv2d_forward_cpu(x, weight, b, r, relu, out, g, num_threads())
     return out
 
 
@@ -188,11 +188,11 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
     fmt = _memory_format(grad_output, weight)
     out = _empty(g[:4], grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
     if out.numel():
-        go = view(grad_output.contiguous(memory_format=fmt))
+        go = grad_output.contiguous(memory_format=fmt)
         if cuda:
-            _C.depthwise_input_grad_cuda(go, view(weight), view(out), g, cuda_stream(out))
+            _C.depthwise_input_grad_cuda(go, weight, out, g, cuda_stream(out))
         else:
-            _C.conv2d_input_grad_cpu(go, view(weight), view(out), g, num_threads())
+            _C.conv2d_input_grad_cpu(go, weight, out, g, num_threads())
     return out
 
 
@@ -218,11 +218,11 @@ def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation
                                             tuple(dilation), groups)
     fmt = _memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)
-    go, x = view(grad_output.contiguous(memory_format=fmt)), view(input.contiguous(memory_format=fmt))
+    go, x = grad_output.contiguous(memory_format=fmt), input.contiguous(memory_format=fmt)
     if cuda:
-        _C.depthwise_weight_grad_cuda(go, x, view(out), g, cuda_stream(out))
+        _C.depthwise_weight_grad_cuda(go, x, out, g, cuda_stream(out))
     else:
-        _C.conv2d_weight_grad_cpu(go, x, view(out), g, num_threads())
+        _C.conv2d_weight_grad_cpu(go, x, out, g, num_threads())
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
 from fastcv._library import OPS, define, register_autograd
 from fastcv.ops._args import pair
 
@@ -62,9 +62,9 @@ def _im2col_impl(input, kernel_size, dilation, padding, stride):
         pass
     elif input.is_cuda:
         gpu_backend(input.device)  # raises if the build has no CUDA kernels for this GPU
-        _C.im2col_cuda(view(input.contiguous()), g, view(out), cuda_stream(out))
+        _C.im2col_cuda(input.contiguous(), g, out, cuda_stream(out))
     else:
-        _C.im2col_cpu(view(input.contiguous()), g, view(out), num_threads())
+        _C.im2col_cpu(input.contiguous(), g, out, num_threads())
     return out
 
 
@@ -94,9 +94,9 @@ def _col2im_impl(input, output_size, kernel_size, dilation, padding, stride):
         pass
     elif input.is_cuda:
         gpu_backend(input.device)
-        _C.col2im_cuda(view(input.contiguous()), g, view(out), cuda_stream(out))
+        _C.col2im_cuda(input.contiguous(), g, out, cuda_stream(out))
     else:
-        _C.col2im_cpu(view(input.contiguous()), g, view(out), num_threads())
+        _C.col2im_cpu(input.contiguous(), g, out, num_threads())
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, opt_view, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
 from fastcv._library import FP32, OPS, define
 
 __all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections"]
@@ -104,8 +104,8 @@ def _gpu_pass(boxes: Tensor, labels: Tensor | None, iou_threshold: float, n_vali
     count = torch.empty((batch,), dtype=torch.int64, device=device)
     if gpu_backend(device) == "cuda":
         stream = cuda_stream(boxes)
-        _C.nms_mask_cuda(view(boxes), opt_view(labels), iou_threshold, view(mask), stream)
-        _C.nms_keep_cuda(view(mask), opt_view(n_valid), view(removed), view(keep), view(count), stream)
+        _C.nms_mask_cuda(boxes, labels, iou_threshold, mask, stream)
+        _C.nms_keep_cuda(mask, n_valid, removed, keep, count, stream)
     else:
         try:
             from fastcv.kernels import nms as triton_nms
@@ -121,7 +121,7 @@ def _gpu_pass(boxes: Tensor, labels: Tensor | None, iou_threshold: float, n_vali
 
 def _nms_cpu(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     keep = torch.empty((boxes.shape[0],), dtype=torch.int64)
-    count = _C.nms_cpu(view(boxes), view(scores), opt_view(idxs), iou_threshold, view(keep), num_threads())
+    count = _C.nms_cpu(boxes, scores, idxs, iou_threshold, keep, num_threads())
     return keep[:count]
 
 
@@ -225,8 +225,8 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
         # torch compares scores with a Python float in the scores' dtype; so does the kernel.
         threshold = torch.tensor(score_threshold, dtype=scores.dtype).item()
         _C.batched_nms_padded_cpu(
-            view(boxes), view(scores), iou_threshold, threshold, k,
-            view(indices), view(labels), view(count), num_threads(),
+            boxes, scores, iou_threshold, threshold, k,
+            indices, labels, count, num_threads(),
         )
         return indices, labels, count
     return _padded_gpu(boxes, scores, iou_threshold, score_threshold, max_detections, k)

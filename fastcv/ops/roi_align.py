@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads, view
+from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
 from fastcv._library import FP32, OPS, define, no_second_derivative, register_autograd
 from fastcv.ops._args import pair
 
@@ -73,14 +73,14 @@ def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, s
         triton_roi_align.roi_align_forward(maps[0], rois, scales[0], pooled_height, pooled_width, sampling_ratio,
                                            aligned, out)
     elif first.is_cuda:
-        _C.roi_align_forward_cuda([view(m) for m in maps], list(scales), view(rois), mapping, sampling_ratio, aligned,
-                                  view(out), cuda_stream(out))
+        _C.roi_align_forward_cuda([m for m in maps], list(scales), rois, mapping, sampling_ratio, aligned,
+                                  out, cuda_stream(out))
     elif mapping is None:
-        _C.roi_align_forward_cpu(view(maps[0]), view(rois), scales[0], sampling_ratio, aligned, view(out),
+        _C.roi_align_forward_cpu(maps[0], rois, scales[0], sampling_ratio, aligned, out,
                                  num_threads())
     else:
-        _C.multi_scale_roi_align_forward_cpu([view(m) for m in maps], list(scales), view(rois), *mapping,
-                                             sampling_ratio, aligned, view(out), num_threads())
+        _C.multi_scale_roi_align_forward_cpu([m for m in maps], list(scales), rois, *mapping,
+                                             sampling_ratio, aligned, out, num_threads())
     return out
 
 
@@ -98,15 +98,15 @@ def _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned):
                                "backward yet); rebuild fastcv with nvcc available")
         if grad.is_cuda:
             # torch.use_deterministic_algorithms(True): threads own row tiles of the gradient, no atomics.
-            _C.roi_align_backward_cuda(view(g), list(scales), view(rois), mapping, sampling_ratio, aligned,
-                                       torch.are_deterministic_algorithms_enabled(), [view(x) for x in grads],
+            _C.roi_align_backward_cuda(g, list(scales), rois, mapping, sampling_ratio, aligned,
+                                       torch.are_deterministic_algorithms_enabled(), [x for x in grads],
                                        cuda_stream(g))
         elif mapping is None:
-            _C.roi_align_backward_cpu(view(g), view(rois), scales[0], sampling_ratio, aligned, view(grads[0]),
+            _C.roi_align_backward_cpu(g, rois, scales[0], sampling_ratio, aligned, grads[0],
                                       num_threads())
         else:
-            _C.multi_scale_roi_align_backward_cpu(view(g), list(scales), view(rois), *mapping, sampling_ratio,
-                                                  aligned, [view(x) for x in grads], num_threads())
+            _C.multi_scale_roi_align_backward_cpu(g, list(scales), rois, *mapping, sampling_ratio,
+                                                  aligned, [x for x in grads], num_threads())
     return [x.to(grad.dtype) for x in grads]
 
 
