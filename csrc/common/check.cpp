@@ -18,10 +18,6 @@ const char* dtype_name(DType dt) {
   return "unknown";
 }
 
-void check_arg(bool ok, const std::string& message) {
-  if (!ok) throw ArgError(message);
-}
-
 static std::string shape_str(const TensorView& t) {
   std::ostringstream s;
   s << "[";

@@ -51,7 +51,7 @@ int64_t to_int(PyObject* p) {
 
 // sizes or strides (a tuple of ints) into out; returns the count.
 int read_dims(const py::object& dims, int64_t* out, const char* what) {
-  check_arg(PyTuple_Check(dims.ptr()), std::string("tensor ") + what + " must be a tuple");
+  check_arg(PyTuple_Check(dims.ptr()), what, " of a tensor must be a tuple");
   const Py_ssize_t n = PyTuple_GET_SIZE(dims.ptr());
   check_arg(n <= kMaxDims, "fastcv's kernels take tensors of at most 8 dimensions");
   for (Py_ssize_t d = 0; d < n; ++d) out[d] = to_int(PyTuple_GET_ITEM(dims.ptr(), d));
@@ -78,18 +78,20 @@ TensorView view_from_tensor(py::handle obj) {
   const py::object dtype = owned(PyObject_GetAttr(o, t.dtype));
   int code = 0;
   while (code < 8 && t.dtypes[code] != dtype.ptr()) ++code;
-  check_arg(code < 8, "fastcv's kernels take float32, float64, float16, bfloat16, int64, int32, bool and uint8 "
-                      "tensors, got " + std::string(py::str(dtype)));
+  if (code == 8)
+    throw ArgError("fastcv's kernels take float32, float64, float16, bfloat16, int64, int32, bool and uint8 tensors, "
+                   "got " + std::string(py::str(dtype)));
   v.dtype = DType(code);
-  if (owned(PyObject_GetAttr(o, t.is_cpu)).ptr() == Py_True) {
+  if (owned(PyObject_GetAttr(o, t.is_cpu)).ptr() == Py_True) {  // the index of a CPU tensor is -1
     v.device = DeviceType::CPU;
+    v.device_index = -1;
   } else if (owned(PyObject_GetAttr(o, t.is_cuda)).ptr() == Py_True) {
     v.device = DeviceType::CUDA;
+    v.device_index = int32_t(to_int(owned(PyObject_CallMethodNoArgs(o, t.get_device)).ptr()));
   } else {
     throw ArgError("fastcv's kernels run on CPU and CUDA tensors, got one on " +
                    std::string(py::str(owned(PyObject_GetAttr(o, t.device)))));
   }
-  v.device_index = int32_t(to_int(owned(PyObject_CallMethodNoArgs(o, t.get_device)).ptr()));
   return v;
 }
 

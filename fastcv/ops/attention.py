@@ -157,9 +157,8 @@ def _decisive(q, k, v, mask, full_mask):
 
 
 def _forward_outputs(q, v):
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1], dtype=_compute_dtype(q.dtype))
-    return out, lse
+    *lead, _ = q.shape
+    return q.new_empty((*lead, v.shape[-1])), q.new_empty(lead, dtype=_compute_dtype(q.dtype))
 
 
 def _forward_impl(q, k, v, mask, dropout_p, is_causal, scale, seed):

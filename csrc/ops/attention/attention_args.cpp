@@ -12,10 +12,10 @@ namespace {
 DType compute_dtype(DType dt) { return dt == DType::Float64 ? DType::Float64 : DType::Float32; }
 
 void check_floating(const TensorView& t, const char* arg) {
-  check_arg(t.dtype == DType::Float32 || t.dtype == DType::Float64 || t.dtype == DType::Float16 ||
-                t.dtype == DType::BFloat16,
-            std::string(arg) + " must be a floating tensor (float32, float64, float16 or bfloat16), got " +
-                dtype_name(t.dtype));
+  if (t.dtype != DType::Float32 && t.dtype != DType::Float64 && t.dtype != DType::Float16 &&
+      t.dtype != DType::BFloat16)
+    throw ArgError(std::string(arg) + " must be a floating tensor (float32, float64, float16 or bfloat16), got " +
+                   dtype_name(t.dtype));
 }
 
 void check_same(const TensorView& t, const char* arg, const TensorView& q, DeviceType device) {
@@ -25,7 +25,7 @@ void check_same(const TensorView& t, const char* arg, const TensorView& q, Devic
 
 // Rows are read as runs: the last dimension must be contiguous.
 void check_rows(const TensorView& t, const char* arg) {
-  check_arg(t.size(3) <= 1 || t.stride(3) == 1, std::string(arg) + "'s last dimension must be contiguous (stride 1)");
+  check_arg(t.size(3) <= 1 || t.stride(3) == 1, arg, "'s last dimension must be contiguous (stride 1)");
 }
 
 }  // namespace
@@ -44,9 +44,9 @@ AttentionShape check_attention_args(const TensorView& q, const TensorView& k, co
   check_rows(k, "key");
   check_rows(v, "value");
   const AttentionShape sh{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  check_arg(sh.hkv > 0 ? sh.hq % sh.hkv == 0 : sh.hq == 0,
-            "the query's heads (" + std::to_string(sh.hq) + ") must be a multiple of the key's (" +
-                std::to_string(sh.hkv) + ")");
+  if (sh.hkv > 0 ? sh.hq % sh.hkv != 0 : sh.hq != 0)
+    throw ArgError("the query's heads (" + std::to_string(sh.hq) + ") must be a multiple of the key's (" +
+                   std::to_string(sh.hkv) + ")");
   if (mask) {
     check_shape(*mask, "attn_mask", {sh.b, sh.hq, sh.l, sh.s});
     check_device(*mask, "attn_mask", device);

@@ -22,13 +22,13 @@ bool dense(const TensorView& t, bool packed) {
 }
 
 void check_like(const TensorView& t, const char* arg, const TensorView& x, bool packed, DeviceType device) {
-  check_arg(t.ndim == x.ndim, std::string(arg) + " must have the shape of input");
+  check_arg(t.ndim == x.ndim, arg, " must have the shape of input");
   for (int d = 0; d < x.ndim; ++d)
-    check_arg(t.size(d) == x.size(d), std::string(arg) + " must have the shape of input");
+    check_arg(t.size(d) == x.size(d), arg, " must have the shape of input");
   check_dtype(t, arg, x.dtype);
   check_device(t, arg, device);
-  check_arg(t.device_index == x.device_index, std::string(arg) + " must be on the device of input");
-  check_arg(dense(t, packed), std::string(arg) + " must have the memory format of input");
+  check_arg(t.device_index == x.device_index, arg, " must be on the device of input");
+  check_arg(dense(t, packed), arg, " must have the memory format of input");
 }
 
 }  // namespace
@@ -52,7 +52,7 @@ BatchNormShape check_batch_norm_args(const TensorView& x, const TensorView* weig
     check_dtype(*t, arg, stats);
     check_contiguous(*t, arg);
     check_device(*t, arg, device);
-    check_arg(t->device_index == x.device_index, std::string(arg) + " must be on the device of input");
+    check_arg(t->device_index == x.device_index, arg, " must be on the device of input");
   }
   if (residual) check_like(*residual, "residual", x, s.packed, device);
   if (y) check_like(*y, "output", x, s.packed, device);

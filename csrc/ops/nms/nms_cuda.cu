@@ -107,7 +107,7 @@ __global__ void nms_keep_kernel(const Word* __restrict__ mask, const int64_t* __
 
 void check_cuda_tensor(const TensorView& t, const char* arg, const TensorView& like) {
   check_device(t, arg, DeviceType::CUDA);
-  check_arg(t.device_index == like.device_index, std::string(arg) + " must be on the same CUDA device as boxes");
+  check_arg(t.device_index == like.device_index, arg, " must be on the same CUDA device as boxes");
   check_contiguous(t, arg);
 }
 

@@ -22,7 +22,7 @@ PoolShape check_roi_align_args(const std::vector<TensorView>& maps, const std::v
   // The first map decides the layout (a tensor with C == 1 or 1x1 planes counts as NCHW).
   s.channels_last = !first.is_contiguous() && first.is_channels_last();
   check_arg(s.channels_last ? pooled.is_channels_last() : pooled.is_contiguous(),
-            std::string(pooled_name) + " must have the memory format of the input (contiguous NCHW or channels_last)");
+            pooled_name, " must have the memory format of the input (contiguous NCHW or channels_last)");
   for (const TensorView* t : {&rois, &pooled}) {
     check_device(*t, "tensors", device);
     check_arg(t->device_index == first.device_index, "all tensors must be on one device");
