@@ -602,7 +602,9 @@ void attention_backward_impl(const TensorView& gv, const TensorView& qv, const T
   BackwardDims<T> dm;
   dm.mr = MR, dm.nr = NR;
   dm.block_q = 16 * MR;
-  dm.block_k = lcm * std::max<int64_t>(1, 96 / lcm);  // keys are the rows of dK, dV and the lanes of S, dP
+  // Keys are the rows of dK, dV and the lanes of S, dP; a short sequence gets one block of its own
+  // (rounded up) rather than a full block of zero padding to clear and transpose.
+  dm.block_k = std::min(lcm * std::max<int64_t>(1, 96 / lcm), std::max(lcm, round_up(Sk, lcm)));
   dm.l_pad = round_up(L, MR);
   dm.s_pad = round_up(Sk, dm.block_k);
   dm.ld_d = round_up(D, NR), dm.ld_dv = round_up(Dv, NR);
