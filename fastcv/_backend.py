@@ -1,11 +1,15 @@
-"""The boundary between torch tensors and the compiled module fastcv._C.
+"""The boundary between torch tensors and fastcv's kernels.
 
-Everything that turns a tensor into what C++ sees, finds the CUDA stream, or decides whether this build
-can run on a device lives here, so that ops never repeat it.
+Which kernels run an op (select), the Triton kernels' loader (triton), the CUDA stream and the thread
+count the C++ kernels take, and whether this build can run on a GPU, live here, so that ops never
+repeat them. forced() is the one switch that makes tests take code paths this machine would not take
+by itself.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import os
 
 import torch
@@ -83,12 +87,79 @@ def check_cuda_device(index: int) -> None:
         )
 
 
-def gpu_backend(device: torch.device) -> str:
-    """Which GPU kernels run: 'cuda' (the compiled CUDA C++ kernels) when this build has them, else
-    'triton'. FASTCV_GPU_BACKEND=triton selects Triton even when CUDA kernels were built. Raises when
-    the CUDA kernels are chosen but cannot run on the device."""
-    if not CUDA_BUILT or os.environ.get("FASTCV_GPU_BACKEND", "").lower() == "triton":
-        return "triton"
-    if device.type == "cuda":
-        check_cuda_device(device.index if device.index is not None else torch.cuda.current_device())
-    return "cuda"
+# ---------------------------------------------------------------- which kernels run an op
+
+CPU, CUDA, TRITON = "cpu", "cuda", "triton"
+
+# The GPU kernels each op has (every op has C++ CPU kernels). CUDA C++ runs when this build has it and
+# FASTCV_GPU_BACKEND is not "triton"; else Triton, where the op has Triton kernels; else a clear error.
+GPU_KERNELS = {
+    "nms": (CUDA, TRITON),
+    "roi_align": (CUDA, TRITON),  # Triton: the single-level forward in float32, float16 and bfloat16
+    "roi_align_backward": (CUDA,),
+    "multi_scale_roi_align": (CUDA,),
+    "batch_norm": (CUDA, TRITON),
+    "conv2d": (TRITON,),
+    "depthwise_conv2d": (CUDA, TRITON),
+    "im2col": (CUDA,),
+    "attention": (TRITON,),
+}
+
+_forced_backend: str | None = None
+
+
+def select(op: str, t: torch.Tensor) -> str:
+    """Which kernels run `op` on t's device: CPU (C++), CUDA (CUDA C++) or TRITON. Raises a clear error
+    when this build has no kernels for the op on t's device, or its CUDA kernels cannot run there."""
+    if t.is_cpu:
+        return _forced_backend if _forced_backend in GPU_KERNELS[op] else CPU
+    if not t.is_cuda:
+        raise ValueError(f"fastcv's kernels run on CPU and CUDA tensors, got one on {t.device}")
+    kernels = GPU_KERNELS[op]
+    wanted = _forced_backend or os.environ.get("FASTCV_GPU_BACKEND", "").lower() or CUDA
+    if CUDA in kernels and CUDA_BUILT and wanted != TRITON:
+        check_cuda_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        return CUDA
+    if TRITON in kernels:
+        return TRITON
+    raise RuntimeError(
+        f"fastcv's {op} on the GPU needs its CUDA kernels, which this build does not have (nvcc was not found "
+        "at build time, or FASTCV_WITH_CUDA=OFF); it has no Triton kernels. Reinstall with nvcc on PATH."
+        if not CUDA_BUILT else
+        f"fastcv's {op} on the GPU has CUDA kernels only, and FASTCV_GPU_BACKEND=triton asks for Triton")
+
+
+def triton(name: str):
+    """The Triton kernels of fastcv.kernels.<name>, with one error when Triton cannot be imported."""
+    try:
+        return importlib.import_module(f"fastcv.kernels.{name}")
+    except ImportError as e:
+        raise RuntimeError(f"fastcv's Triton kernels need the triton package, which cannot be imported ({e}); "
+                           "install triton, or reinstall fastcv with nvcc available for its CUDA kernels") from e
+
+
+@contextlib.contextmanager
+def forced(*, backend: str | None = None, thread_pool: bool = False, attention_blocks: dict | None = None):
+    """Takes, inside the block, code paths this machine would not take by itself, so that tests reach
+    them: backend=TRITON runs CPU tensors through the Triton kernels of the ops that have them (with
+    TRITON_INTERPRET=1) and GPU tensors too when the CUDA kernels were built; thread_pool=True runs
+    the C++ kernels' parallel regions on fastcv's own thread pool instead of torch's OpenMP team;
+    attention_blocks ({"fwd": (m, n), "kv": ..., "q": ...}) sets the Triton attention kernels' tiles."""
+    global _forced_backend
+    if backend not in (None, TRITON):
+        raise ValueError(f"backend can be forced to {TRITON!r} only, got {backend!r}")
+    blocks_module = triton("attention") if attention_blocks is not None else None
+    saved = _forced_backend, blocks_module and blocks_module._BLOCKS_OVERRIDE
+    _forced_backend = backend
+    if thread_pool:
+        _C._set_use_openmp(False)
+    if blocks_module:
+        blocks_module._BLOCKS_OVERRIDE = attention_blocks
+    try:
+        yield
+    finally:
+        _forced_backend = saved[0]
+        if thread_pool:
+            _C._set_use_openmp(True)
+        if blocks_module:
+            blocks_module._BLOCKS_OVERRIDE = saved[1]

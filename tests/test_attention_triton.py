@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import triton_device
+from fastcv._backend import forced, select
 from fastcv.kernels import attention as triton_attention
 
 # Tolerances relative to the reference's largest magnitude (at least 1). float32 accumulates in float32
@@ -268,11 +269,12 @@ def test_dropout_seeds(device):
 
 @pytest.mark.parametrize("blocks", [{"fwd": (32, 16), "kv": (16, 32), "q": (32, 16)},
                                     {"fwd": (16, 32), "kv": (32, 16), "q": (16, 32)}], ids=["m32n16", "m16n32"])
-def test_tilings(device, blocks, monkeypatch):
-    monkeypatch.setattr(triton_attention, "_BLOCKS_OVERRIDE", blocks)
+def test_tilings(device, blocks):
     mask = additive_mask((2, 2, 1, 40), device, ninf=0.1).expand(2, 2, 41, 40)
-    check(2, 2, 1, 41, 40, 24, causal=True, mask=mask, p=0.2, seed=4, device=device)
-    check(1, 2, 2, 19, 70, 16, causal=True, device=device)
+    with forced(attention_blocks=blocks):
+        check(2, 2, 1, 41, 40, 24, causal=True, mask=mask, p=0.2, seed=4, device=device)
+        check(1, 2, 2, 19, 70, 16, causal=True, device=device)
+    assert triton_attention._BLOCKS_OVERRIDE is None, "forced() must restore the kernels' own tiles"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,10 +315,10 @@ def test_bad_arguments(device):
 
 
 @pytest.fixture
-def triton_route(monkeypatch):
+def triton_route():
     """The public op's Triton path on the test device (on the CPU: CPU tensors, interpreted kernels)."""
-    import fastcv.ops.attention as attention_module
-    monkeypatch.setattr(attention_module, "_TRITON_ON_CPU", True)
+    with forced(backend="triton"):
+        yield
 
 
 @pytest.mark.parametrize("case", ["plain", "value_dim", "gqa_mask_causal"])
@@ -349,7 +351,6 @@ def test_public_op_on_triton(device, triton_route, case):
 def test_cpu_and_triton_drop_the_same_elements():
     """The C++ kernels draw the Triton kernels' Philox words: with value = identity, the CPU output row
     is the row's dropped probabilities, zero exactly where dropout_mask says dropped."""
-    from fastcv.ops import attention as attention_ops
     B, H, L, S, p, seed = 1, 2, 5, 24, 0.4, 12345
     q = torch.randn(B, H, L, 8)
     k = torch.randn(B, H, S, 8)
@@ -357,7 +358,7 @@ def test_cpu_and_triton_drop_the_same_elements():
     out, _ = torch.ops.fastcv.attention_forward(q, k, v, None, p, False, 0.3, seed)
     keep = triton_attention.dropout_mask(B, H, L, S, p, seed, 0, triton_device()).cpu()
     assert torch.equal(out != 0, keep)
-    assert not attention_ops._TRITON_ON_CPU
+    assert select("attention", q) == "cpu"  # the output above came from the C++ kernels
 
 
 # ---------------------------------------------------------------- the mask's gradient (dK/dV kernel)

@@ -107,15 +107,15 @@ def test_both_parallel_backends_give_the_same_results(use_openmp):
     boxes, scores = random_boxes(5000, generator=g), distinct_scores(5000, generator=g)
     expected = ops.nms(boxes, scores, 0.5)
     before = torch.get_num_threads()
-    _C._set_use_openmp(use_openmp)
     try:
-        torch.set_num_threads(2)
-        assert ("openmp" in _C.parallel_backend()) == use_openmp
-        assert torch.equal(ops.nms(boxes, scores, 0.5), expected)
-        idxs = torch.randint(0, 30, (5000,), generator=g)
-        assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), torchvision_batched(boxes, scores, idxs))
+        with _backend.forced(thread_pool=not use_openmp):
+            torch.set_num_threads(2)
+            assert ("openmp" in _C.parallel_backend()) == use_openmp
+            assert torch.equal(ops.nms(boxes, scores, 0.5), expected)
+            idxs = torch.randint(0, 30, (5000,), generator=g)
+            assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), torchvision_batched(boxes, scores, idxs))
+        assert "openmp" in _C.parallel_backend(), "forced() must restore torch's OpenMP team"
     finally:
-        _C._set_use_openmp(True)
         torch.set_num_threads(before)
 
 
@@ -123,3 +123,66 @@ def torchvision_batched(boxes, scores, idxs):
     import torchvision
 
     return torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+
+
+# ---------------------------------------------------------------- backend selection
+
+
+class _CudaTensor:
+    """What select() reads of a CUDA tensor, for the selection rules on a machine without a GPU."""
+    is_cpu, is_cuda, device = False, True, torch.device("cuda", 0)
+
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """select() as in a build with CUDA kernels that can run on the (pretend) device."""
+    monkeypatch.setattr(_backend, "CUDA_BUILT", True)
+    monkeypatch.setattr(_backend, "check_cuda_device", lambda index: None)
+    monkeypatch.delenv("FASTCV_GPU_BACKEND", raising=False)
+
+
+def test_cpu_tensors_run_the_cpp_kernels():
+    t = torch.zeros(1)
+    assert {_backend.select(op, t) for op in _backend.GPU_KERNELS} == {"cpu"}
+    with pytest.raises(ValueError, match="CPU and CUDA tensors, got one on meta"):
+        _backend.select("nms", torch.zeros(1, device="meta"))
+
+
+def test_forced_triton_on_cpu_tensors():
+    t = torch.zeros(1)
+    with _backend.forced(backend="triton"):
+        chosen = {op: _backend.select(op, t) for op in _backend.GPU_KERNELS}
+    assert chosen == {op: "triton" if "triton" in kernels else "cpu" for op, kernels in _backend.GPU_KERNELS.items()}
+    assert _backend.select("nms", t) == "cpu", "forced() must restore the selection"
+    with pytest.raises(ValueError, match="forced to 'triton' only"):
+        with _backend.forced(backend="cuda"):
+            pass
+
+
+def test_gpu_selection_with_cuda_kernels(cuda_build, monkeypatch):
+    t = _CudaTensor()
+    expected = {"nms": "cuda", "roi_align": "cuda", "roi_align_backward": "cuda", "multi_scale_roi_align": "cuda",
+                "batch_norm": "cuda", "conv2d": "triton", "depthwise_conv2d": "cuda", "im2col": "cuda",
+                "attention": "triton"}
+    assert {op: _backend.select(op, t) for op in _backend.GPU_KERNELS} == expected
+    monkeypatch.setenv("FASTCV_GPU_BACKEND", "triton")  # the user's switch: Triton wherever it exists
+    assert _backend.select("nms", t) == "triton" and _backend.select("batch_norm", t) == "triton"
+    with pytest.raises(RuntimeError, match="im2col on the GPU has CUDA kernels only"):
+        _backend.select("im2col", t)
+
+
+def test_gpu_selection_without_cuda_kernels(monkeypatch):
+    # A build without nvcc: Triton where an op has Triton kernels, else a clear error (im2col and col2im
+    # once reached _C.im2col_cuda, which such a build does not have: an AttributeError).
+    monkeypatch.setattr(_backend, "CUDA_BUILT", False)
+    t = _CudaTensor()
+    assert _backend.select("nms", t) == "triton" and _backend.select("attention", t) == "triton"
+    for op in ("im2col", "roi_align_backward", "multi_scale_roi_align"):
+        with pytest.raises(RuntimeError, match=f"{op} on the GPU needs its CUDA kernels, which this build does not"):
+            _backend.select(op, t)
+
+
+def test_triton_loader_names_the_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastcv.kernels.nms", None)  # makes the import raise ImportError
+    with pytest.raises(RuntimeError, match="need the triton package"):
+        _backend.triton("nms")

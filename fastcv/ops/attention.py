@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, num_threads
+from fastcv._backend import CPU, FLOATING, num_threads, select, triton
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, no_second_derivative, register_autograd
 
 __all__ = ["scaled_dot_product_attention"]
@@ -44,20 +44,6 @@ MAX_HEAD_DIM = {"cpu": 512, "cuda": 256}
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Tests set this under TRITON_INTERPRET=1 to run the op's Triton path (padding, launch arguments) on
-# CPU tensors; CPU tensors otherwise always run the C++ kernels.
-_TRITON_ON_CPU = False
-
-
-def _use_cpp(q: Tensor) -> bool:
-    return q.device.type == "cpu" and not _TRITON_ON_CPU
-
-
-def _triton():
-    from fastcv.kernels import attention as triton_attention
-    return triton_attention
 
 
 # ---------------------------------------------------------------- the ops
@@ -180,15 +166,14 @@ def _forward_call(q, k, v, mask, dropout_p, is_causal, scale, seed, offset, out,
     if out.numel() == 0 and lse.numel() == 0:
         return
     q, k, v = _rows(q), _rows(k), _rows(v)
-    if _use_cpp(q):
-        _C.attention_forward_cpu(q, k, v, mask, scale, is_causal, dropout_p, seed, offset,
-                                 out, lse, num_threads())
+    if select("attention", q) == CPU:
+        _C.attention_forward_cpu(q, k, v, mask, scale, is_causal, dropout_p, seed, offset, out, lse, num_threads())
     elif k.shape[2] == 0:  # no keys: every row is empty
         out.zero_(), lse.fill_(math.inf)
     else:
         q, k, v, width = _same_head_dims(q, k, v)
         o = out if width == out.shape[3] else q.new_empty(q.shape)
-        _triton().forward(q, k, v, mask, scale, is_causal, dropout_p, seed, offset, o, lse)
+        triton("attention").forward(q, k, v, mask, scale, is_causal, dropout_p, seed, offset, o, lse)
         if o is not out:
             out.copy_(o[..., :out.shape[3]])
 
@@ -222,7 +207,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
 
 def _backward_call(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed, offset, dq, dk, dv, acc):
     grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
-    if _use_cpp(q):
+    if select("attention", q) == CPU:
         _C.attention_backward_cpu(grad_out, q, k, v, out.contiguous(),
                                   lse.contiguous(), mask, scale, is_causal, dropout_p, seed, offset,
                                   dq, dk, dv, acc, num_threads())
@@ -233,8 +218,8 @@ def _backward_call(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
         q, k, v, width = _same_head_dims(q, k, v)
         grad_out, out = _pad_last(grad_out.contiguous(), width), _pad_last(out.contiguous(), width)
         grads = (dq, dk, dv) if e == ev else tuple(torch.empty_like(t) for t in (q, k, v))
-        _triton().backward(grad_out, q, k, v, out, lse.contiguous(), mask, scale, is_causal, dropout_p, seed, offset,
-                           *grads, dmask=acc)
+        triton("attention").backward(grad_out, q, k, v, out, lse.contiguous(), mask, scale, is_causal, dropout_p,
+                                     seed, offset, *grads, dmask=acc)
         if e != ev:
             dq.copy_(grads[0][..., :e]), dk.copy_(grads[1][..., :e]), dv.copy_(grads[2][..., :ev])
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
+from fastcv._backend import CPU, CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import OPS, define, no_second_derivative, register_autograd
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
@@ -84,15 +84,6 @@ def _m(x: Tensor) -> int:
 # ---------------------------------------------------------------- backends
 
 
-def _backend(x: Tensor) -> str:
-    return gpu_backend(x.device) if x.is_cuda else "cpu"
-
-
-def _triton():
-    from fastcv.kernels import batch_norm as triton_batch_norm
-    return triton_batch_norm
-
-
 # The C++ kernels take the tensors in their own shape (rank 2 to 5) and read the layout from the
 # strides; the Triton launchers take [N, C, S] views.
 
@@ -102,43 +93,36 @@ def _opt_3d(t):
 
 
 def _run_train(x, weight, bias, residual, relu, eps, y, mean, var):
-    backend = _backend(x)
-    if backend == "triton":
-        _triton().forward_train(_as_3d(x), weight, bias, _opt_3d(residual), relu, eps, _as_3d(y), mean, var)
-    elif backend == "cuda":
-        _C.batch_norm_forward_train_cuda(x, weight, bias, residual, relu, eps,
-                                         y, mean, var, cuda_stream(x))
+    backend = select("batch_norm", x)
+    if backend == TRITON:
+        triton("batch_norm").forward_train(_as_3d(x), weight, bias, _opt_3d(residual), relu, eps, _as_3d(y), mean,
+                                           var)
+    elif backend == CUDA:
+        _C.batch_norm_forward_train_cuda(x, weight, bias, residual, relu, eps, y, mean, var, cuda_stream(x))
     else:
-        _C.batch_norm_forward_train_cpu(x, weight, bias, residual, relu, eps,
-                                        y, mean, var, num_threads())
+        _C.batch_norm_forward_train_cpu(x, weight, bias, residual, relu, eps, y, mean, var, num_threads())
 
 
 def _run_eval(x, mean, var, weight, bias, residual, relu, eps, y):
-    backend = _backend(x)
-    if backend == "triton":
-        _triton().forward_eval(_as_3d(x), mean, var, weight, bias, _opt_3d(residual), relu, eps, _as_3d(y))
-    elif backend == "cuda":
-        _C.batch_norm_forward_eval_cuda(x, mean, var, weight, bias,
-                                        residual, relu, eps, y, cuda_stream(x))
+    backend = select("batch_norm", x)
+    if backend == TRITON:
+        triton("batch_norm").forward_eval(_as_3d(x), mean, var, weight, bias, _opt_3d(residual), relu, eps, _as_3d(y))
+    elif backend == CUDA:
+        _C.batch_norm_forward_eval_cuda(x, mean, var, weight, bias, residual, relu, eps, y, cuda_stream(x))
     else:
-        _C.batch_norm_forward_eval_cpu(x, mean, var, weight, bias,
-                                       residual, relu, eps, y, num_threads())
+        _C.batch_norm_forward_eval_cpu(x, mean, var, weight, bias, residual, relu, eps, y, num_threads())
 
 
 def _run_backward(grad, x, y, mean, var, weight, training, eps, grads):
     gx, gr, gw, gb = grads
-    backend = _backend(x)
-    if backend == "triton":
-        _triton().backward(_as_3d(grad), _as_3d(x), _opt_3d(y), mean, var, weight, training, eps, _opt_3d(gx),
-                           _opt_3d(gr), gw, gb)
-    elif backend == "cuda":
-        _C.batch_norm_backward_cuda(grad, x, y, mean, var, weight,
-                                    training, eps, gx, gr, gw, gb,
-                                    cuda_stream(x))
+    backend = select("batch_norm", x)
+    if backend == TRITON:
+        triton("batch_norm").backward(_as_3d(grad), _as_3d(x), _opt_3d(y), mean, var, weight, training, eps,
+                                      _opt_3d(gx), _opt_3d(gr), gw, gb)
+    elif backend == CUDA:
+        _C.batch_norm_backward_cuda(grad, x, y, mean, var, weight, training, eps, gx, gr, gw, gb, cuda_stream(x))
     else:
-        _C.batch_norm_backward_cpu(grad, x, y, mean, var, weight,
-                                   training, eps, gx, gr, gw, gb,
-                                   num_threads())
+        _C.batch_norm_backward_cpu(grad, x, y, mean, var, weight, training, eps, gx, gr, gw, gb, num_threads())
 
 
 # ---------------------------------------------------------------- the ops
@@ -301,7 +285,7 @@ def _update_impl(running_mean, running_var, mean, var, momentum, count):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance (as nn.BatchNorm).
     On the CPU one C++ pass (three torch ops cost more than a tiny batch norm); on a GPU two queued ops each."""
     unbiased = count / (count - 1) if count > 1 else 1.0
-    if running_mean.is_cpu:
+    if select("batch_norm", running_mean) == CPU:
         _C.batch_norm_update_running_cpu(running_mean, running_var, mean.contiguous(),
                                          var.contiguous(), momentum, count)
     else:

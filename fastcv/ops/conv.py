@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
+from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, register_autograd
 from fastcv.ops._args import pair
 
@@ -97,14 +97,10 @@ def _depthwise(g) -> bool:
     return g[5] == g[1] and g[4] % g[1] == 0
 
 
-def _cuda_depthwise(t: Tensor, g) -> bool:
-    """Whether a CUDA call runs the CUDA C++ depthwise kernels (else Triton)."""
-    return _depthwise(g) and gpu_backend(t.device) == "cuda"
-
-
-def _triton():
-    from fastcv.kernels import conv2d as triton_conv2d
-    return triton_conv2d
+def _select(t: Tensor, g, epilogue: bool = False) -> str:
+    """The kernels that run a convolution of geometry g on t's device: depthwise ones have CUDA C++
+    kernels (without the fused residual and ReLU), the others Triton only on the GPU."""
+    return select("depthwise_conv2d" if _depthwise(g) and not epilogue else "conv2d", t)
 
 
 # ---------------------------------------------------------------- registered ops
@@ -141,15 +137,15 @@ def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, 
 
 
 def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
-    cuda = input.is_cuda
-    if cuda and not (_cuda_depthwise(input, g) and residual is None and not relu):
-        return _triton().conv2d_forward(input, weight, bias, (g[8], g[9]), tuple(padding), tuple(dilation), groups,
-                                        residual=residual, relu=relu)
+    backend = _select(input, g, residual is not None or relu)
+    if backend == TRITON:
+        return triton("conv2d").conv2d_forward(input, weight, bias, (g[8], g[9]), tuple(padding), tuple(dilation),
+                                               groups, residual=residual, relu=relu)
     fmt = _memory_format(input, weight)
     out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
     if out.numel():
         x, b = input.contiguous(memory_format=fmt), None if bias is None else bias.contiguous()
-        if cuda:
+        if backend == CUDA:
             _C.depthwise_forward_cuda(x, weight, b, out, g, cuda_stream(out))
         else:
             r = None if residual is None else residual.contiguous(memory_format=fmt)
@@ -181,15 +177,15 @@ def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilati
 
 def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
-    cuda = grad_output.is_cuda
-    if cuda and not _cuda_depthwise(grad_output, g):
-        return _triton().conv2d_input_grad(grad_output, weight, tuple(g[:4]), (g[8], g[9]), tuple(padding),
-                                           tuple(dilation), groups)
+    backend = _select(grad_output, g)
+    if backend == TRITON:
+        return triton("conv2d").conv2d_input_grad(grad_output, weight, tuple(g[:4]), (g[8], g[9]), tuple(padding),
+                                                  tuple(dilation), groups)
     fmt = _memory_format(grad_output, weight)
     out = _empty(g[:4], grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
     if out.numel():
         go = grad_output.contiguous(memory_format=fmt)
-        if cuda:
+        if backend == CUDA:
             _C.depthwise_input_grad_cuda(go, weight, out, g, cuda_stream(out))
         else:
             _C.conv2d_input_grad_cpu(go, weight, out, g, num_threads())
@@ -212,14 +208,14 @@ def _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilat
 
 def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation, groups):
     g = _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
-    cuda = grad_output.is_cuda
-    if cuda and not _cuda_depthwise(grad_output, g):
-        return _triton().conv2d_weight_grad(grad_output, input, tuple(weight_size), (g[8], g[9]), tuple(padding),
-                                            tuple(dilation), groups)
+    backend = _select(grad_output, g)
+    if backend == TRITON:
+        return triton("conv2d").conv2d_weight_grad(grad_output, input, tuple(weight_size), (g[8], g[9]),
+                                                   tuple(padding), tuple(dilation), groups)
     fmt = _memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)
     go, x = grad_output.contiguous(memory_format=fmt), input.contiguous(memory_format=fmt)
-    if cuda:
+    if backend == CUDA:
         _C.depthwise_weight_grad_cuda(go, x, out, g, cuda_stream(out))
     else:
         _C.conv2d_weight_grad_cpu(go, x, out, g, num_threads())

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
+from fastcv._backend import CUDA, FLOATING, cuda_stream, num_threads, select
 from fastcv._library import OPS, define, register_autograd
 from fastcv.ops._args import pair
 
@@ -60,8 +60,7 @@ def _im2col_impl(input, kernel_size, dilation, padding, stride):
     out = torch.empty((input.shape[0], c * kh * kw, out_h * out_w), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         pass
-    elif input.is_cuda:
-        gpu_backend(input.device)  # raises if the build has no CUDA kernels for this GPU
+    elif select("im2col", input) == CUDA:  # raises if the build has no CUDA kernels for this GPU
         _C.im2col_cuda(input.contiguous(), g, out, cuda_stream(out))
     else:
         _C.im2col_cpu(input.contiguous(), g, out, num_threads())
@@ -92,8 +91,7 @@ def _col2im_impl(input, output_size, kernel_size, dilation, padding, stride):
     out = torch.empty((input.shape[0], g[0], g[1], g[2]), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         pass
-    elif input.is_cuda:
-        gpu_backend(input.device)
+    elif select("im2col", input) == CUDA:
         _C.col2im_cuda(input.contiguous(), g, out, cuda_stream(out))
     else:
         _C.col2im_cpu(input.contiguous(), g, out, num_threads())

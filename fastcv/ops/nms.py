@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
+from fastcv._backend import CPU, CUDA, FLOATING, cuda_stream, num_threads, select, triton
 from fastcv._library import FP32, OPS, define
 
 __all__ = ["nms", "batched_nms", "batched_nms_padded", "Detections"]
@@ -102,20 +102,13 @@ def _gpu_pass(boxes: Tensor, labels: Tensor | None, iou_threshold: float, n_vali
     removed = torch.zeros((batch, words), dtype=torch.int64, device=device)
     keep = torch.empty((batch, max_keep), dtype=torch.int64, device=device)
     count = torch.empty((batch,), dtype=torch.int64, device=device)
-    if gpu_backend(device) == "cuda":
+    if select("nms", boxes) == CUDA:
         stream = cuda_stream(boxes)
         _C.nms_mask_cuda(boxes, labels, iou_threshold, mask, stream)
         _C.nms_keep_cuda(mask, n_valid, removed, keep, count, stream)
     else:
-        try:
-            from fastcv.kernels import nms as triton_nms
-        except ImportError as e:
-            raise RuntimeError(
-                "fastcv has no GPU kernels here: it was built without CUDA kernels and Triton cannot be "
-                f"imported ({e}). Install triton, or reinstall fastcv with nvcc available."
-            ) from e
-        triton_nms.nms_mask(boxes, labels, iou_threshold, mask)
-        triton_nms.nms_keep(mask, n_valid, removed, keep, count)
+        triton("nms").nms_mask(boxes, labels, iou_threshold, mask)
+        triton("nms").nms_keep(mask, n_valid, removed, keep, count)
     return keep, count
 
 
@@ -148,7 +141,7 @@ def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: flo
     if idxs is not None:
         _check_idxs(idxs, boxes)
         idxs = idxs.to(torch.int64)
-    run = _nms_gpu if boxes.is_cuda else _nms_cpu
+    run = _nms_cpu if select("nms", boxes) == CPU else _nms_gpu
     return run(boxes, scores, idxs, iou_threshold)
 
 
@@ -218,7 +211,7 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
     if k == 0 or max_detections == 0:
         none = torch.full((batch, max_detections), -1, dtype=torch.int64, device=device)
         return none, none.clone(), torch.zeros((batch,), dtype=torch.int64, device=device)
-    if not boxes.is_cuda:
+    if select("nms", boxes) == CPU:
         indices = torch.empty((batch, max_detections), dtype=torch.int64)
         labels = torch.empty_like(indices)
         count = torch.empty((batch,), dtype=torch.int64)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import FLOATING, cuda_stream, gpu_backend, num_threads
+from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import FP32, OPS, define, no_second_derivative, register_autograd
 from fastcv.ops._args import pair
 
@@ -64,22 +64,19 @@ def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, s
     if out.numel() == 0:  # no boxes or no channels (torch reports any strides as contiguous then)
         return out
     rois = rois.contiguous()
-    if first.is_cuda and gpu_backend(first.device) == "triton":
-        if mapping is not None or first.dtype == torch.float64:
-            raise RuntimeError("fastcv's Triton roi_align (used when the CUDA kernels are not built) covers "
-                               "single-level float32/float16/bfloat16 only; rebuild with nvcc for the rest")
-        from fastcv.kernels import roi_align as triton_roi_align
-
-        triton_roi_align.roi_align_forward(maps[0], rois, scales[0], pooled_height, pooled_width, sampling_ratio,
-                                           aligned, out)
-    elif first.is_cuda:
-        _C.roi_align_forward_cuda([m for m in maps], list(scales), rois, mapping, sampling_ratio, aligned,
-                                  out, cuda_stream(out))
+    backend = select("roi_align" if mapping is None else "multi_scale_roi_align", first)
+    if backend == TRITON:
+        if first.dtype == torch.float64:
+            raise RuntimeError("fastcv's Triton roi_align (used when the CUDA kernels are not built) takes float32, "
+                               "float16 and bfloat16; rebuild with nvcc for float64")
+        triton("roi_align").roi_align_forward(maps[0], rois, scales[0], pooled_height, pooled_width, sampling_ratio,
+                                              aligned, out)
+    elif backend == CUDA:
+        _C.roi_align_forward_cuda(maps, list(scales), rois, mapping, sampling_ratio, aligned, out, cuda_stream(out))
     elif mapping is None:
-        _C.roi_align_forward_cpu(maps[0], rois, scales[0], sampling_ratio, aligned, out,
-                                 num_threads())
+        _C.roi_align_forward_cpu(maps[0], rois, scales[0], sampling_ratio, aligned, out, num_threads())
     else:
-        _C.multi_scale_roi_align_forward_cpu([m for m in maps], list(scales), rois, *mapping,
+        _C.multi_scale_roi_align_forward_cpu(maps, list(scales), rois, *mapping,
                                              sampling_ratio, aligned, out, num_threads())
     return out
 
@@ -93,20 +90,16 @@ def _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned):
     grads = [torch.zeros(shape, dtype=acc_dtype, device=grad.device).contiguous(memory_format=fmt) for shape in shapes]
     if g.numel() and all(x.numel() for x in grads):
         rois = rois.contiguous()
-        if grad.is_cuda and gpu_backend(grad.device) == "triton":
-            raise RuntimeError("fastcv's roi_align backward on the GPU needs the CUDA kernels (no Triton "
-                               "backward yet); rebuild fastcv with nvcc available")
-        if grad.is_cuda:
+        if select("roi_align_backward", grad) == CUDA:
             # torch.use_deterministic_algorithms(True): threads own row tiles of the gradient, no atomics.
             _C.roi_align_backward_cuda(g, list(scales), rois, mapping, sampling_ratio, aligned,
-                                       torch.are_deterministic_algorithms_enabled(), [x for x in grads],
+                                       torch.are_deterministic_algorithms_enabled(), grads,
                                        cuda_stream(g))
         elif mapping is None:
-            _C.roi_align_backward_cpu(g, rois, scales[0], sampling_ratio, aligned, grads[0],
-                                      num_threads())
+            _C.roi_align_backward_cpu(g, rois, scales[0], sampling_ratio, aligned, grads[0], num_threads())
         else:
             _C.multi_scale_roi_align_backward_cpu(g, list(scales), rois, *mapping, sampling_ratio,
-                                                  aligned, [x for x in grads], num_threads())
+                                                  aligned, grads, num_threads())
     return [x.to(grad.dtype) for x in grads]
 
 
