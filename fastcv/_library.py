@@ -33,6 +33,8 @@ def define(
     impl: Callable,
     fake: Callable,
     check: Callable | None = None,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
     autocast: str | dict[str, str | None] | None = None,
     autocast_keep: tuple[str, ...] = (),
     autocast_restore: bool = False,
@@ -44,6 +46,8 @@ def define(
     exceptions), before impl and fake run under the dispatcher. fastcv's own calls (Op) skip it: the
     public wrappers have checked their arguments already, and backward formulas pass what the forward
     saved.
+    backward, setup_context: the op's autograd formula (torch.library.register_autograd's), also the
+    eager route's autograd.Function; a backward op passes no_second_derivative(...) instead.
     autocast: the op's policy under torch.autocast, its PyTorch counterpart's: LOWER, FP32 or PROMOTE,
     for both device types or as {"cpu": ..., "cuda": ...}; None (or a device type left out) runs the op
     in its inputs' dtypes, as PyTorch does for ops on none of autocast's lists (F.batch_norm, F.unfold).
@@ -62,6 +66,8 @@ def define(
     torch.library.register_fake(f"fastcv::{name}", fake if check is None else _checked(check, fake), lib=lib)
     _ops[name] = Op(name, impl)
     setattr(OPS, name, _ops[name])
+    if backward is not None:
+        _register_autograd(name, backward, setup_context or _no_context)
     _register_autocast(name, schema, autocast, autocast_keep, autocast_restore)
     return _ops[name]
 
@@ -235,7 +241,7 @@ class Op:
         return self.packet(*args)
 
 
-def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+def _register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
     """The op's autograd formula, registered for torch.ops.fastcv.<name> and also made the eager
     route's autograd.Function (the same setup_context and backward, so the two cannot differ)."""
     torch.library.register_autograd(f"fastcv::{name}", backward, setup_context=setup_context, lib=lib)
@@ -255,11 +261,14 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-def no_second_derivative(name: str, what: str) -> None:
-    """Registers an autograd formula for the backward op torch.ops.fastcv.<name> that raises: without
-    one, autograd would treat the backward as a constant under create_graph=True and return silently
-    wrong (zero) second derivatives."""
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def no_second_derivative(what: str) -> Callable:
+    """The autograd formula of a backward op: it raises. Without one, autograd would treat the backward
+    as a constant under create_graph=True and return silently wrong (zero) second derivatives."""
     def backward(ctx, *grads):
         raise NotImplementedError(f"fastcv's {what} has no second derivative (double backward)")
 
-    register_autograd(name, backward, setup_context=lambda ctx, inputs, output: None)
+    return backward

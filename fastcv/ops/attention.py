@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import CPU, FLOATING, num_threads, select, triton
-from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, no_second_derivative, register_autograd
+from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, no_second_derivative
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -232,14 +232,6 @@ def _backward_fake(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scal
     return _backward_outputs(q, k, v, mask, mask_grad)
 
 
-define("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, "
-       "float scale, int seed) -> (Tensor, Tensor)", impl=_forward_impl, fake=_forward_fake, check=_check_op,
-       autocast=LOWER, autocast_keep=("mask",))  # SDPA's policy; the mask stays in the compute dtype
-define("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-       "float dropout_p, bool is_causal, float scale, int seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-       impl=_backward_impl, fake=_backward_fake, check=_check_backward)
-
-
 def _setup(ctx, inputs, output):
     q, k, v, mask, dropout_p, is_causal, scale, seed = inputs
     out, lse = output
@@ -255,8 +247,14 @@ def _backward(ctx, grad_out, _grad_lse):
     return dq, dk, dv, dmask if mask_grad else None, None, None, None, None
 
 
-no_second_derivative("attention_backward", "scaled_dot_product_attention")
-register_autograd("attention_forward", _backward, setup_context=_setup)
+define("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+       "float dropout_p, bool is_causal, float scale, int seed, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+       impl=_backward_impl, fake=_backward_fake, check=_check_backward,
+       backward=no_second_derivative("scaled_dot_product_attention"))
+define("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, bool is_causal, "
+       "float scale, int seed) -> (Tensor, Tensor)", impl=_forward_impl, fake=_forward_fake, check=_check_op,
+       backward=_backward, setup_context=_setup,
+       autocast=LOWER, autocast_keep=("mask",))  # SDPA's policy; the mask stays in the compute dtype
 
 
 # ---------------------------------------------------------------- the public function

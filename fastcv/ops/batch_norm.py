@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import CPU, CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
-from fastcv._library import OPS, define, no_second_derivative, register_autograd
+from fastcv._library import OPS, define, no_second_derivative
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
 
@@ -223,17 +223,6 @@ def _backward_fake(grad_output, input, output, mean, var, weight, training, eps,
     return _backward_outputs(_dense(input), weight, output_mask)
 
 
-# No autocast policy: F.batch_norm is on none of autocast's lists; it runs in the input's dtype (with
-# float32 parameters and statistics for float16/bfloat16 input), on the CPU and on CUDA.
-define("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, float eps) "
-       "-> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake, check=_check_train)
-define("batch_norm_eval(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
-       "bool relu, float eps) -> Tensor", impl=_eval_impl, fake=_eval_fake, check=_check_eval)
-define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, Tensor var, "
-       "Tensor? weight, bool training, float eps, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
-       impl=_backward_impl, fake=_backward_fake)
-
-
 def _setup(ctx, optional, positions, relu, eps):
     """Both forwards' autograd context. optional: (weight, bias, residual); positions: their indices
     among the op's inputs. ctx.mask is batch_norm_backward's output_mask."""
@@ -301,9 +290,18 @@ def _update_fake(running_mean, running_var, mean, var, momentum, count):
 define("batch_norm_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
        "float momentum, int count) -> ()", impl=_update_impl, fake=_update_fake, check=_check_update)
 
-no_second_derivative("batch_norm_backward", "batch_norm")
-register_autograd("batch_norm_train", _train_backward, setup_context=_train_setup)
-register_autograd("batch_norm_eval", _eval_backward, setup_context=_eval_setup)
+# No autocast policy: F.batch_norm is on none of autocast's lists; it runs in the input's dtype (with
+# float32 parameters and statistics for float16/bfloat16 input), on the CPU and on CUDA.
+define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, Tensor var, "
+       "Tensor? weight, bool training, float eps, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+       impl=_backward_impl, fake=_backward_fake,
+       backward=no_second_derivative("batch_norm"))
+define("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, float eps) "
+       "-> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake, check=_check_train,
+       backward=_train_backward, setup_context=_train_setup)
+define("batch_norm_eval(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
+       "bool relu, float eps) -> Tensor", impl=_eval_impl, fake=_eval_fake, check=_check_eval,
+       backward=_eval_backward, setup_context=_eval_setup)
 
 
 # ---------------------------------------------------------------- public functions

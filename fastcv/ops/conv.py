@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
-from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define, register_autograd
+from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define
 from fastcv.ops._args import pair
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
@@ -227,19 +227,6 @@ def _weight_grad_fake(grad_output, input, weight_size, stride, padding, dilation
     return _empty(list(weight_size), grad_output, torch.contiguous_format)
 
 
-_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
-define(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> Tensor",
-       impl=_conv2d_impl, fake=_conv2d_fake, autocast=LOWER)  # F.conv2d's policy
-define(f"conv2d_fused(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, {_ARGS}) -> Tensor",
-       impl=_fused_impl, fake=_fused_fake, autocast=LOWER)
-define(f"conv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, {_ARGS}) -> Tensor",
-       impl=_input_grad_impl, fake=_input_grad_fake, autocast=LOWER)  # F.conv_transpose2d's
-define(f"conv2d_weight_grad(Tensor grad_output, Tensor input, int[4] weight_size, {_ARGS}) -> Tensor",
-       impl=_weight_grad_impl, fake=_weight_grad_fake)
-
-_ops = OPS
-
-
 # Every op is bilinear: with y = conv(x, w), <gy, conv(x, w)> = <input_grad(gy, w), x> = <weight_grad(gy, x), w>,
 # so each op's gradients are the other two.
 def _conv2d_setup(ctx, inputs, output):
@@ -251,8 +238,8 @@ def _conv2d_setup(ctx, inputs, output):
 def _conv2d_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx = _ops.conv2d_input_grad(grad, weight, list(input.shape[2:]), *ctx.args) if need_x else None
-    gw = _ops.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
+    gx = OPS.conv2d_input_grad(grad, weight, list(input.shape[2:]), *ctx.args) if need_x else None
+    gw = OPS.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
     gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
     return gx, gw, gb, None, None, None, None
 
@@ -268,8 +255,8 @@ def _fused_backward(ctx, grad):
     if output is not None:  # through the ReLU: torch.relu's gradient is zero where its output is
         grad = grad * (output > 0)
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    gx = _ops.conv2d_input_grad(grad, weight, list(input.shape[2:]), *ctx.args) if need_x else None
-    gw = _ops.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
+    gx = OPS.conv2d_input_grad(grad, weight, list(input.shape[2:]), *ctx.args) if need_x else None
+    gw = OPS.conv2d_weight_grad(grad, input, list(weight.shape), *ctx.args) if need_w else None
     gb = grad.sum((0, 2, 3)) if ctx.has_bias and need_b else None
     gr = grad if ctx.has_residual and need_r else None
     return gx, gw, gb, gr, None, None, None, None, None
@@ -283,8 +270,8 @@ def _input_grad_setup(ctx, inputs, output):
 def _input_grad_backward(ctx, grad):
     grad_output, weight = ctx.saved_tensors
     need_g, need_w = ctx.needs_input_grad[:2]
-    gg = _ops.conv2d(grad, weight, None, *ctx.args) if need_g else None
-    gw = _ops.conv2d_weight_grad(grad_output, grad, list(weight.shape), *ctx.args) if need_w else None
+    gg = OPS.conv2d(grad, weight, None, *ctx.args) if need_g else None
+    gw = OPS.conv2d_weight_grad(grad_output, grad, list(weight.shape), *ctx.args) if need_w else None
     return gg, gw, None, None, None, None, None
 
 
@@ -296,15 +283,24 @@ def _weight_grad_setup(ctx, inputs, output):
 def _weight_grad_backward(ctx, grad):
     grad_output, input = ctx.saved_tensors
     need_g, need_x = ctx.needs_input_grad[:2]
-    gg = _ops.conv2d(input, grad, None, *ctx.args) if need_g else None
-    gx = _ops.conv2d_input_grad(grad_output, grad, list(input.shape[2:]), *ctx.args) if need_x else None
+    gg = OPS.conv2d(input, grad, None, *ctx.args) if need_g else None
+    gx = OPS.conv2d_input_grad(grad_output, grad, list(input.shape[2:]), *ctx.args) if need_x else None
     return gg, gx, None, None, None, None, None
 
 
-register_autograd("conv2d", _conv2d_backward, setup_context=_conv2d_setup)
-register_autograd("conv2d_fused", _fused_backward, setup_context=_fused_setup)
-register_autograd("conv2d_input_grad", _input_grad_backward, setup_context=_input_grad_setup)
-register_autograd("conv2d_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)
+_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+define(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> Tensor",
+       impl=_conv2d_impl, fake=_conv2d_fake, backward=_conv2d_backward, setup_context=_conv2d_setup,
+       autocast=LOWER)  # F.conv2d's policy
+define(f"conv2d_fused(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, {_ARGS}) -> Tensor",
+       impl=_fused_impl, fake=_fused_fake, backward=_fused_backward, setup_context=_fused_setup,
+       autocast=LOWER)
+define(f"conv2d_input_grad(Tensor grad_output, Tensor weight, int[2] input_size, {_ARGS}) -> Tensor",
+       impl=_input_grad_impl, fake=_input_grad_fake, backward=_input_grad_backward,
+       setup_context=_input_grad_setup, autocast=LOWER)  # F.conv_transpose2d's
+define(f"conv2d_weight_grad(Tensor grad_output, Tensor input, int[4] weight_size, {_ARGS}) -> Tensor",
+       impl=_weight_grad_impl, fake=_weight_grad_fake, backward=_weight_grad_backward,
+       setup_context=_weight_grad_setup)
 
 
 # ---------------------------------------------------------------- public functions
@@ -347,7 +343,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
             raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
     else:
         padding = pair(padding, "padding")
-    out = _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    out = OPS.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -364,7 +360,7 @@ def conv2d_fused(input: Tensor, weight: Tensor, bias: Tensor | None = None, stri
         residual = residual.unsqueeze(0)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     padding = pair(padding, "padding")
-    out = _ops.conv2d_fused(input, weight, bias, residual, bool(relu), stride, padding, dilation, groups)
+    out = OPS.conv2d_fused(input, weight, bias, residual, bool(relu), stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -397,7 +393,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
         raise ValueError(f"the output would be empty ({size[0]}x{size[1]}): padding {padding} is too large")
     # Output rows past `reach` (output_padding >= stride, allowed when dilation is larger) get no input.
     reach = [n + min(op, s - 1) for n, op, s in zip(size, output_padding, stride)]
-    out = _ops.conv2d_input_grad(input, weight, reach, stride, padding, dilation, groups)
+    out = OPS.conv2d_input_grad(input, weight, reach, stride, padding, dilation, groups)
     extra = [n + op - r for n, op, r in zip(size, output_padding, reach)]
     if extra[0] or extra[1]:
         out = torch.nn.functional.pad(out, (0, extra[1], 0, extra[0]))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import CUDA, FLOATING, cuda_stream, num_threads, select
-from fastcv._library import OPS, define, register_autograd
+from fastcv._library import OPS, define
 from fastcv.ops._args import pair
 
 __all__ = ["im2col", "col2im"]
@@ -103,13 +103,6 @@ def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
     return input.new_empty((input.shape[0], g[0], g[1], g[2]))
 
 
-# No autocast policy: F.unfold and F.fold (aten's im2col, col2im) are on none of autocast's lists.
-define("im2col(Tensor input, int[2] kernel_size, int[2] dilation, int[2] padding, int[2] stride) -> Tensor",
-       impl=_im2col_impl, fake=_im2col_fake)
-define("col2im(Tensor input, int[2] output_size, int[2] kernel_size, int[2] dilation, int[2] padding, "
-       "int[2] stride) -> Tensor", impl=_col2im_impl, fake=_col2im_fake)
-
-
 # Each is the other's gradient (both are linear), so double backward works too.
 def _im2col_setup(ctx, inputs, output):
     input, *ctx.args = inputs
@@ -128,8 +121,13 @@ def _col2im_backward(ctx, grad):
     return OPS.im2col(grad, *ctx.args), None, None, None, None, None
 
 
-register_autograd("im2col", _im2col_backward, setup_context=_im2col_setup)
-register_autograd("col2im", _col2im_backward, setup_context=_col2im_setup)
+# No autocast policy: F.unfold and F.fold (aten's im2col, col2im) are on none of autocast's lists.
+define("im2col(Tensor input, int[2] kernel_size, int[2] dilation, int[2] padding, int[2] stride) -> Tensor",
+       impl=_im2col_impl, fake=_im2col_fake,
+       backward=_im2col_backward, setup_context=_im2col_setup)
+define("col2im(Tensor input, int[2] output_size, int[2] kernel_size, int[2] dilation, int[2] padding, "
+       "int[2] stride) -> Tensor", impl=_col2im_impl, fake=_col2im_fake,
+       backward=_col2im_backward, setup_context=_col2im_setup)
 
 
 # ---------------------------------------------------------------- public functions

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcv import _C
 from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
-from fastcv._library import FP32, OPS, define, no_second_derivative, register_autograd
+from fastcv._library import FP32, OPS, define, no_second_derivative
 from fastcv.ops._args import pair
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
@@ -125,22 +125,6 @@ def _backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch
     return grad.new_empty((batch_size, channels, height, width)).contiguous(memory_format=_format(grad))
 
 
-define(
-    "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
-    "int sampling_ratio, bool aligned) -> Tensor",
-    impl=_forward_impl,
-    fake=_forward_fake,
-    autocast=FP32,  # as torchvision's roi_align: float32 input and rois, the output in the input's dtype
-    autocast_restore=True,
-)
-define(
-    "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
-    "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor",
-    impl=_backward_impl,
-    fake=_backward_fake,
-)
-
-
 def _setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
     ctx.save_for_backward(rois)
@@ -150,13 +134,27 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (rois,) = ctx.saved_tensors
     spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned = ctx.args
-    grad_input = OPS.roi_align_backward(grad, rois, spatial_scale, ph, pw, n, c, h, w,
-                                                     sampling_ratio, aligned)
+    grad_input = OPS.roi_align_backward(grad, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned)
     return grad_input, None, None, None, None, None, None
 
 
-register_autograd("roi_align", _backward, setup_context=_setup_context)
-no_second_derivative("roi_align_backward", "roi_align")
+define(
+    "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+    "int sampling_ratio, bool aligned) -> Tensor",
+    impl=_forward_impl,
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+    autocast=FP32,  # as torchvision's roi_align: float32 input and rois, the output in the input's dtype
+    autocast_restore=True,
+)
+define(
+    "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+    "int batch_size, int channels, int height, int width, int sampling_ratio, bool aligned) -> Tensor",
+    impl=_backward_impl,
+    fake=_backward_fake,
+    backward=no_second_derivative("roi_align"),
+)
 
 
 def _rois(boxes, input: Tensor) -> Tensor:
@@ -236,23 +234,6 @@ def _ms_backward_fake(grad, rois, scales, heights, widths, batch_size, channels,
             for h, w in zip(heights, widths)]
 
 
-define(
-    "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, int pooled_height, int pooled_width, "
-    "int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) -> Tensor",
-    impl=_ms_forward_impl,
-    fake=_ms_forward_fake,
-    autocast=FP32,  # each level as roi_align; the output in features[0]'s dtype (torchvision's)
-    autocast_restore=True,
-)
-define(
-    "multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, int[] heights, int[] widths, "
-    "int batch_size, int channels, int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) "
-    "-> Tensor[]",
-    impl=_ms_backward_impl,
-    fake=_ms_backward_fake,
-)
-
-
 def _ms_setup_context(ctx, inputs, output):
     features, rois, scales, _, _, sampling_ratio, aligned, canonical_scale, canonical_level = inputs
     ctx.save_for_backward(rois)
@@ -266,8 +247,24 @@ def _ms_backward(ctx, grad):
     return list(grads), None, None, None, None, None, None, None, None
 
 
-register_autograd("multi_scale_roi_align", _ms_backward, setup_context=_ms_setup_context)
-no_second_derivative("multi_scale_roi_align_backward", "multi_scale_roi_align")
+define(
+    "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, int pooled_height, int pooled_width, "
+    "int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) -> Tensor",
+    impl=_ms_forward_impl,
+    fake=_ms_forward_fake,
+    backward=_ms_backward,
+    setup_context=_ms_setup_context,
+    autocast=FP32,  # each level as roi_align; the output in features[0]'s dtype (torchvision's)
+    autocast_restore=True,
+)
+define(
+    "multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, int[] heights, int[] widths, "
+    "int batch_size, int channels, int sampling_ratio, bool aligned, float canonical_scale, int canonical_level) "
+    "-> Tensor[]",
+    impl=_ms_backward_impl,
+    fake=_ms_backward_fake,
+    backward=no_second_derivative("multi_scale_roi_align"),
+)
 
 
 def infer_scales(features, image_shapes) -> list[float]:
