@@ -186,3 +186,25 @@ def test_triton_loader_names_the_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastcv.kernels.nms", None)  # makes the import raise ImportError
     with pytest.raises(RuntimeError, match="need the triton package"):
         _backend.triton("nms")
+
+
+def test_geometry_crosses_by_name():
+    # The kernels read a NamedTuple whose fields are their struct's, in order; anything else is refused
+    # with the fields it needed, rather than read positionally.
+    from fastcv.ops.conv import Conv2dGeometry
+    from fastcv.ops.im2col import Im2colGeometry
+    image = torch.randn(1, 2, 4, 4)
+    good = Im2colGeometry(2, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4)
+    columns = torch.empty(1, 18, 16)
+    _C.im2col_cpu(image, good, columns, 1)
+    assert torch.equal(columns, torch.nn.functional.unfold(image, 3, padding=1))
+    with pytest.raises(ValueError, match=r"im2col's geometry must be a NamedTuple of ints with the fields \(channels, "):
+        _C.im2col_cpu(image, tuple(good), columns, 1)
+    import collections
+    renamed = collections.namedtuple("Renamed", ["c", *Im2colGeometry._fields[1:]])(*good)
+    with pytest.raises(ValueError, match="im2col's geometry must be a NamedTuple"):
+        _C.im2col_cpu(image, renamed, columns, 1)
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    out = torch.empty(1, 3, 3, 3)
+    _C.conv2d_forward_cpu(x, w, None, None, False, out, Conv2dGeometry(1, 2, 5, 5, 3, 1, 3, 3, 1, 1, 0, 0, 1, 1, 3, 3), 1)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w), rtol=1e-5, atol=1e-5)

@@ -229,8 +229,9 @@ def test_huge_stride_through_the_op_layers_geometry(device, stride):
     x = torch.randn(n, c, h, w, generator=g)
     weight = torch.randn(cout - 1, c // groups, *k, generator=g)
     geometry = conv_op._geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    kernel_stride = (geometry[8], geometry[9])
-    assert max(kernel_stride) < 10 and geometry[14:] == [1 if s > 1 else v for s, v in zip(stride, (6, 5))]
+    kernel_stride = (geometry.sh, geometry.sw)
+    assert max(kernel_stride) < 10 and [geometry.out_h, geometry.out_w] == [1 if s > 1 else v
+                                                                           for s, v in zip(stride, (6, 5))]
     y = F.conv2d(x.double(), weight.double(), None, stride, padding, dilation, groups)
     grad_out = torch.randn(y.shape, generator=g)
     refs, mags = conv2d_reference(x, weight, None, grad_out, stride=stride, padding=padding, dilation=dilation,

@@ -95,4 +95,26 @@ TensorView view_from_tensor(py::handle obj) {
   return v;
 }
 
+void read_named_ints(py::handle obj, const char* what, const char* const* names, int n, PyObject** checked,
+                     int64_t* out) {
+  PyObject* o = obj.ptr();
+  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(o));
+  if (type != *checked) {  // first sight of this type: its fields must be ours, in our order
+    bool ok = PyTuple_Check(o) && PyTuple_GET_SIZE(o) == n && PyObject_HasAttrString(type, "_fields");
+    if (ok) {
+      const py::tuple fields = py::reinterpret_steal<py::tuple>(PyObject_GetAttrString(type, "_fields"));
+      for (int i = 0; ok && i < n; ++i) ok = py::str(fields[size_t(i)]).cast<std::string>() == names[i];
+    }
+    if (!ok) {
+      std::string expected;
+      for (int i = 0; i < n; ++i) expected += (i ? ", " : "") + std::string(names[i]);
+      throw ArgError(std::string(what) + " must be a NamedTuple of ints with the fields (" + expected + "), got " +
+                     std::string(py::repr(obj)));
+    }
+    Py_INCREF(type);  // kept: the remembered type must outlive the pointer comparison
+    *checked = type;
+  }
+  for (int i = 0; i < n; ++i) out[i] = to_int(PyTuple_GET_ITEM(o, i));
+}
+
 }  // namespace fastcv

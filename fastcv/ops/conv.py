@@ -18,6 +18,8 @@ Autocast: under torch.autocast the public functions cast to the autocast dtype, 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -33,8 +35,35 @@ def _out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> list[int]:
-    """The 16 integers csrc/ops/conv2d/conv2d_bind.cpp takes, validated with F.conv2d's rules."""
+class Conv2dGeometry(NamedTuple):
+    """A convolution's sizes, as the kernels take them: csrc/ops/conv2d/conv2d.h's Geometry, field for
+    field (the binding checks the names)."""
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    groups: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+    out_h: int
+    out_w: int
+
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return self.batch, self.channels, self.height, self.width
+
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return self.batch, self.out_channels, self.out_h, self.out_w
+
+
+def _geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> Conv2dGeometry:
+    """The geometry of a convolution, validated with F.conv2d's rules."""
     n, c, h, w = input_shape
     cout, cin_g, kh, kw = weight_shape
     if not isinstance(groups, int) or groups <= 0:
@@ -63,7 +92,7 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> l
         sh = min(sh, h + 2 * ph - dh * (kh - 1))
     if out_w == 1:
         sw = min(sw, w + 2 * pw - dw * (kw - 1))
-    return [n, c, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w]
+    return Conv2dGeometry(n, c, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w)
 
 
 def _check_tensor(t, arg: str, rank: int, like: Tensor | None = None) -> None:
@@ -94,7 +123,7 @@ def _empty(shape, like: Tensor, fmt: torch.memory_format) -> Tensor:
 
 def _depthwise(g) -> bool:
     """groups == in_channels (each output channel reads one input channel): the direct kernels."""
-    return g[5] == g[1] and g[4] % g[1] == 0
+    return g.groups == g.channels and g.out_channels % g.channels == 0
 
 
 def _select(t: Tensor, g, epilogue: bool = False) -> str:
@@ -120,8 +149,8 @@ def _fused_checked(input, weight, bias, residual, relu, stride, padding, dilatio
     g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         _check_tensor(residual, "residual", 4, input)
-        if list(residual.shape) != [g[0], g[4], g[14], g[15]]:
-            raise ValueError(f"residual must have the output's shape {[g[0], g[4], g[14], g[15]]}, got "
+        if tuple(residual.shape) != g.output_shape():
+            raise ValueError(f"residual must have the output's shape {list(g.output_shape())}, got "
                              f"{list(residual.shape)}")
     return g
 
@@ -133,16 +162,16 @@ def _fused_impl(input, weight, bias, residual, relu, stride, padding, dilation, 
 
 def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, groups):
     g = _fused_checked(input, weight, bias, residual, relu, stride, padding, dilation, groups)
-    return _empty((g[0], g[4], g[14], g[15]), input, _memory_format(input, weight))
+    return _empty(g.output_shape(), input, _memory_format(input, weight))
 
 
 def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
     backend = _select(input, g, residual is not None or relu)
     if backend == TRITON:
-        return triton("conv2d").conv2d_forward(input, weight, bias, (g[8], g[9]), tuple(padding), tuple(dilation),
+        return triton("conv2d").conv2d_forward(input, weight, bias, (g.sh, g.sw), tuple(padding), tuple(dilation),
                                                groups, residual=residual, relu=relu)
     fmt = _memory_format(input, weight)
-    out = _empty((g[0], g[4], g[14], g[15]), input, fmt)
+    out = _empty(g.output_shape(), input, fmt)
     if out.numel():
         x, b = input.contiguous(memory_format=fmt), None if bias is None else bias.contiguous()
         if backend == CUDA:
@@ -160,7 +189,7 @@ def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):
 
 def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
-    return _empty((g[0], g[4], g[14], g[15]), input, _memory_format(input, weight))
+    return _empty(g.output_shape(), input, _memory_format(input, weight))
 
 
 def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups):
@@ -169,8 +198,9 @@ def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilati
     h, w = input_size
     g = _geometry((grad_output.shape[0], weight.shape[1] * groups, h, w), weight.shape, stride, padding, dilation,
                   groups)
-    if list(grad_output.shape[1:]) != [g[4], g[14], g[15]]:
-        raise ValueError(f"grad_output must have shape [N, {g[4]}, {g[14]}, {g[15]}] for input size {h}x{w}, "
+    if tuple(grad_output.shape) != g.output_shape():
+        raise ValueError(f"grad_output must have shape [N, {g.out_channels}, {g.out_h}, {g.out_w}] for input size "
+                         f"{h}x{w}, "
                          f"got {list(grad_output.shape)}")
     return g
 
@@ -179,10 +209,10 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
     backend = _select(grad_output, g)
     if backend == TRITON:
-        return triton("conv2d").conv2d_input_grad(grad_output, weight, tuple(g[:4]), (g[8], g[9]), tuple(padding),
+        return triton("conv2d").conv2d_input_grad(grad_output, weight, g.input_shape(), (g.sh, g.sw), tuple(padding),
                                                   tuple(dilation), groups)
     fmt = _memory_format(grad_output, weight)
-    out = _empty(g[:4], grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
+    out = _empty(g.input_shape(), grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
     if out.numel():
         go = grad_output.contiguous(memory_format=fmt)
         if backend == CUDA:
@@ -194,15 +224,15 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
 
 def _input_grad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
-    return _empty(g[:4], grad_output, _memory_format(grad_output, weight))
+    return _empty(g.input_shape(), grad_output, _memory_format(grad_output, weight))
 
 
 def _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups):
     _check_tensor(grad_output, "grad_output", 4)
     _check_tensor(input, "input", 4, grad_output)
     g = _geometry(input.shape, weight_size, stride, padding, dilation, groups)
-    if list(grad_output.shape) != [g[0], g[4], g[14], g[15]]:
-        raise ValueError(f"grad_output must have shape {[g[0], g[4], g[14], g[15]]}, got {list(grad_output.shape)}")
+    if tuple(grad_output.shape) != g.output_shape():
+        raise ValueError(f"grad_output must have shape {list(g.output_shape())}, got {list(grad_output.shape)}")
     return g
 
 
@@ -210,7 +240,7 @@ def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation
     g = _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
     backend = _select(grad_output, g)
     if backend == TRITON:
-        return triton("conv2d").conv2d_weight_grad(grad_output, input, tuple(weight_size), (g[8], g[9]),
+        return triton("conv2d").conv2d_weight_grad(grad_output, input, tuple(weight_size), (g.sh, g.sw),
                                                    tuple(padding), tuple(dilation), groups)
     fmt = _memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)

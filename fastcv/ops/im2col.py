@@ -10,6 +10,8 @@ untested on a GPU). No Triton kernel: the Triton convolution of issue 4 will not
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -21,8 +23,26 @@ from fastcv.ops._args import pair
 __all__ = ["im2col", "col2im"]
 
 
-def _geometry(channels, height, width, kernel_size, dilation, padding, stride):
-    """The 13 integers the C++ side takes, validated (F.unfold's rules)."""
+class Im2colGeometry(NamedTuple):
+    """An image's and its blocks' sizes, as the kernels take them: csrc/ops/im2col/im2col.h's Geometry,
+    field for field (the binding checks the names)."""
+    channels: int
+    height: int
+    width: int
+    kh: int
+    kw: int
+    dh: int
+    dw: int
+    ph: int
+    pw: int
+    sh: int
+    sw: int
+    out_h: int
+    out_w: int
+
+
+def _geometry(channels, height, width, kernel_size, dilation, padding, stride) -> Im2colGeometry:
+    """The geometry, validated with F.unfold's rules."""
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, stride
     for name, pair, low in (("kernel_size", (kh, kw), 1), ("dilation", (dh, dw), 1), ("stride", (sh, sw), 1),
                             ("padding", (ph, pw), 0)):
@@ -34,7 +54,7 @@ def _geometry(channels, height, width, kernel_size, dilation, padding, stride):
         raise ValueError(
             f"the dilated kernel ({dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the padded input "
             f"({height + 2 * ph}x{width + 2 * pw})")
-    return [channels, height, width, kh, kw, dh, dw, ph, pw, sh, sw, out_h, out_w]
+    return Im2colGeometry(channels, height, width, kh, kw, dh, dw, ph, pw, sh, sw, out_h, out_w)
 
 
 def _check_floating(t: Tensor, arg: str) -> None:
@@ -56,8 +76,8 @@ def _im2col_geometry(input, kernel_size, dilation, padding, stride):
 
 def _im2col_impl(input, kernel_size, dilation, padding, stride):
     g = _im2col_geometry(input, kernel_size, dilation, padding, stride)
-    c, kh, kw, out_h, out_w = g[0], g[3], g[4], g[11], g[12]
-    out = torch.empty((input.shape[0], c * kh * kw, out_h * out_w), dtype=input.dtype, device=input.device)
+    out = torch.empty((input.shape[0], g.channels * g.kh * g.kw, g.out_h * g.out_w), dtype=input.dtype,
+                      device=input.device)
     if out.numel() == 0:
         pass
     elif select("im2col", input) == CUDA:  # raises if the build has no CUDA kernels for this GPU
@@ -69,7 +89,7 @@ def _im2col_impl(input, kernel_size, dilation, padding, stride):
 
 def _im2col_fake(input, kernel_size, dilation, padding, stride):
     g = _im2col_geometry(input, kernel_size, dilation, padding, stride)
-    return input.new_empty((input.shape[0], g[0] * g[3] * g[4], g[11] * g[12]))
+    return input.new_empty((input.shape[0], g.channels * g.kh * g.kw, g.out_h * g.out_w))
 
 
 def _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride):
@@ -80,15 +100,15 @@ def _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
     if input.shape[1] % (kh * kw):
         raise ValueError(f"input.shape[1] ({input.shape[1]}) must be divisible by the kernel's {kh}x{kw} = {kh * kw}")
     g = _geometry(input.shape[1] // (kh * kw), *output_size, kernel_size, dilation, padding, stride)
-    if input.shape[2] != g[11] * g[12]:
-        raise ValueError(f"input.shape[2] must be the number of blocks, {g[11]}x{g[12]} = {g[11] * g[12]} for "
+    if input.shape[2] != g.out_h * g.out_w:
+        raise ValueError(f"input.shape[2] must be the number of blocks, {g.out_h}x{g.out_w} = {g.out_h * g.out_w} for "
                          f"output_size {tuple(output_size)}, got {input.shape[2]}")
     return g
 
 
 def _col2im_impl(input, output_size, kernel_size, dilation, padding, stride):
     g = _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
-    out = torch.empty((input.shape[0], g[0], g[1], g[2]), dtype=input.dtype, device=input.device)
+    out = torch.empty((input.shape[0], g.channels, g.height, g.width), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         pass
     elif select("im2col", input) == CUDA:
@@ -100,7 +120,7 @@ def _col2im_impl(input, output_size, kernel_size, dilation, padding, stride):
 
 def _col2im_fake(input, output_size, kernel_size, dilation, padding, stride):
     g = _col2im_geometry(input, output_size, kernel_size, dilation, padding, stride)
-    return input.new_empty((input.shape[0], g[0], g[1], g[2]))
+    return input.new_empty((input.shape[0], g.channels, g.height, g.width))
 
 
 # Each is the other's gradient (both are linear), so double backward works too.
