@@ -27,6 +27,7 @@ from torch import Tensor
 from fastcv import _C
 from fastcv._backend import CPU, CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import OPS, define, no_second_derivative
+from fastcv.ops._args import channels_last
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "fold_batch_norm"]
 
@@ -40,9 +41,6 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- layouts
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def _as_3d(t: Tensor) -> Tensor | None:
     """t as [N, C, S] without a copy (planar NCHW or packed channels_last), or None if t is neither."""
     n, c, s = t.shape[0], t.shape[1], math.prod(t.shape[2:])
@@ -50,8 +48,7 @@ def _as_3d(t: Tensor) -> Tensor | None:
         return t.unsqueeze(-1) if t.is_contiguous() else None
     if t.is_contiguous():
         return t.view(n, c, s)
-    fmt = _CHANNELS_LAST.get(t.dim())
-    if fmt is not None and t.is_contiguous(memory_format=fmt):
+    if channels_last(t):
         return t.movedim(1, -1).reshape(n, s, c).transpose(1, 2)
     return None
 
@@ -59,10 +56,7 @@ def _as_3d(t: Tensor) -> Tensor | None:
 def _dense(x: Tensor) -> Tensor:
     """x itself when the kernels can read it in place (contiguous or channels_last), else a contiguous
     copy (unusual strides only)."""
-    if x.is_contiguous():
-        return x
-    fmt = _CHANNELS_LAST.get(x.dim())
-    return x if fmt is not None and x.is_contiguous(memory_format=fmt) else x.contiguous()
+    return x if x.is_contiguous() or channels_last(x) else x.contiguous()
 
 
 def _like(t: Tensor | None, x: Tensor) -> Tensor | None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from fastcv import _C
 from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define
-from fastcv.ops._args import pair
+from fastcv.ops._args import memory_format, pair
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
 
@@ -109,14 +109,6 @@ def _check_tensor(t, arg: str, rank: int, like: Tensor | None = None) -> None:
             raise TypeError(f"{arg} has dtype {t.dtype}, but the input has {like.dtype}")
 
 
-def _memory_format(*tensors: Tensor) -> torch.memory_format:
-    """channels_last when any of the tensors is (and is not also plain-contiguous), as PyTorch decides."""
-    for t in tensors:
-        if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-    return torch.contiguous_format
-
-
 def _empty(shape, like: Tensor, fmt: torch.memory_format) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
@@ -162,7 +154,7 @@ def _fused_impl(input, weight, bias, residual, relu, stride, padding, dilation, 
 
 def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, groups):
     g = _fused_checked(input, weight, bias, residual, relu, stride, padding, dilation, groups)
-    return _empty(g.output_shape(), input, _memory_format(input, weight))
+    return _empty(g.output_shape(), input, memory_format(input, weight))
 
 
 def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
@@ -170,7 +162,7 @@ def _forward(input, weight, bias, residual, relu, stride, padding, dilation, gro
     if backend == TRITON:
         return triton("conv2d").conv2d_forward(input, weight, bias, (g.sh, g.sw), tuple(padding), tuple(dilation),
                                                groups, residual=residual, relu=relu)
-    fmt = _memory_format(input, weight)
+    fmt = memory_format(input, weight)
     out = _empty(g.output_shape(), input, fmt)
     if out.numel():
         x, b = input.contiguous(memory_format=fmt), None if bias is None else bias.contiguous()
@@ -189,7 +181,7 @@ def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):
 
 def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
-    return _empty(g.output_shape(), input, _memory_format(input, weight))
+    return _empty(g.output_shape(), input, memory_format(input, weight))
 
 
 def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups):
@@ -211,7 +203,7 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
     if backend == TRITON:
         return triton("conv2d").conv2d_input_grad(grad_output, weight, g.input_shape(), (g.sh, g.sw), tuple(padding),
                                                   tuple(dilation), groups)
-    fmt = _memory_format(grad_output, weight)
+    fmt = memory_format(grad_output, weight)
     out = _empty(g.input_shape(), grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
     if out.numel():
         go = grad_output.contiguous(memory_format=fmt)
@@ -224,7 +216,7 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
 
 def _input_grad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
-    return _empty(g.input_shape(), grad_output, _memory_format(grad_output, weight))
+    return _empty(g.input_shape(), grad_output, memory_format(grad_output, weight))
 
 
 def _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups):
@@ -242,7 +234,7 @@ def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation
     if backend == TRITON:
         return triton("conv2d").conv2d_weight_grad(grad_output, input, tuple(weight_size), (g.sh, g.sw),
                                                    tuple(padding), tuple(dilation), groups)
-    fmt = _memory_format(grad_output, input)
+    fmt = memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)
     go, x = grad_output.contiguous(memory_format=fmt), input.contiguous(memory_format=fmt)
     if backend == CUDA:

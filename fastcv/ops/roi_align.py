@@ -24,17 +24,9 @@ from torch import Tensor
 from fastcv import _C
 from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import FP32, OPS, define, no_second_derivative
-from fastcv.ops._args import pair
+from fastcv.ops._args import memory_format, pair
 
 __all__ = ["roi_align", "multi_scale_roi_align"]
-
-
-def _channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
 def _check(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> None:
@@ -57,7 +49,7 @@ def _check(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int
 def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, sampling_ratio, aligned):
     """Both ops' forward on any backend; mapping: (canonical_scale, canonical_level, k_min, k_max) or None."""
     first = features[0]
-    fmt = _format(first)
+    fmt = memory_format(first)
     maps = [f.contiguous(memory_format=fmt) for f in features]
     out = torch.empty((rois.shape[0], first.shape[1], pooled_height, pooled_width), dtype=first.dtype,
                       device=first.device).contiguous(memory_format=fmt)
@@ -83,7 +75,7 @@ def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, s
 
 def _run_backward(grad, rois, scales, mapping, shapes, sampling_ratio, aligned):
     """Both ops' backward on any backend: one gradient per map of shape `shapes[l]` ([N, C, H, W])."""
-    fmt = _format(grad)
+    fmt = memory_format(grad)
     g = grad.contiguous(memory_format=fmt)
     # Reduced precision accumulates in float32, then rounds once.
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
@@ -111,7 +103,7 @@ def _forward_impl(input, rois, spatial_scale, pooled_height, pooled_width, sampl
 def _forward_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     _check(input, rois, spatial_scale, pooled_height, pooled_width)
     return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width)).contiguous(
-        memory_format=_format(input))
+        memory_format=memory_format(input))
 
 
 def _backward_impl(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
@@ -122,7 +114,7 @@ def _backward_impl(grad, rois, spatial_scale, pooled_height, pooled_width, batch
 
 def _backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width,
                    sampling_ratio, aligned):
-    return grad.new_empty((batch_size, channels, height, width)).contiguous(memory_format=_format(grad))
+    return grad.new_empty((batch_size, channels, height, width)).contiguous(memory_format=memory_format(grad))
 
 
 def _setup_context(ctx, inputs, output):
@@ -218,7 +210,7 @@ def _ms_forward_fake(features, rois, scales, pooled_height, pooled_width, sampli
                      canonical_level):
     _check_levels(features, rois, scales, pooled_height, pooled_width)
     return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width)).contiguous(
-        memory_format=_format(features[0]))
+        memory_format=memory_format(features[0]))
 
 
 def _ms_backward_impl(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
@@ -230,7 +222,7 @@ def _ms_backward_impl(grad, rois, scales, heights, widths, batch_size, channels,
 
 def _ms_backward_fake(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
                       canonical_scale, canonical_level):
-    return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=_format(grad))
+    return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=memory_format(grad))
             for h, w in zip(heights, widths)]
 
 
