@@ -1,7 +1,10 @@
 #pragma once
-// Helpers for the CUDA launchers: error checks that name what failed, and a device guard.
+// Helpers for the CUDA kernels and their launchers: error checks that name what failed, a device guard,
+// and the grid of a one-dimensional grid-stride loop.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -47,5 +50,11 @@ class DeviceGuard {
 };
 
 inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// Blocks of `threads` threads for `total` elements walked by grid_stride: one element a thread, up to
+// 65535 * 8 blocks (beyond that each thread takes several).
+inline unsigned blocks_for(int64_t total, int threads) {
+  return unsigned(std::min<int64_t>((total + threads - 1) / threads, 65535 * 8));
+}
 
 }  // namespace fastcv

@@ -10,8 +10,6 @@
 // Float16 and bfloat16 accumulate in float, float64 in double. Indices are 64-bit.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "ops/conv2d/conv2d_ops.h"
@@ -140,8 +138,6 @@ __global__ void weight_grad_nhwc_kernel(const S* __restrict__ grad_output, const
   }
 }
 
-unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 WeightStrides strides_of(const TensorView& w) { return {w.stride(0), w.stride(2), w.stride(3)}; }
 
 }  // namespace
@@ -156,7 +152,7 @@ void depthwise_forward_cuda(const TensorView& input, const TensorView& weight, c
   DeviceGuard guard(output);
   dispatch_floating(output.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    forward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(
+    forward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
         input.ptr<S>(), weight.ptr<S>(), strides_of(weight), bias ? bias->ptr<S>() : nullptr, output.ptr<S>(), g, nhwc,
         total);
   });
@@ -173,7 +169,7 @@ void depthwise_input_grad_cuda(const TensorView& grad_output, const TensorView& 
   DeviceGuard guard(grad_input);
   dispatch_floating(grad_input.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
-    input_grad_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(
+    input_grad_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
         grad_output.ptr<S>(), weight.ptr<S>(), strides_of(weight), grad_input.ptr<S>(), g, nhwc, total);
   });
   FASTCV_CUDA_CHECK_LAUNCH("depthwise input_grad_kernel");

@@ -3,8 +3,6 @@
 // fixed order: no atomics, deterministic.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "ops/im2col/im2col_ops.h"
@@ -50,8 +48,6 @@ __global__ void col2im_kernel(const S* __restrict__ columns, Geometry g, int64_t
   }
 }
 
-unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 }  // namespace
 
 void im2col_cuda(const TensorView& image, const Geometry& g, const TensorView& columns, uintptr_t stream) {
@@ -61,7 +57,8 @@ void im2col_cuda(const TensorView& image, const Geometry& g, const TensorView& c
   DeviceGuard guard(columns);
   dispatch_floating(image.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    im2col_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(image.ptr<S>(), g, total, columns.ptr<S>());
+    im2col_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(image.ptr<S>(), g, total,
+                                                                                     columns.ptr<S>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("im2col_kernel");
 }
@@ -73,7 +70,8 @@ void col2im_cuda(const TensorView& columns, const Geometry& g, const TensorView&
   DeviceGuard guard(image);
   dispatch_floating(image.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    col2im_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(columns.ptr<S>(), g, total, image.ptr<S>());
+    col2im_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(columns.ptr<S>(), g, total,
+                                                                                     image.ptr<S>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("col2im_kernel");
 }

@@ -5,7 +5,6 @@
 // or absurd box) gives zeros here: the GPU cannot raise without a host sync, and never reads outside.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "common/cuda_utils.cuh"
@@ -205,8 +204,6 @@ LevelsArg make_args(const std::vector<TensorView>& maps, const std::vector<doubl
   return a;
 }
 
-unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 }  // namespace
 
 void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
@@ -219,8 +216,8 @@ void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::ve
   DeviceGuard guard(output);
   dispatch_floating(output.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    forward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), total, sampling_ratio,
-                                                                              aligned, output.ptr<S>());
+    forward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+        a, rois.ptr<S>(), total, sampling_ratio, aligned, output.ptr<S>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("roi_align forward_kernel");
 }
@@ -238,12 +235,13 @@ void roi_align_backward_cuda(const TensorView& grad_output, const std::vector<do
     using S = decltype(tag);
     if (deterministic) {
       const int64_t items = a.tile_base[a.levels];
+      // The grid is sized for kThreads a block and launched with 128: each thread takes about two items.
       if (items > 0)
-        backward_deterministic_kernel<S><<<blocks_for(items), 128, 0, as_stream(stream)>>>(
+        backward_deterministic_kernel<S><<<blocks_for(items, kThreads), 128, 0, as_stream(stream)>>>(
             a, rois.ptr<S>(), rois.size(0), grad_output.ptr<S>(), sampling_ratio, aligned);
     } else {
-      backward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), grad_output.ptr<S>(),
-                                                                                 total, sampling_ratio, aligned);
+      backward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+          a, rois.ptr<S>(), grad_output.ptr<S>(), total, sampling_ratio, aligned);
     }
   });
   FASTCV_CUDA_CHECK_LAUNCH("roi_align backward_kernel");
