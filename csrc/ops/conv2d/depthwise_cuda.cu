@@ -31,7 +31,7 @@ __global__ void forward_kernel(const S* __restrict__ x, const S* __restrict__ w,
                                const S* __restrict__ bias, S* __restrict__ out, Geometry g, bool nhwc, int64_t total) {
   using T = compute_t<S>;
   const int64_t M = g.out_channels / g.channels;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t n, o, oh, ow, xh, xw;
     const S* plane;
     if (nhwc) {
@@ -53,7 +53,7 @@ __global__ void input_grad_kernel(const S* __restrict__ grad_output, const S* __
                                   S* __restrict__ grad_input, Geometry g, bool nhwc, int64_t total) {
   using T = compute_t<S>;
   const int64_t M = g.out_channels / g.channels;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t n, c, h, x, gm, gh, gw;
     const S* go;
     if (nhwc) {

@@ -16,7 +16,7 @@ constexpr int kThreads = 256;
 template <class S>
 __global__ void im2col_kernel(const S* __restrict__ image, Geometry g, int64_t total, S* __restrict__ columns) {
   const int64_t L = g.out_h * g.out_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     const int64_t col = idx % L, row = (idx / L) % (g.channels * g.kh * g.kw), n = idx / (L * g.channels * g.kh * g.kw);
     const int64_t j = row % g.kw, i = (row / g.kw) % g.kh, c = row / (g.kw * g.kh);
     const int64_t ih = (col / g.out_w) * g.sh - g.ph + i * g.dh, iw = (col % g.out_w) * g.sw - g.pw + j * g.dw;
@@ -30,7 +30,7 @@ template <class S>
 __global__ void col2im_kernel(const S* __restrict__ columns, Geometry g, int64_t total, S* __restrict__ image) {
   using T = compute_t<S>;
   const int64_t L = g.out_h * g.out_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     const int64_t w = idx % g.width, h = (idx / g.width) % g.height;
     const int64_t c = (idx / (g.width * g.height)) % g.channels, n = idx / (g.width * g.height * g.channels);
     T sum = T(0);

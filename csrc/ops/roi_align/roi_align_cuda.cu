@@ -74,7 +74,7 @@ template <class S>
 __global__ void forward_kernel(LevelsArg a, const S* __restrict__ rois, int64_t total, int64_t sampling_ratio,
                                bool aligned, S* __restrict__ out) {
   using T = compute_t<S>;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t k, c, ph, pw, image;
     decompose(idx, a, k, c, ph, pw);
     int level;
@@ -102,7 +102,7 @@ template <class S>
 __global__ void backward_kernel(LevelsArg a, const S* __restrict__ rois, const S* __restrict__ grad, int64_t total,
                                 int64_t sampling_ratio, bool aligned) {
   using T = compute_t<S>;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t k, c, ph, pw, image;
     decompose(idx, a, k, c, ph, pw);
     int level;
@@ -135,8 +135,7 @@ __global__ void backward_deterministic_kernel(LevelsArg a, const S* __restrict__
                                               const S* __restrict__ grad, int64_t sampling_ratio, bool aligned) {
   using T = compute_t<S>;
   const int64_t total = a.tile_base[a.levels];
-  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < total;
-       item += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t item : grid_stride(total)) {
     int level = 0;
     while (item >= a.tile_base[level + 1]) ++level;
     const int64_t h = a.h[level], w = a.w[level], tiles = (h + kTileRows - 1) / kTileRows;
