@@ -153,7 +153,7 @@ void depthwise_forward_cuda(const TensorView& input, const TensorView& weight, c
   dispatch_floating(output.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
     forward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
-        input.ptr<S>(), weight.ptr<S>(), strides_of(weight), bias ? bias->ptr<S>() : nullptr, output.ptr<S>(), g, nhwc,
+        input.ptr<S>(), weight.ptr<S>(), strides_of(weight), optional_ptr<S>(bias), output.ptr<S>(), g, nhwc,
         total);
   });
   FASTCV_CUDA_CHECK_LAUNCH("depthwise forward_kernel");
