@@ -64,17 +64,13 @@ interpreter.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET, ONE_CONFIG
 from ._common import dot as _dot
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# FASTCV_TRITON_AUTOTUNE=0 keeps one configuration per kernel (the GPU tests set it).
-_ONE_CONFIG = _INTERPRET or os.environ.get("FASTCV_TRITON_AUTOTUNE") == "0"
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -145,7 +141,7 @@ def _candidates(kind, block_d, es, has_mask):
 def _default(kind, block_d, es, has_mask=False):
     """The one configuration used without tuning (the interpreter: one small tile; benchmarking there
     would be slow and meaningless)."""
-    if _INTERPRET:
+    if INTERPRET:
         return (16, 16, 1, 1)
     return _candidates(kind, block_d, es, has_mask)[0]
 
@@ -671,7 +667,7 @@ def _common(q, k, mask, is_causal, dropout_p, seed, offset):
     Hkv, S = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
     thr, inv_keep, seed = _dropout_args(dropout_p, seed, offset)
-    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    upcast = INTERPRET and q.dtype == torch.bfloat16
     return dict(
         flags=dict(IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, DROPOUT=float(dropout_p) > 0.0,
                    BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION="ieee", UPCAST=upcast),
@@ -687,8 +683,8 @@ def _launch(tuned, kind, c, grid_rows, grid_mult, args, extra_flags=None):
     blocks = None
     if _BLOCKS_OVERRIDE is not None and kind in _BLOCKS_OVERRIDE:
         m, n = _BLOCKS_OVERRIDE[kind]
-        blocks = (m, n, 1 if _INTERPRET else 4, 1 if _INTERPRET else 2)
-    elif _ONE_CONFIG:
+        blocks = (m, n, 1 if INTERPRET else 4, 1 if INTERPRET else 2)
+    elif ONE_CONFIG:
         blocks = _default(kind, c["block_d"], c["es"], c["flags"]["HAS_MASK"])
     if blocks is not None:
         m, n, w, s = blocks
@@ -755,10 +751,10 @@ def backward(grad_out, q, k, v, out, lse, mask, scale: float, is_causal: bool, d
     if grad_out.stride(-1) != 1 and D > 1:
         grad_out = grad_out.contiguous()
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    pre_m = 16 if _INTERPRET else 64
+    pre_m = 16 if INTERPRET else 64
     _bwd_preprocess[(B * Hq * triton.cdiv(L, pre_m),)](
         out, grad_out, delta, *grad_out.stride()[:3], Hq, L, D, BLOCK_D=c["block_d"], BLOCK_M=pre_m,
-        num_warps=1 if _INTERPRET else 4)
+        num_warps=1 if INTERPRET else 4)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *c["mask_args"][1:], *grad_out.stride()[:3])
     tail = (L, S, D, float(scale) * _LOG2E, float(scale), c["inv_keep"], c["seed"], c["thr"], c["offset"],
             _bucket(L), _bucket(S))
@@ -776,7 +772,7 @@ def dropout_mask(B: int, Hq: int, L: int, S: int, dropout_p: float, seed: int, o
     out = torch.empty((B, Hq, L, S), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.view(torch.bool)
-    bm, bn = (16, 16) if _INTERPRET else (64, 64)
+    bm, bn = (16, 16) if INTERPRET else (64, 64)
     _dropout_mask_kernel[(B * Hq * triton.cdiv(L, bm) * triton.cdiv(S, bn),)](
-        out, L, S, seed, thr, int(offset), BLOCK_M=bm, BLOCK_N=bn, num_warps=1 if _INTERPRET else 4)
+        out, L, S, seed, thr, int(offset), BLOCK_M=bm, BLOCK_N=bn, num_warps=1 if INTERPRET else 4)
     return out.view(torch.bool)
