@@ -1,6 +1,16 @@
-"""Device functions shared by the Triton kernels."""
+"""What the Triton kernels share: whether they run under the interpreter, the autotuning switch, and
+device functions."""
+import os
+
 import triton
 import triton.language as tl
+
+# TRITON_INTERPRET=1: the kernels run on the CPU through Triton's interpreter (the tests), which gets one
+# small configuration per kernel.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTCV_TRITON_AUTOTUNE=0 keeps one configuration per kernel (the GPU tests set it: autotuning every
+# test shape would compile every candidate of each kernel per shape).
+ONE_CONFIG = INTERPRET or os.environ.get("FASTCV_TRITON_AUTOTUNE") == "0"
 
 
 @triton.jit

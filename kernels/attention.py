@@ -64,20 +64,18 @@ interpreter.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET, ONE_CONFIG
 from ._common import dot as _dot
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# FASTCV_TRITON_AUTOTUNE=0 keeps one configuration per kernel (the GPU tests set it).
-_ONE_CONFIG = _INTERPRET or os.environ.get("FASTCV_TRITON_AUTOTUNE") == "0"
-
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# log2(e) and ln(2) for the base-2 softmax. constexpr, so that the @triton.jit functions can read them (the
+# launchers take the Python float, _LOG2E.value).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 # Blocks forced by the tests (kind -> (BLOCK_M, BLOCK_N)), bypassing the tuner; None: normal behaviour.
 _BLOCKS_OVERRIDE: dict | None = None
@@ -145,7 +143,7 @@ def _candidates(kind, block_d, es, has_mask):
 def _default(kind, block_d, es, has_mask=False):
     """The one configuration used without tuning (the interpreter: one small tile; benchmarking there
     would be slow and meaningless)."""
-    if _INTERPRET:
+    if INTERPRET:
         return (16, 16, 1, 1)
     return _candidates(kind, block_d, es, has_mask)[0]
 
@@ -218,7 +216,7 @@ def _kv_scores(q, k_ptrs, v_ptrs, m_ptrs, rows, row_ok, cols, d_ok, qk_scale, S,
             mk = tl.load(m_ptrs, mask=row_ok[:, None] & (cols < S)[None, :], other=0)
         else:
             mk = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
-        s += mk * 1.4426950408889634
+        s += mk * _LOG2E
     if BOUNDARY:
         valid = (cols < S)[None, :]
         if IS_CAUSAL:
@@ -331,10 +329,10 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
     if HAS_MASK:  # fully masked rows: out = 0, lse = +inf
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     else:
         l_safe = l_i
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        lse = (m_i + tl.math.log2(l_i)) * _LN2
     out = acc * (inv_keep / l_safe)[:, None]
     row_base = tl.cast(bh, tl.int64) * L + rows64
     tl.store(Lse + row_base, lse, mask=row_ok)
@@ -422,13 +420,13 @@ def _bwd_kv_inner(dk, dv, k, v, q_ptrs, do_ptrs, m_ptrs, Lse, Delta, row_base, s
                 mk = tl.load(m_ptrs, mask=row_ok[None, :], other=0)
             else:
                 mk = tl.load(m_ptrs)
-            st += mk * 1.4426950408889634
+            st += mk * _LOG2E
         # masked scores to -inf before exp2: a causally masked score can lie far above its row's lse
         if CAUSAL_MASK:
             st = tl.where(cols[:, None] <= rows[None, :], st, float("-inf"))
         if MASK_COLS:  # padded keys (k = 0, s = 0, possibly far above lse): no inf, even unstored
             st = tl.where(col_ok[:, None], st, float("-inf"))
-        pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])  # lse = +inf: P = 0
+        pt = tl.math.exp2(st - (lse * _LOG2E)[None, :])  # lse = +inf: P = 0
         dpt = _dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), PRECISION, UPCAST)
         if DROPOUT:
             keep = tl.trans(_keep(seed, thr, bh, offset, rows, start_n, BLOCK_M, BLOCK_N))
@@ -567,7 +565,7 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows64[:, None] * sql + offs_d[None, :], mask=tile_mask, other=0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + rows64[:, None] * sdl + offs_d[None, :], mask=tile_mask, other=0)
     row_base = tl.cast(bh, tl.int64) * L + rows64
-    lse2 = tl.load(Lse + row_base, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(Lse + row_base, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + row_base, mask=row_ok, other=0)
     k_ptrs, v_ptrs, m_ptrs = _key_pointers(K, V, Mask, b64, h64, kv_h, rows64, offs_n, offs_d, skb, skh, skn, svb,
                                            svh, svn, smb, smh, sml, sms, HAS_MASK)
@@ -671,7 +669,7 @@ def _common(q, k, mask, is_causal, dropout_p, seed, offset):
     Hkv, S = k.shape[1], k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
     thr, inv_keep, seed = _dropout_args(dropout_p, seed, offset)
-    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    upcast = INTERPRET and q.dtype == torch.bfloat16
     return dict(
         flags=dict(IS_CAUSAL=bool(is_causal), HAS_MASK=mask is not None, DROPOUT=float(dropout_p) > 0.0,
                    BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION="ieee", UPCAST=upcast),
@@ -687,8 +685,8 @@ def _launch(tuned, kind, c, grid_rows, grid_mult, args, extra_flags=None):
     blocks = None
     if _BLOCKS_OVERRIDE is not None and kind in _BLOCKS_OVERRIDE:
         m, n = _BLOCKS_OVERRIDE[kind]
-        blocks = (m, n, 1 if _INTERPRET else 4, 1 if _INTERPRET else 2)
-    elif _ONE_CONFIG:
+        blocks = (m, n, 1 if INTERPRET else 4, 1 if INTERPRET else 2)
+    elif ONE_CONFIG:
         blocks = _default(kind, c["block_d"], c["es"], c["flags"]["HAS_MASK"])
     if blocks is not None:
         m, n, w, s = blocks
@@ -714,7 +712,7 @@ def forward(q, k, v, mask, scale: float, is_causal: bool, dropout_p: float, seed
     if tuple(lse.shape) != (B, Hq, L) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"attention: lse must be a contiguous {(B, Hq, L)} float32 tensor")
     args = (q, k, v, c["mask_args"][0], out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *c["mask_args"][1:], Hq, Hq // c["Hkv"], L, S, D, float(scale) * _LOG2E, c["inv_keep"],
+            *c["mask_args"][1:], Hq, Hq // c["Hkv"], L, S, D, float(scale) * _LOG2E.value, c["inv_keep"],
             c["seed"], c["thr"], c["offset"], _bucket(L), _bucket(S))
     _launch(_fwd_tuned, "fwd", c, L, B * Hq, args)
 
@@ -755,12 +753,12 @@ def backward(grad_out, q, k, v, out, lse, mask, scale: float, is_causal: bool, d
     if grad_out.stride(-1) != 1 and D > 1:
         grad_out = grad_out.contiguous()
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    pre_m = 16 if _INTERPRET else 64
+    pre_m = 16 if INTERPRET else 64
     _bwd_preprocess[(B * Hq * triton.cdiv(L, pre_m),)](
         out, grad_out, delta, *grad_out.stride()[:3], Hq, L, D, BLOCK_D=c["block_d"], BLOCK_M=pre_m,
-        num_warps=1 if _INTERPRET else 4)
+        num_warps=1 if INTERPRET else 4)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *c["mask_args"][1:], *grad_out.stride()[:3])
-    tail = (L, S, D, float(scale) * _LOG2E, float(scale), c["inv_keep"], c["seed"], c["thr"], c["offset"],
+    tail = (L, S, D, float(scale) * _LOG2E.value, float(scale), c["inv_keep"], c["seed"], c["thr"], c["offset"],
             _bucket(L), _bucket(S))
     dm, dm_strides, dm_flags = _mask_grad_args(dmask, B, Hq, L, S, q.device)
     kv_args = (q, k, v, c["mask_args"][0], grad_out, lse, delta, dk, dv, dm, *common, *dm_strides, Hq, Hkv,
@@ -776,7 +774,7 @@ def dropout_mask(B: int, Hq: int, L: int, S: int, dropout_p: float, seed: int, o
     out = torch.empty((B, Hq, L, S), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.view(torch.bool)
-    bm, bn = (16, 16) if _INTERPRET else (64, 64)
+    bm, bn = (16, 16) if INTERPRET else (64, 64)
     _dropout_mask_kernel[(B * Hq * triton.cdiv(L, bm) * triton.cdiv(S, bn),)](
-        out, L, S, seed, thr, int(offset), BLOCK_M=bm, BLOCK_N=bn, num_warps=1 if _INTERPRET else 4)
+        out, L, S, seed, thr, int(offset), BLOCK_M=bm, BLOCK_N=bn, num_warps=1 if INTERPRET else 4)
     return out.view(torch.bool)

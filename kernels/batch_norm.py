@@ -27,13 +27,12 @@ Offsets are int64.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._common import INTERPRET
 
 
 def _tuning(device: torch.device, dtype: torch.dtype):
@@ -42,7 +41,7 @@ def _tuning(device: torch.device, dtype: torch.dtype):
     where every program costs milliseconds: 256-element tiles and 4 programs, which still gives the
     tests' small shapes several splits per channel or several tiles per program. The tests patch this
     to try other tilings."""
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return 256, 4
     return (2048 if dtype == torch.float64 else 4096), 4 * _sm_count(device.index)
 
@@ -298,8 +297,8 @@ class _Plan:
         self.tiles_per = triton.cdiv(self.tiles, split)
         self.split = triton.cdiv(self.tiles, self.tiles_per)  # no empty run
         # The merges: a block of channels per program, splits in chunks of block_p.
-        self.merge_block_c = min(triton.next_power_of_2(c), 32 if not _INTERPRET else 8)
-        self.merge_block_p = min(triton.next_power_of_2(self.split), 32 if not _INTERPRET else 4)
+        self.merge_block_c = min(triton.next_power_of_2(c), 32 if not INTERPRET else 8)
+        self.merge_block_p = min(triton.next_power_of_2(self.split), 32 if not INTERPRET else 4)
 
     def view_args(self):
         return (self.n, self.c, self.s, *self.strides)

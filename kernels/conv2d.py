@@ -19,26 +19,20 @@ by default), otherwise full IEEE float32.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET, ONE_CONFIG
 from ._common import dot as _dot
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# FASTCV_TRITON_AUTOTUNE=0 keeps one configuration per kernel (the GPU tests set it: autotuning every
-# test shape would compile six variants of each kernel per shape).
-_ONE_CONFIG = _INTERPRET or os.environ.get("FASTCV_TRITON_AUTOTUNE") == "0"
 
 
 def _configs(shapes):
     # shapes: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The interpreter gets one small tile:
     # benchmarking there would be slow and meaningless.
-    if _INTERPRET:
+    if INTERPRET:
         shapes = [(16, 16, 16, 1, 1)]
-    elif _ONE_CONFIG:
+    elif ONE_CONFIG:
         shapes = shapes[3:4]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
@@ -237,7 +231,7 @@ def _allow_tf32() -> bool:
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    upcast = _INTERPRET and dtype == torch.bfloat16  # bfloat16 products are exact in float32: same result
+    upcast = INTERPRET and dtype == torch.bfloat16  # bfloat16 products are exact in float32: same result
     if dtype == torch.float64:
         return {"PRECISION": "ieee", "ACC": tl.float64, "UPCAST": False}
     tf32 = dtype == torch.float32 and _allow_tf32()

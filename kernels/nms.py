@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-WORD = 64  # boxes per mask word
-
 
 @triton.jit
 def _max_first(a, b):

@@ -12,7 +12,7 @@ import fastcv.cpu
 from conftest import CPU_ISAS
 from fastcv import _C, ops
 
-# The micro-kernel tile (rows MR, columns NR) per ISA and dtype: MR x 2 vectors (csrc/common/gemm_kernel.h).
+# The micro-kernel tile (rows MR, columns NR) per ISA and dtype: MR x 2 vectors (csrc/compute/gemm_kernel.h).
 GEOMETRY = {
     ("baseline", torch.float32): (6, 8), ("baseline", torch.float64): (6, 4),
     ("avx2", torch.float32): (6, 16), ("avx2", torch.float64): (6, 8),

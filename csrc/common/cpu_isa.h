@@ -3,7 +3,7 @@
 // every kernel under each ISA the machine has; FASTCV_CPU_ISA and fastcv.force_cpu_isa set it).
 //
 // Kernels whose speed depends on the ISA are compiled once per ISA: the GEMM micro-kernels in their own
-// translation units (isa/gemm_tile.cpp), hot loops elsewhere through FASTCV_ISA_DISPATCH below. Both
+// translation units (compute/isa/gemm_tile.cpp), hot loops elsewhere through FASTCV_ISA_DISPATCH below. Both
 // read cpu_isa() on every call, so forcing takes effect at once for every kernel.
 #include <atomic>
 #include <string>

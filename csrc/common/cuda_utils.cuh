@@ -1,7 +1,10 @@
 #pragma once
-// Helpers for the CUDA launchers: error checks that name what failed, and a device guard.
+// Helpers for the CUDA kernels and their launchers: error checks that name what failed, a device guard,
+// and the grid of a one-dimensional grid-stride loop.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -47,5 +50,31 @@ class DeviceGuard {
 };
 
 inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// The indices of [0, total) that this thread visits in a grid-stride loop over a one-dimensional grid
+// (from its global index, in steps of the grid's thread count):
+//   for (const int64_t idx : grid_stride(total)) ...
+struct GridStride {
+  struct Iterator {
+    int64_t index;
+    __device__ int64_t operator*() const { return index; }
+    __device__ Iterator& operator++() {
+      index += int64_t(gridDim.x) * blockDim.x;
+      return *this;
+    }
+    __device__ bool operator!=(const Iterator& end) const { return index < end.index; }  // steps past the end
+  };
+  int64_t total;
+  __device__ Iterator begin() const { return {blockIdx.x * int64_t(blockDim.x) + threadIdx.x}; }
+  __device__ Iterator end() const { return {total}; }
+};
+
+__device__ inline GridStride grid_stride(int64_t total) { return {total}; }
+
+// Blocks of `threads` threads for `total` elements walked by grid_stride: one element a thread, up to
+// 65535 * 8 blocks (beyond that each thread takes several).
+inline unsigned blocks_for(int64_t total, int threads) {
+  return unsigned(std::min<int64_t>((total + threads - 1) / threads, 65535 * 8));
+}
 
 }  // namespace fastcv

@@ -67,4 +67,10 @@ struct TensorView {
   }
 };
 
+// The data of an optional tensor, nullptr for none.
+template <class T>
+T* optional_ptr(const TensorView* t) {
+  return t ? t->ptr<T>() : nullptr;
+}
+
 }  // namespace fastcv

@@ -33,9 +33,9 @@
 #include "common/check.h"
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
-#include "common/gemm.h"
 #include "common/parallel.h"
-#include "common/transpose.h"
+#include "compute/gemm.h"
+#include "compute/transpose.h"
 #include "ops/attention/attention.h"
 #include "ops/attention/attention_ops.h"
 

@@ -456,11 +456,6 @@ A param(const TensorView* t, int64_t c, A absent) {
   return t ? t->ptr<A>()[c] : absent;
 }
 
-template <class T>
-const T* opt_ptr(const TensorView* t) {
-  return t ? t->ptr<T>() : nullptr;
-}
-
 // ---------------------------------------------------------------- forward
 
 template <class T>
@@ -601,7 +596,7 @@ void train_packed(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
 template <class T>
 ForwardArgs<T> forward_args(const TensorView& x, const TensorView* weight, const TensorView* bias,
                             const TensorView* residual, bool relu, double eps, const TensorView& y) {
-  return {x.ptr<T>(), opt_ptr<T>(residual), y.ptr<T>(), weight, bias, relu, compute_t<T>(eps), streamed(y)};
+  return {x.ptr<T>(), optional_ptr<T>(residual), y.ptr<T>(), weight, bias, relu, compute_t<T>(eps), streamed(y)};
 }
 
 }  // namespace
@@ -810,11 +805,10 @@ void batch_norm_backward_cpu(const TensorView& grad_y, const TensorView& x, cons
     using T = decltype(tag);
     using A = compute_t<T>;
     if (sh.c == 0) return;
-    BackwardArgs<T> a{grad_y.ptr<T>(), x.ptr<T>(), opt_ptr<T>(y), grad_x ? grad_x->ptr<T>() : nullptr,
-                      grad_residual ? grad_residual->ptr<T>() : nullptr, mean.ptr<A>(), var.ptr<A>(), weight,
-                      training, training || grad_weight || grad_bias, A(eps), A(sh.n * sh.s),
-                      grad_weight ? grad_weight->ptr<A>() : nullptr, grad_bias ? grad_bias->ptr<A>() : nullptr,
-                      streamed(grad_y)};
+    BackwardArgs<T> a{grad_y.ptr<T>(), x.ptr<T>(), optional_ptr<T>(y), optional_ptr<T>(grad_x),
+                      optional_ptr<T>(grad_residual), mean.ptr<A>(), var.ptr<A>(), weight, training,
+                      training || grad_weight || grad_bias, A(eps), A(sh.n * sh.s), optional_ptr<A>(grad_weight),
+                      optional_ptr<A>(grad_bias), streamed(grad_y)};
     if (x.numel() == 0) {  // no values: zero parameter gradients (the statistics may be NaN)
       if (a.grad_weight) std::fill(a.grad_weight, a.grad_weight + sh.c, A(0));
       if (a.grad_bias) std::fill(a.grad_bias, a.grad_bias + sh.c, A(0));

@@ -628,11 +628,6 @@ void launch_statistics(const TensorView& x, const BatchNormShape& sh, int sms, c
 }
 
 template <class S>
-const S* optional_ptr(const TensorView* t) {
-  return t ? t->ptr<S>() : nullptr;
-}
-
-template <class S>
 void launch_forward(const TensorView& x, const TensorView* residual, const TensorView& y, const BatchNormShape& sh,
                     const ChannelParams<compute_t<S>>& p, bool relu, int sms, cudaStream_t stream) {
   const int v = vector_width(sh, sizeof(S), {x.data, y.data, residual ? residual->data : nullptr});
@@ -643,11 +638,6 @@ void launch_forward(const TensorView& x, const TensorView* residual, const Tenso
         <<<l.grid, l.block, 0, stream>>>(x.ptr<S>(), optional_ptr<S>(residual), y.ptr<S>(), l.walk, p, relu);
   });
   FASTCV_CUDA_CHECK_LAUNCH("batch_norm forward_kernel");
-}
-
-template <class S>
-S* optional_out(const TensorView* t) {
-  return t ? t->ptr<S>() : nullptr;
 }
 
 template <class S>
@@ -731,13 +721,13 @@ void batch_norm_backward_cuda(const TensorView& grad_y, const TensorView& x, con
   dispatch_floating(x.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
     using A = compute_t<S>;
-    const GradTensors<S> t{grad_y.ptr<S>(), x.ptr<S>(), optional_ptr<S>(y), optional_out<S>(grad_x),
-                           optional_out<S>(grad_residual)};
+    const GradTensors<S> t{grad_y.ptr<S>(), x.ptr<S>(), optional_ptr<S>(y), optional_ptr<S>(grad_x),
+                           optional_ptr<S>(grad_residual)};
     Workspace sums(need_sums ? size_t(sh.c) * sizeof(GradSums<A>) : 0, s);  // until grad_kernel has run
     if (need_sums)
       launch_grad_sums(t, sh, mean.ptr<A>(),
-                       SumsOut<A>{nullptr, sums.get<GradSums<A>>(), var.ptr<A>(), A(eps), optional_out<A>(grad_weight),
-                                  optional_out<A>(grad_bias), sh.c},
+                       SumsOut<A>{nullptr, sums.get<GradSums<A>>(), var.ptr<A>(), A(eps), optional_ptr<A>(grad_weight),
+                                  optional_ptr<A>(grad_bias), sh.c},
                        sms, s);
     if (grad_x || grad_residual)
       launch_grad(t, sh,

@@ -3,8 +3,8 @@
 
 #include <optional>
 
-#include "common/gemm.h"
 #include "common/pyview.h"
+#include "compute/gemm.h"
 #include "ops/conv2d/conv2d_ops.h"
 
 namespace py = pybind11;

@@ -1,4 +1,4 @@
-// CPU convolution as GEMMs on packed panels (common/gemm.h), with the im2col done while packing: the
+// CPU convolution as GEMMs on packed panels (compute/gemm.h), with the im2col done while packing: the
 // column matrix only ever exists one cache-sized panel at a time, never as a buffer of kh*kw times
 // the input. Weights are packed once per call. Per image and group:
 //   NCHW forward       out[o, p]      = W[o, k] . col[k, p]           (rows: output channels)
@@ -15,9 +15,9 @@
 
 #include "common/check.h"
 #include "common/dtype.h"
-#include "common/gemm.h"
 #include "common/memory.h"
 #include "common/parallel.h"
+#include "compute/gemm.h"
 #include "ops/conv2d/conv2d_ops.h"
 
 namespace fastcv {

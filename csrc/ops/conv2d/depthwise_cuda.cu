@@ -10,8 +10,6 @@
 // Float16 and bfloat16 accumulate in float, float64 in double. Indices are 64-bit.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "ops/conv2d/conv2d_ops.h"
@@ -33,7 +31,7 @@ __global__ void forward_kernel(const S* __restrict__ x, const S* __restrict__ w,
                                const S* __restrict__ bias, S* __restrict__ out, Geometry g, bool nhwc, int64_t total) {
   using T = compute_t<S>;
   const int64_t M = g.out_channels / g.channels;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t n, o, oh, ow, xh, xw;
     const S* plane;
     if (nhwc) {
@@ -55,7 +53,7 @@ __global__ void input_grad_kernel(const S* __restrict__ grad_output, const S* __
                                   S* __restrict__ grad_input, Geometry g, bool nhwc, int64_t total) {
   using T = compute_t<S>;
   const int64_t M = g.out_channels / g.channels;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t n, c, h, x, gm, gh, gw;
     const S* go;
     if (nhwc) {
@@ -140,8 +138,6 @@ __global__ void weight_grad_nhwc_kernel(const S* __restrict__ grad_output, const
   }
 }
 
-unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 WeightStrides strides_of(const TensorView& w) { return {w.stride(0), w.stride(2), w.stride(3)}; }
 
 }  // namespace
@@ -156,8 +152,8 @@ void depthwise_forward_cuda(const TensorView& input, const TensorView& weight, c
   DeviceGuard guard(output);
   dispatch_floating(output.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    forward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(
-        input.ptr<S>(), weight.ptr<S>(), strides_of(weight), bias ? bias->ptr<S>() : nullptr, output.ptr<S>(), g, nhwc,
+    forward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+        input.ptr<S>(), weight.ptr<S>(), strides_of(weight), optional_ptr<S>(bias), output.ptr<S>(), g, nhwc,
         total);
   });
   FASTCV_CUDA_CHECK_LAUNCH("depthwise forward_kernel");
@@ -173,7 +169,7 @@ void depthwise_input_grad_cuda(const TensorView& grad_output, const TensorView& 
   DeviceGuard guard(grad_input);
   dispatch_floating(grad_input.dtype, "grad_output", [&](auto tag) {
     using S = decltype(tag);
-    input_grad_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(
+    input_grad_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
         grad_output.ptr<S>(), weight.ptr<S>(), strides_of(weight), grad_input.ptr<S>(), g, nhwc, total);
   });
   FASTCV_CUDA_CHECK_LAUNCH("depthwise input_grad_kernel");

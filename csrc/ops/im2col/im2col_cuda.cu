@@ -3,8 +3,6 @@
 // fixed order: no atomics, deterministic.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "ops/im2col/im2col_ops.h"
@@ -18,7 +16,7 @@ constexpr int kThreads = 256;
 template <class S>
 __global__ void im2col_kernel(const S* __restrict__ image, Geometry g, int64_t total, S* __restrict__ columns) {
   const int64_t L = g.out_h * g.out_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     const int64_t col = idx % L, row = (idx / L) % (g.channels * g.kh * g.kw), n = idx / (L * g.channels * g.kh * g.kw);
     const int64_t j = row % g.kw, i = (row / g.kw) % g.kh, c = row / (g.kw * g.kh);
     const int64_t ih = (col / g.out_w) * g.sh - g.ph + i * g.dh, iw = (col % g.out_w) * g.sw - g.pw + j * g.dw;
@@ -32,7 +30,7 @@ template <class S>
 __global__ void col2im_kernel(const S* __restrict__ columns, Geometry g, int64_t total, S* __restrict__ image) {
   using T = compute_t<S>;
   const int64_t L = g.out_h * g.out_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     const int64_t w = idx % g.width, h = (idx / g.width) % g.height;
     const int64_t c = (idx / (g.width * g.height)) % g.channels, n = idx / (g.width * g.height * g.channels);
     T sum = T(0);
@@ -50,8 +48,6 @@ __global__ void col2im_kernel(const S* __restrict__ columns, Geometry g, int64_t
   }
 }
 
-unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 }  // namespace
 
 void im2col_cuda(const TensorView& image, const Geometry& g, const TensorView& columns, uintptr_t stream) {
@@ -61,7 +57,8 @@ void im2col_cuda(const TensorView& image, const Geometry& g, const TensorView& c
   DeviceGuard guard(columns);
   dispatch_floating(image.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    im2col_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(image.ptr<S>(), g, total, columns.ptr<S>());
+    im2col_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(image.ptr<S>(), g, total,
+                                                                                     columns.ptr<S>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("im2col_kernel");
 }
@@ -73,7 +70,8 @@ void col2im_cuda(const TensorView& columns, const Geometry& g, const TensorView&
   DeviceGuard guard(image);
   dispatch_floating(image.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    col2im_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(columns.ptr<S>(), g, total, image.ptr<S>());
+    col2im_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(columns.ptr<S>(), g, total,
+                                                                                     image.ptr<S>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("col2im_kernel");
 }

@@ -14,7 +14,7 @@
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
-#include "common/radix_sort.h"
+#include "compute/radix_sort.h"
 #include "ops/nms/nms.h"
 #include "ops/nms/nms_ops.h"
 

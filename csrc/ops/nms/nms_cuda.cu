@@ -135,7 +135,7 @@ void nms_mask_cuda(const TensorView& boxes, const TensorView* labels, double iou
     using S = decltype(tag);
     using T = compute_t<S>;
     nms_mask_kernel<S><<<grid, kWordBits, 0, as_stream(stream)>>>(
-        boxes.ptr<S>(), labels ? labels->ptr<int64_t>() : nullptr, k, words,
+        boxes.ptr<S>(), optional_ptr<int64_t>(labels), k, words,
         nms::compute_threshold<T>(iou_threshold), mask.ptr<Word>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("nms_mask_kernel");
@@ -165,7 +165,7 @@ void nms_keep_cuda(const TensorView& mask, const TensorView* n_valid, const Tens
   if (batch == 0) return;
   DeviceGuard guard(mask);
   nms_keep_kernel<<<unsigned(batch), kKeepThreads, 0, as_stream(stream)>>>(
-      mask.ptr<Word>(), n_valid ? n_valid->ptr<int64_t>() : nullptr, removed.ptr<Word>(), k, words,
+      mask.ptr<Word>(), optional_ptr<int64_t>(n_valid), removed.ptr<Word>(), k, words,
       keep.size(1), keep.ptr<int64_t>(), count.ptr<int64_t>());
   FASTCV_CUDA_CHECK_LAUNCH("nms_keep_kernel");
 }

@@ -5,7 +5,6 @@
 // or absurd box) gives zeros here: the GPU cannot raise without a host sync, and never reads outside.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "common/cuda_utils.cuh"
@@ -75,7 +74,7 @@ template <class S>
 __global__ void forward_kernel(LevelsArg a, const S* __restrict__ rois, int64_t total, int64_t sampling_ratio,
                                bool aligned, S* __restrict__ out) {
   using T = compute_t<S>;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t k, c, ph, pw, image;
     decompose(idx, a, k, c, ph, pw);
     int level;
@@ -103,7 +102,7 @@ template <class S>
 __global__ void backward_kernel(LevelsArg a, const S* __restrict__ rois, const S* __restrict__ grad, int64_t total,
                                 int64_t sampling_ratio, bool aligned) {
   using T = compute_t<S>;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t idx : grid_stride(total)) {
     int64_t k, c, ph, pw, image;
     decompose(idx, a, k, c, ph, pw);
     int level;
@@ -136,8 +135,7 @@ __global__ void backward_deterministic_kernel(LevelsArg a, const S* __restrict__
                                               const S* __restrict__ grad, int64_t sampling_ratio, bool aligned) {
   using T = compute_t<S>;
   const int64_t total = a.tile_base[a.levels];
-  for (int64_t item = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; item < total;
-       item += int64_t(gridDim.x) * blockDim.x) {
+  for (const int64_t item : grid_stride(total)) {
     int level = 0;
     while (item >= a.tile_base[level + 1]) ++level;
     const int64_t h = a.h[level], w = a.w[level], tiles = (h + kTileRows - 1) / kTileRows;
@@ -205,8 +203,6 @@ LevelsArg make_args(const std::vector<TensorView>& maps, const std::vector<doubl
   return a;
 }
 
-unsigned blocks_for(int64_t total) { return unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8)); }
-
 }  // namespace
 
 void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::vector<double>& scales,
@@ -219,8 +215,8 @@ void roi_align_forward_cuda(const std::vector<TensorView>& inputs, const std::ve
   DeviceGuard guard(output);
   dispatch_floating(output.dtype, "input", [&](auto tag) {
     using S = decltype(tag);
-    forward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), total, sampling_ratio,
-                                                                              aligned, output.ptr<S>());
+    forward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+        a, rois.ptr<S>(), total, sampling_ratio, aligned, output.ptr<S>());
   });
   FASTCV_CUDA_CHECK_LAUNCH("roi_align forward_kernel");
 }
@@ -238,12 +234,13 @@ void roi_align_backward_cuda(const TensorView& grad_output, const std::vector<do
     using S = decltype(tag);
     if (deterministic) {
       const int64_t items = a.tile_base[a.levels];
+      // The grid is sized for kThreads a block and launched with 128: each thread takes about two items.
       if (items > 0)
-        backward_deterministic_kernel<S><<<blocks_for(items), 128, 0, as_stream(stream)>>>(
+        backward_deterministic_kernel<S><<<blocks_for(items, kThreads), 128, 0, as_stream(stream)>>>(
             a, rois.ptr<S>(), rois.size(0), grad_output.ptr<S>(), sampling_ratio, aligned);
     } else {
-      backward_kernel<S><<<blocks_for(total), kThreads, 0, as_stream(stream)>>>(a, rois.ptr<S>(), grad_output.ptr<S>(),
-                                                                                 total, sampling_ratio, aligned);
+      backward_kernel<S><<<blocks_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+          a, rois.ptr<S>(), grad_output.ptr<S>(), total, sampling_ratio, aligned);
     }
   });
   FASTCV_CUDA_CHECK_LAUNCH("roi_align backward_kernel");

@@ -1,5 +1,5 @@
 // The GEMM micro-kernel for the ISA in use (isa/gemm_tile.cpp is compiled once per instruction set).
-#include "common/gemm.h"
+#include "compute/gemm.h"
 
 #include "common/cpu_isa.h"
 

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/gemm_kernel.h"
+#include "compute/gemm_kernel.h"
 
 namespace fastcv {
 namespace gemm {

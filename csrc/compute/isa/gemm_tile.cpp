@@ -9,7 +9,7 @@
 // ISA's own namespace.
 #include <cstdint>
 
-#include "common/gemm_kernel.h"
+#include "compute/gemm_kernel.h"
 
 #ifndef FASTCV_ISA
 #error "compile with -DFASTCV_ISA=<name> (see CMakeLists.txt)"

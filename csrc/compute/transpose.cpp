@@ -1,4 +1,4 @@
-#include "common/transpose.h"
+#include "compute/transpose.h"
 
 #include "common/cpu_isa.h"
 
