@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from helpers import distinct_scores, random_boxes
-from test_nms import padded_inputs, reference_batched, reference_nms, reference_padded, check_padded
+from fastcv.benchmarks.nms import distinct_scores, random_boxes, reference_padded
+from helpers import padded_inputs, reference_batched, reference_nms
 
 nms_impl = importlib.import_module("fastcv.ops.nms")
 
