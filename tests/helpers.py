@@ -112,3 +112,15 @@ def padded_inputs(batch, n, classes, device, dtype=torch.float32, seed=0):
     ).to(dtype=dtype, device=device)
     return boxes, scores
 
+
+# ---------------------------------------------------------------- RoI Align
+
+
+def make_rois(k, n, h, w, scale, g, dtype=torch.float64):
+    """Boxes in input-image coordinates (the map is scaled by `scale`), some partly or wholly outside."""
+    x1 = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 1.2 - 0.1 * w / scale
+    y1 = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 1.2 - 0.1 * h / scale
+    bw = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 0.6
+    bh = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 0.6
+    index = torch.randint(0, n, (k,), generator=g).to(torch.float64)
+    return torch.stack([index, x1, y1, x1 + bw, y1 + bh], dim=1).to(dtype)
