@@ -5,12 +5,11 @@ ptxas -v on the generated PTX, registers and spills.
     python bench/compile_attention_triton.py                 # the default list below
     python bench/compile_attention_triton.py --all-configs   # every autotune config that the pruning keeps
 
-Loads kernels/attention.py by path (it needs only torch and triton), so it runs without a fastcv build.
+Needs fastcv installed (a CPU-only or editable install is enough: nothing runs on a GPU).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -24,15 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# kernels/ as a package of its own (attention.py imports ._common), without importing fastcv
-KERNELS = os.path.join(HERE, "..", "kernels")
-spec = importlib.util.spec_from_file_location("fastcv_kernels", os.path.join(KERNELS, "__init__.py"),
-                                              submodule_search_locations=[KERNELS])
-package = importlib.util.module_from_spec(spec)
-sys.modules["fastcv_kernels"] = package
-spec.loader.exec_module(package)
-attn = importlib.import_module("fastcv_kernels.attention")
+from fastcv.kernels import attention as attn  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 64)
 SHARED_MAX = 227 * 1024

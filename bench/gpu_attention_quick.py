@@ -1,8 +1,7 @@
 """A short GPU timing of the Triton attention against torch's scaled_dot_product_attention (FlashAttention
 backend where it applies): forward and forward+backward, ms and TFLOP/s (causal counts half the
-FLOPs). Loads kernels/attention.py by path (no fastcv build needed).
+FLOPs). Calls the kernels' launchers (fastcv.kernels.attention) directly, without the op around them.
     python bench/gpu_attention_quick.py [--autotune] [--d 128]"""
-import importlib.util
 import os
 import sys
 
@@ -13,10 +12,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-spec = importlib.util.spec_from_file_location("attention", os.path.join(HERE, "..", "kernels", "attention.py"))
-attn = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(attn)
+from fastcv.kernels import attention as attn  # noqa: E402
 
 
 def bench(fn, reps=20):

@@ -53,14 +53,42 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--match", metavar="TEXT", help="only the cases whose name contains TEXT")
         if name == "bench":
             p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+            p.add_argument("--plot", metavar="PATH",
+                           help="also draw each case's speedup to PATH (.png, .svg, .pdf); needs matplotlib: "
+                                'pip install "fastcv[plot]"')
+            p.add_argument("--from", dest="from_json", metavar="JSON", nargs="+", action="extend",
+                           help="with --plot: draw the runs in these files (written by --json; a CPU and a "
+                                "GPU run can share the picture) instead of running the benchmarks; --op and "
+                                "--match still pick the cases")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
         return
+    plot = getattr(args, "plot", None)
+    if plot:
+        from fastcv.benchmarks.plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"python -m fastcv bench --plot: {e}") from None
+    if getattr(args, "from_json", None):
+        if not plot:
+            parser.error("--from needs --plot PATH: it draws the runs in the files, it does not run anything")
+        if args.json:
+            parser.error("--from runs nothing, so there is nothing new for --json to write")
+        from fastcv.benchmarks.plot import plot_files
+
+        try:
+            plot_files(args.from_json, plot, ops=args.op, match=args.match)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"python -m fastcv bench --from: {e}") from None
+        print(f"wrote {plot}")
+        return
     from fastcv.benchmarks.runner import failure_message, run
 
     rows = run(device=args.device, quick=args.quick, ops=args.op, json_path=getattr(args, "json", None),
-               check_only=args.command == "check", match=args.match)
+               check_only=args.command == "check", match=args.match, plot_path=plot)
     failed = failure_message(rows)
     if failed:
         raise SystemExit(f"python -m fastcv {args.command}: {failed}")

@@ -44,6 +44,17 @@ def cpu_isa(request):
         yield request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny tensors (`pytest.mark.usefixtures("one_thread")`): with two
+    threads on a shared two-core machine, thread hand-offs cost more than the work (milliseconds per GEMM,
+    about 100x the work, in the attention modules)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """A GPU test does not depend on the CPU's instruction set: it runs once, under the best one."""
     drop = []

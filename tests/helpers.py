@@ -1,20 +1,9 @@
-"""Inputs shared by the tests."""
+"""Inputs, references and checks shared by the test modules. The NMS inputs and the padded NMS
+reference that the benchmarks use too live in fastcv.benchmarks.nms."""
 import torch
+import torchvision
 
-
-def random_boxes(n, *, size=100.0, max_wh=20.0, dtype=torch.float32, device="cpu", generator=None):
-    """n boxes (x1, y1, x2, y2) with corners in [0, size) and sides up to max_wh: plenty of overlaps."""
-    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * size
-    wh = torch.rand(n, 2, generator=generator, dtype=torch.float64) * max_wh
-    return torch.cat([xy, xy + wh], dim=1).to(dtype=dtype, device=device)
-
-
-def distinct_scores(n, *, dtype=torch.float32, device="cpu", generator=None):
-    """Scores with no ties even in float16 (up to 2048 of them) or bfloat16 (up to 256)."""
-    levels = {torch.float16: 2048, torch.bfloat16: 256}.get(dtype, 1 << 20)
-    assert n <= levels
-    picks = torch.randperm(levels, generator=generator)[:n].to(torch.float64)
-    return (picks / levels).to(dtype=dtype, device=device)
+from fastcv.benchmarks.nms import random_boxes
 
 
 # Unit roundoff u of each dtype: half an ulp of 1, the largest relative error of one rounding.
@@ -76,3 +65,62 @@ def conv2d_reference(x, w, b, grad_out, conv=None, **kw):
             grads = list(got) + [None] * (3 - len(got))
         results.append((out.detach(), *grads))
     return results  # [(out, grad_x, grad_w, grad_b), (their magnitudes)]
+
+
+# ---------------------------------------------------------------- NMS
+
+REDUCED = (torch.float16, torch.bfloat16)
+
+
+def reference_nms(boxes, scores, iou_threshold):
+    """torchvision on the CPU; reduced precision compared in float32 (torchvision's CPU kernel has none)."""
+    if boxes.dtype in REDUCED:
+        boxes, scores = boxes.float(), scores.float()
+    return torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold)
+
+
+def reference_batched(boxes, scores, idxs, iou_threshold):
+    """reference_nms per class."""
+    if boxes.dtype in REDUCED:
+        boxes, scores = boxes.float(), scores.float()
+    return torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold)
+
+
+def check_padded(result, expected, boxes, scores, max_detections):
+    """batched_nms_padded's result against the rows of fastcv.benchmarks.nms.reference_padded: the kept
+    indices, labels, boxes and scores, then the padding."""
+    batch = boxes.shape[0]
+    assert result.boxes.shape == (batch, max_detections, 4)
+    assert result.scores.shape == result.labels.shape == result.indices.shape == (batch, max_detections)
+    for b, (idx, lab) in enumerate(expected):
+        c = len(idx)
+        assert result.counts[b].item() == c
+        assert result.indices[b, :c].tolist() == idx.tolist()
+        assert result.labels[b, :c].tolist() == lab.tolist()
+        assert (result.indices[b, c:] == -1).all() and (result.labels[b, c:] == -1).all()
+        assert torch.equal(result.boxes[b, :c].cpu(), boxes[b, idx.to(boxes.device)].cpu())
+        assert torch.equal(result.scores[b, :c].cpu(), scores[b, idx.to(boxes.device), lab.to(boxes.device)].cpu())
+        assert (result.boxes[b, c:] == 0).all() and (result.scores[b, c:] == 0).all()
+
+
+def padded_inputs(batch, n, classes, device, dtype=torch.float32, seed=0):
+    """Boxes [batch, n, 4] and scores [batch, n, classes] without ties within an image."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([random_boxes(n, generator=g, dtype=dtype) for _ in range(batch)]).to(device)
+    scores = torch.stack(
+        [torch.randperm(n * classes, generator=g).reshape(n, classes).to(torch.float64) / (n * classes) for _ in range(batch)]
+    ).to(dtype=dtype, device=device)
+    return boxes, scores
+
+
+# ---------------------------------------------------------------- RoI Align
+
+
+def make_rois(k, n, h, w, scale, g, dtype=torch.float64):
+    """Boxes in input-image coordinates (the map is scaled by `scale`), some partly or wholly outside."""
+    x1 = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 1.2 - 0.1 * w / scale
+    y1 = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 1.2 - 0.1 * h / scale
+    bw = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 0.6
+    bh = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 0.6
+    index = torch.randint(0, n, (k,), generator=g).to(torch.float64)
+    return torch.stack([index, x1, y1, x1 + bw, y1 + bh], dim=1).to(dtype)

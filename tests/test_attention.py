@@ -21,8 +21,9 @@ import fastcv.ops.attention as attention_module
 from conftest import GPU_DEVICES as DEVICES
 from fastcv.ops import scaled_dot_product_attention as sdpa
 
-# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("cpu_isa")
+# Every test runs under each CPU instruction set this machine supports, on one thread (tests/conftest.py);
+# test_thread_count_does_not_change_results sets its own counts.
+pytestmark = pytest.mark.usefixtures("cpu_isa", "one_thread")
 
 # Tolerances on the largest error, relative to the largest magnitude of the reference tensor (outputs and
 # gradients alike; relative rather than absolute so that small gradients, e.g. dK with S = 1000 where every
@@ -44,16 +45,6 @@ INF = math.inf
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two threads on a shared two-core machine, thread hand-offs cost more than
-    the work. test_thread_count_does_not_change_results sets its own counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(shape, dtype, device, seed=0, scale=1.0):

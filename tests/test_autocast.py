@@ -27,7 +27,7 @@ from torch import nn
 import fastcv.nn as fnn
 from conftest import HAS_CUDA
 from fastcv import _library, ops
-from helpers import distinct_scores, random_boxes
+from fastcv.benchmarks.nms import distinct_scores, random_boxes
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # Triton-only ops

@@ -101,7 +101,7 @@ def test_cli_check():
 @pytest.mark.parametrize("use_openmp", [True, False])
 def test_both_parallel_backends_give_the_same_results(use_openmp):
     from fastcv import ops
-    from helpers import distinct_scores, random_boxes
+    from fastcv.benchmarks.nms import distinct_scores, random_boxes
 
     g = torch.Generator().manual_seed(31)
     boxes, scores = random_boxes(5000, generator=g), distinct_scores(5000, generator=g)

@@ -13,8 +13,9 @@ import fastcv.nn
 import fastcv.ops
 from conftest import GPU_DEVICES as DEVICES
 
-# Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("cpu_isa")
+# Every test runs under each CPU instruction set this machine supports, on one thread (tests/conftest.py);
+# the op's own tests cover its threading.
+pytestmark = pytest.mark.usefixtures("cpu_isa", "one_thread")
 
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 E, H, L, S, B = 16, 4, 5, 7, 3
@@ -23,16 +24,6 @@ E, H, L, S, B = 16, 4, 5, 7, 3
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two threads on a shared machine, thread hand-offs cost milliseconds per
-    GEMM (about 100x the work). The op's own tests cover its threading."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pair(dtype=torch.float64, device="cpu", seed=0, **kw):

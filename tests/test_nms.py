@@ -7,26 +7,11 @@ import torch
 import torchvision
 
 from fastcv import _C, _backend, ops
-from helpers import distinct_scores, random_boxes
+from fastcv.benchmarks.nms import distinct_scores, random_boxes, reference_padded
+from helpers import check_padded, padded_inputs, reference_batched, reference_nms
 
 # Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_isa")
-
-REDUCED = (torch.float16, torch.bfloat16)
-
-
-def reference_nms(boxes, scores, iou_threshold):
-    """torchvision on the CPU; reduced precision compared in float32 (torchvision's CPU kernel has none)."""
-    if boxes.dtype in REDUCED:
-        boxes, scores = boxes.float(), scores.float()
-    return torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold)
-
-
-def reference_batched(boxes, scores, idxs, iou_threshold):
-    if boxes.dtype in REDUCED:
-        boxes, scores = boxes.float(), scores.float()
-    return torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold)
-
 
 # ---------------------------------------------------------------- nms: random cases
 
@@ -245,44 +230,6 @@ def test_batched_nms_classes_do_not_interact(device):
 
 
 # ---------------------------------------------------------------- batched_nms_padded
-
-
-def reference_padded(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k):
-    """The per-image loop over torchvision that batched_nms_padded promises to match."""
-    rows = []
-    for b in range(boxes.shape[0]):
-        s = scores[b].flatten().float()
-        classes = scores.shape[2]
-        cand = (s > score_threshold).nonzero().flatten()
-        cand = cand[s[cand].topk(min(pre_nms_top_k, cand.numel())).indices]
-        keep = torchvision.ops.batched_nms(boxes[b].float()[cand // classes], s[cand], cand % classes, iou_threshold)
-        keep = cand[keep[:max_detections]]
-        rows.append((keep // classes, keep % classes))
-    return rows
-
-
-def check_padded(result, expected, boxes, scores, max_detections):
-    batch = boxes.shape[0]
-    assert result.boxes.shape == (batch, max_detections, 4)
-    assert result.scores.shape == result.labels.shape == result.indices.shape == (batch, max_detections)
-    for b, (idx, lab) in enumerate(expected):
-        c = len(idx)
-        assert result.counts[b].item() == c
-        assert result.indices[b, :c].tolist() == idx.tolist()
-        assert result.labels[b, :c].tolist() == lab.tolist()
-        assert (result.indices[b, c:] == -1).all() and (result.labels[b, c:] == -1).all()
-        assert torch.equal(result.boxes[b, :c].cpu(), boxes[b, idx.to(boxes.device)].cpu())
-        assert torch.equal(result.scores[b, :c].cpu(), scores[b, idx.to(boxes.device), lab.to(boxes.device)].cpu())
-        assert (result.boxes[b, c:] == 0).all() and (result.scores[b, c:] == 0).all()
-
-
-def padded_inputs(batch, n, classes, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([random_boxes(n, generator=g, dtype=dtype) for _ in range(batch)]).to(device)
-    scores = torch.stack(
-        [torch.randperm(n * classes, generator=g).reshape(n, classes).to(torch.float64) / (n * classes) for _ in range(batch)]
-    ).to(dtype=dtype, device=device)
-    return boxes, scores
 
 
 @pytest.mark.parametrize(

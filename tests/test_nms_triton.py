@@ -2,14 +2,14 @@
 GPU compiled, through the same orchestration the ops use on a GPU (fastcv.ops.nms._nms_gpu)."""
 import importlib
 import math
-import os
 
 import pytest
 import torch
 import torchvision
 
-from helpers import distinct_scores, random_boxes
-from test_nms import padded_inputs, reference_batched, reference_nms, reference_padded, check_padded
+from conftest import triton_device
+from fastcv.benchmarks.nms import distinct_scores, random_boxes, reference_padded
+from helpers import padded_inputs, reference_batched, reference_nms
 
 nms_impl = importlib.import_module("fastcv.ops.nms")
 
@@ -18,10 +18,7 @@ nms_impl = importlib.import_module("fastcv.ops.nms")
 def device(monkeypatch):
     """Where the Triton kernels run: the GPU when there is one, else the CPU under the interpreter."""
     monkeypatch.setenv("FASTCV_GPU_BACKEND", "triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must switch the interpreter on"
-    return "cpu"
+    return triton_device()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

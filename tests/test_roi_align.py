@@ -7,7 +7,7 @@ import torchvision
 
 from fastcv import nn as fnn
 from fastcv import ops
-from helpers import assert_sums_close
+from helpers import assert_sums_close, make_rois
 
 # The CUDA tests' tolerances (not re-measured: no GPU in the audit that tightened the CPU ones).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -16,16 +16,6 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfl
 # (float64, against torchvision's own float64 sums), 0 for the float16 / bfloat16 gradients after their
 # rounding; 16 as for the convolutions.
 SUM_UNITS = 16
-
-
-def make_rois(k, n, h, w, scale, g, dtype=torch.float64):
-    """Boxes in input-image coordinates (the map is scaled by `scale`), some partly or wholly outside."""
-    x1 = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 1.2 - 0.1 * w / scale
-    y1 = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 1.2 - 0.1 * h / scale
-    bw = torch.rand(k, generator=g, dtype=torch.float64) * (w / scale) * 0.6
-    bh = torch.rand(k, generator=g, dtype=torch.float64) * (h / scale) * 0.6
-    index = torch.randint(0, n, (k,), generator=g).to(torch.float64)
-    return torch.stack([index, x1, y1, x1 + bw, y1 + bh], dim=1).to(dtype)
 
 
 def run_both(x, rois, output_size, scale, sampling_ratio, aligned):

@@ -6,8 +6,7 @@ import torchvision
 
 from fastcv.kernels import roi_align as triton_roi_align
 from conftest import triton_device
-from helpers import assert_sums_close
-from test_roi_align import make_rois
+from helpers import assert_sums_close, make_rois
 
 
 @pytest.fixture

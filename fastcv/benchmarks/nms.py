@@ -1,44 +1,64 @@
 """NMS benchmark cases and the torchvision references they are checked against."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastcv import ops
 from fastcv.benchmarks import Case
 
 
-def random_boxes(n: int, device: str, seed: int, batch: tuple = ()) -> torch.Tensor:
-    """Boxes with corners in a 1000x1000 image and sides up to 100: realistic overlap for NMS."""
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(*batch, n, 2, generator=g) * 1000
-    wh = torch.rand(*batch, n, 2, generator=g) * 100
-    return torch.cat([xy, xy + wh], dim=-1).to(device)
+# The benchmarks' boxes: corners in a 1000x1000 image and sides up to 100, realistic overlap for NMS.
+IMAGE_SIZE, MAX_SIDE = 1000.0, 100.0
 
 
-def distinct_scores(shape: tuple, device: str, seed: int) -> torch.Tensor:
-    """Scores without ties, so that every implementation must give the same order."""
-    g = torch.Generator().manual_seed(seed + 1)
-    count = 1
-    for s in shape:
-        count *= s
-    return (torch.randperm(count, generator=g).reshape(shape).double() / count).float().to(device)
+def random_boxes(n: int, *, batch: tuple = (), size: float = 100.0, max_wh: float = 20.0,
+                 dtype: torch.dtype = torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    """n boxes (x1, y1, x2, y2) per batch entry, with corners in [0, size) and sides up to max_wh (the
+    defaults give plenty of overlaps), drawn in float64 on the CPU so that every device and dtype gets the
+    same boxes, then rounded to dtype."""
+    xy = torch.rand(*batch, n, 2, generator=generator, dtype=torch.float64) * size
+    wh = torch.rand(*batch, n, 2, generator=generator, dtype=torch.float64) * max_wh
+    return torch.cat([xy, xy + wh], dim=-1).to(dtype=dtype, device=device)
+
+
+def distinct_scores(shape, *, dtype: torch.dtype = torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    """Scores in [0, 1) of the given shape (or count) without ties, so that every implementation must give
+    the same order: distinct even in float16 (up to 2048 of them) or bfloat16 (up to 256)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = math.prod(shape)
+    levels = {torch.float16: 2048, torch.bfloat16: 256}.get(dtype, max(count, 1 << 20))
+    assert count <= levels, f"{dtype} has no {count} distinct scores at this spacing"
+    picks = torch.randperm(levels, generator=generator)[:count].to(torch.float64)
+    return (picks / levels).reshape(shape).to(dtype=dtype, device=device)
 
 
 def reference_padded(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k=1000):
     """What batched_nms_padded promises to equal: a per-image loop over torchvision.ops.batched_nms after
-    the same score threshold and top-k. Returns the kept (box index, label) per image."""
+    the same score threshold and top-k (in float32 for float16 / bfloat16 inputs). Returns the kept
+    (box index, label) per image."""
     import torchvision
 
     rows = []
     classes = scores.shape[2]
     for b in range(boxes.shape[0]):
-        s = scores[b].flatten()
+        s = scores[b].flatten().float()
         cand = (s > score_threshold).nonzero().flatten()
         cand = cand[s[cand].topk(min(pre_nms_top_k, cand.numel())).indices]
-        keep = torchvision.ops.batched_nms(boxes[b][cand // classes], s[cand], cand % classes, iou_threshold)
+        keep = torchvision.ops.batched_nms(boxes[b].float()[cand // classes], s[cand], cand % classes, iou_threshold)
         keep = cand[keep[:max_detections]]
         rows.append((keep // classes, keep % classes))
     return rows
+
+
+def _boxes_and_scores(n: int, device: str, seed: int, images: int | None = None, classes: int | None = None):
+    """n boxes and their scores, or per image (boxes [images, n, 4], scores [images, n, classes])."""
+    g = torch.Generator().manual_seed(seed)
+    batch = () if images is None else (images,)
+    boxes = random_boxes(n, batch=batch, size=IMAGE_SIZE, max_wh=MAX_SIDE, device=device, generator=g)
+    shape = (n,) if images is None else (images, n, classes)
+    return boxes, distinct_scores(shape, device=device, generator=g)
 
 
 def _same_indices(a, b) -> None:
@@ -76,7 +96,7 @@ def cases(device: str) -> list[Case]:
     def nms_case(n, threshold, name, quick=True, work=_nms_work):
         return Case(
             "nms", name,
-            make=lambda: (random_boxes(n, device, n), distinct_scores((n,), device, n), threshold),
+            make=lambda: (*_boxes_and_scores(n, device, n), threshold),
             fastcv=ops.nms, reference=tv_nms, reference_name="torchvision.ops.nms",
             check=_same_indices, work=work, quick=quick,
         )
@@ -90,7 +110,7 @@ def cases(device: str) -> list[Case]:
         def make():
             g = torch.Generator().manual_seed(n + classes)
             idxs = torch.randint(0, classes, (n,), generator=g).to(device)
-            return random_boxes(n, device, n), distinct_scores((n,), device, n), idxs, 0.5
+            return *_boxes_and_scores(n, device, n), idxs, 0.5
 
         return Case(
             "batched_nms", name, make=make,
@@ -103,11 +123,7 @@ def cases(device: str) -> list[Case]:
 
     def padded_case(images, boxes_per_image=5_000, classes=80, quick=True):
         def make():
-            return (
-                random_boxes(boxes_per_image, device, 3, batch=(images,)),
-                distinct_scores((images, boxes_per_image, classes), device, 3),
-                0.5, 0.05, 100, 1000,
-            )
+            return (*_boxes_and_scores(boxes_per_image, device, 3, images, classes), 0.5, 0.05, 100, 1000)
 
         return Case(
             "batched_nms_padded", f"{images} image{'s' if images > 1 else ''} x {boxes_per_image:,} boxes x {classes} classes, top 1000",

@@ -116,11 +116,17 @@ def machine_info(device: str) -> dict:
 
 def run(device: str = "cpu", quick: bool = False, ops: list[str] | None = None, json_path: str | None = None,
         check_only: bool = False, out=None, match: str | None = None,
-        cases: list[Case] | None = None) -> list[dict]:
+        cases: list[Case] | None = None, plot_path: str | None = None) -> list[dict]:
     """Checks (and unless check_only, times) each case, printing its row as soon as it is done. A case
     that fails is a row too, and the others still run: see failure_message. `cases` replaces all_cases;
-    `out` is sys.stdout when the call is made (not when this module was imported, so redirection works)."""
+    `out` is sys.stdout when the call is made (not when this module was imported, so redirection works).
+    json_path and plot_path: where to write the figures as JSON and draw the speedups
+    (fastcv.benchmarks.plot), which needs matplotlib, checked before anything runs."""
     out = out or sys.stdout
+    if plot_path:
+        from fastcv.benchmarks.plot import require_matplotlib
+
+        require_matplotlib()
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     cases = [c for c in (all_cases(device) if cases is None else cases)
@@ -141,6 +147,13 @@ def run(device: str = "cpu", quick: bool = False, ops: list[str] | None = None, 
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"machine": info, "results": rows}, f, indent=2)
+    if plot_path and rows:
+        from fastcv.benchmarks.plot import plot_speedups
+
+        plot_speedups([{"machine": info, "results": rows}], plot_path)
+        print(f"wrote {plot_path}", file=out)
+    elif plot_path:
+        print(f"no cases ran: nothing drawn to {plot_path}", file=out)
     return rows
 
 
