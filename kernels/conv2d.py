@@ -238,35 +238,27 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return {"PRECISION": "tf32" if tf32 else "ieee", "ACC": tl.float32, "UPCAST": upcast}
 
 
-def _like(t: torch.Tensor, shape) -> torch.Tensor:
-    """A new tensor of `shape` in t's layout: channels_last when t is (and is not also plain contiguous,
-    which singleton dimensions allow), else contiguous."""
-    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+# The launchers take their outputs from the caller (as every fastcv launcher does), in any layout: the
+# kernels read and write through strides.
 
 
-def _out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def conv2d_forward(input, weight, bias, stride, padding, dilation, groups, residual=None, relu=False):
-    """F.conv2d(input, weight, bias, stride, padding, dilation, groups), then + residual (a tensor of the
-    output's shape) and ReLU when asked: ResNet's relu(conv + identity) in one pass."""
+def conv2d_forward(input, weight, bias, stride, padding, dilation, groups, out, residual=None, relu=False) -> None:
+    """out = F.conv2d(input, weight, bias, stride, padding, dilation, groups), then + residual (a tensor
+    of the output's shape) and ReLU when asked: ResNet's relu(conv + identity) in one pass."""
     n, c, h, w = input.shape
     cout, cg, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    out = _like(input, (n, cout, oh, ow))
+    oh, ow = out.shape[2:]
     if out.numel() == 0:
-        return out
+        return
     if cg == 0 or kh * kw == 0:  # nothing to reduce: the epilogue alone
         out.zero_()
         if bias is not None:
             out += bias.view(1, cout, 1, 1)
         if residual is not None:
             out += residual
-        return out.relu_() if relu else out
+        if relu:
+            out.relu_()
+        return
     cout_g = cout // groups
     m = n * oh * ow
     r = residual if residual is not None else out  # a placeholder pointer, never read
@@ -276,19 +268,18 @@ def conv2d_forward(input, weight, bias, stride, padding, dilation, groups, resid
         *stride, *padding, *dilation, *input.stride(), *weight.stride(), *r.stride(), *out.stride(),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu), **_dot_args(input.dtype),
     )
-    return out
 
 
-def conv2d_input_grad(grad_output, weight, input_shape, stride, padding, dilation, groups):
-    """The gradient of F.conv2d with respect to its input, in grad_output's layout."""
-    n, c, h, w = input_shape
+def conv2d_input_grad(grad_output, weight, stride, padding, dilation, groups, grad_input) -> None:
+    """grad_input = the gradient of F.conv2d with respect to its input (of grad_input's shape)."""
+    n, c, h, w = grad_input.shape
     cout, cg, kh, kw = weight.shape
     oh, ow = grad_output.shape[2:]
-    grad_input = _like(grad_output, (n, c, h, w))
     if grad_input.numel() == 0:
-        return grad_input
+        return
     if grad_output.numel() == 0 or kh * kw == 0:  # no output channels (or pixels) reach the input
-        return grad_input.zero_()
+        grad_input.zero_()
+        return
     cout_g = cout // groups
     sh, sw = stride
     rows = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)  # the largest stride phase
@@ -298,7 +289,6 @@ def conv2d_input_grad(grad_output, weight, input_shape, stride, padding, dilatio
         sh, sw, *padding, *dilation, *grad_output.stride(), *weight.stride(), *grad_input.stride(),
         **_dot_args(grad_output.dtype),
     )
-    return grad_input
 
 
 def _weight_grad_splits(device, cout_g, cg, taps, groups, k) -> int:
@@ -311,23 +301,20 @@ def _weight_grad_splits(device, cout_g, cg, taps, groups, k) -> int:
     return max(1, min(64, triton.cdiv(2 * sms, tiles), k // 1024))
 
 
-def conv2d_weight_grad(grad_output, input, weight_shape, stride, padding, dilation, groups):
-    """The gradient of F.conv2d with respect to its weight: contiguous [Cout, C/groups, kh, kw]."""
-    return _conv2d_weight_grad(grad_output, input, weight_shape, stride, padding, dilation, groups, None)
-
-
-def _conv2d_weight_grad(grad_output, input, weight_shape, stride, padding, dilation, groups, splits):
-    """conv2d_weight_grad with an explicit split-K factor (None: the heuristic). Splits write disjoint
-    fp32 partial sums that torch adds in a fixed order, so the result is deterministic (no atomics)."""
+def conv2d_weight_grad(grad_output, input, stride, padding, dilation, groups, grad_weight, splits=None) -> None:
+    """grad_weight ([Cout, C/groups, kh, kw]) = the gradient of F.conv2d with respect to its weight.
+    splits: the split-K factor (None: a heuristic). Splits write disjoint fp32 partial sums that torch
+    adds in a fixed order, so the result is deterministic (no atomics)."""
+    weight_shape = tuple(grad_weight.shape)
     cout, cg, kh, kw = weight_shape
-    grad_weight = torch.empty(weight_shape, dtype=input.dtype, device=input.device)
     if grad_weight.numel() == 0:
-        return grad_weight
+        return
     n = input.shape[0]
     oh, ow = grad_output.shape[2:]
     k = n * oh * ow
     if k == 0:  # an empty batch contributes nothing
-        return grad_weight.zero_()
+        grad_weight.zero_()
+        return
     cout_g = cout // groups
     if splits is None:
         splits = _weight_grad_splits(input.device, cout_g, cg, kh * kw, groups, k)
@@ -351,4 +338,3 @@ def _conv2d_weight_grad(grad_output, input, weight_shape, stride, padding, dilat
     )
     if splits > 1:
         grad_weight.copy_(out.sum(dim=0))
-    return grad_weight

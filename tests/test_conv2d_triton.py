@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import triton_device
 from helpers import assert_sums_close, conv2d_reference
 from fastcv.kernels import conv2d as triton_conv
+from fastcv.ops._args import memory_format
 
 
 @pytest.fixture
@@ -81,6 +82,34 @@ def assert_layout(t, channels_last):
     assert t.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+# The launchers fill outputs their caller allocates: these allocate them as fastcv.ops.conv does.
+
+
+def _size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def forward(x, weight, bias, stride, padding, dilation, groups, **epilogue):
+    size = [_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)]
+    out = torch.empty((x.shape[0], weight.shape[0], *size), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format(x, weight))
+    triton_conv.conv2d_forward(x, weight, bias, stride, padding, dilation, groups, out, **epilogue)
+    return out
+
+
+def input_grad(grad_out, weight, input_shape, stride, padding, dilation, groups):
+    out = torch.empty(tuple(input_shape), dtype=grad_out.dtype, device=grad_out.device,
+                      memory_format=memory_format(grad_out, weight))
+    triton_conv.conv2d_input_grad(grad_out, weight, stride, padding, dilation, groups, out)
+    return out
+
+
+def weight_grad(grad_out, x, weight_shape, stride, padding, dilation, groups, splits=None):
+    out = torch.empty(tuple(weight_shape), dtype=x.dtype, device=x.device)
+    triton_conv.conv2d_weight_grad(grad_out, x, stride, padding, dilation, groups, out, splits)
+    return out
+
+
 def on(device, *tensors):
     # .to() keeps the memory format (channels_last stays channels_last)
     return [t.to(device) for t in tensors]
@@ -91,7 +120,7 @@ def on(device, *tensors):
 def test_forward_float32(device, name, channels_last):
     x, weight, bias, _, args, (y, _, _) = make_case(CASES[name], torch.float32, channels_last)
     x, weight, bias = on(device, x, weight, bias)
-    out = triton_conv.conv2d_forward(x, weight, bias, *args)
+    out = forward(x, weight, bias, *args)
     assert_layout(out, channels_last)
     assert_matches(out, y, torch.float32)
 
@@ -101,7 +130,7 @@ def test_forward_float32(device, name, channels_last):
 def test_input_grad_float32(device, name, channels_last):
     x, weight, _, grad_out, args, (_, grad_x, _) = make_case(CASES[name], torch.float32, channels_last)
     weight, grad_out = on(device, weight, grad_out)
-    out = triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args)
+    out = input_grad(grad_out, weight, x.shape, *args)
     assert_layout(out, channels_last)
     assert_matches(out, grad_x, torch.float32)
 
@@ -111,7 +140,7 @@ def test_input_grad_float32(device, name, channels_last):
 def test_weight_grad_float32(device, name, channels_last):
     x, weight, _, grad_out, args, (_, _, grad_w) = make_case(CASES[name], torch.float32, channels_last)
     x, grad_out = on(device, x, grad_out)
-    out = triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args)
+    out = weight_grad(grad_out, x, weight.shape, *args)
     assert out.is_contiguous()
     assert_matches(out, grad_w, torch.float32)
 
@@ -121,9 +150,9 @@ def test_weight_grad_float32(device, name, channels_last):
 def test_other_dtypes(device, dtype, name, channels_last):
     x, weight, bias, grad_out, args, (y, grad_x, grad_w) = make_case(CASES[name], dtype, channels_last, seed=1)
     x, weight, bias, grad_out = on(device, x, weight, bias, grad_out)
-    assert_matches(triton_conv.conv2d_forward(x, weight, bias, *args), y, dtype)
-    assert_matches(triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args), grad_x, dtype)
-    assert_matches(triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args), grad_w, dtype)
+    assert_matches(forward(x, weight, bias, *args), y, dtype)
+    assert_matches(input_grad(grad_out, weight, x.shape, *args), grad_x, dtype)
+    assert_matches(weight_grad(grad_out, x, weight.shape, *args), grad_w, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -141,7 +170,7 @@ def test_fused_epilogue(device, dtype, use_bias, use_residual, relu):
     if relu:  # moves no value by more than its argument moved
         y_ref = torch.relu(y_ref)
     x, weight, bias, residual = on(device, x, weight, bias, residual)
-    out = triton_conv.conv2d_forward(x, weight, bias if use_bias else None, *args,
+    out = forward(x, weight, bias if use_bias else None, *args,
                                      residual=residual if use_residual else None, relu=relu)
     assert_layout(out, True)
     assert_matches(out, (y_ref, mag), dtype)
@@ -157,7 +186,7 @@ def test_arbitrary_strides(device):
     weight = torch.randn(k[1], cout, c // args[-1], k[0], generator=g).permute(1, 2, 3, 0)
     (y, *_), (mag, *_) = conv2d_reference(x, weight, None, None, stride=args[0], padding=args[1],
                                           dilation=args[2], groups=args[3])
-    out = triton_conv.conv2d_forward(*on(device, x, weight), None, *args)
+    out = forward(*on(device, x, weight), None, *args)
     assert out.is_contiguous()
     assert_matches(out, (y, mag), torch.float32)
 
@@ -167,8 +196,8 @@ def test_weight_grad_split_k(device, splits):
     """Split-K partial sums add up to the same gradient, bit for bit the same on every run."""
     x, weight, _, grad_out, args, (_, _, grad_w) = make_case(CASES["dilation2"], torch.float32, True, seed=5)
     x, grad_out = on(device, x, grad_out)
-    first = triton_conv._conv2d_weight_grad(grad_out, x, weight.shape, *args, splits)
-    again = triton_conv._conv2d_weight_grad(grad_out, x, weight.shape, *args, splits)
+    first = weight_grad(grad_out, x, weight.shape, *args, splits=splits)
+    again = weight_grad(grad_out, x, weight.shape, *args, splits=splits)
     assert first.is_contiguous()
     assert_matches(first, grad_w, torch.float32)
     assert torch.equal(first, again)
@@ -178,10 +207,10 @@ def test_empty_batch(device):
     x, weight, bias, grad_out, args, _ = make_case(CASES["stride2"], torch.float32, False)
     x, grad_out = x[:0], grad_out[:0]
     x, weight, bias, grad_out = on(device, x, weight, bias, grad_out)
-    out = triton_conv.conv2d_forward(x, weight, bias, *args)
+    out = forward(x, weight, bias, *args)
     assert out.shape == (0, 6, 5, 4)
-    assert triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args).shape == x.shape
-    grad_w = triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args)
+    assert input_grad(grad_out, weight, x.shape, *args).shape == x.shape
+    grad_w = weight_grad(grad_out, x, weight.shape, *args)
     assert torch.equal(grad_w.cpu(), torch.zeros(weight.shape))
 
 
@@ -192,12 +221,12 @@ def test_zero_input_channels(device):
     weight = torch.randn(3, 0, 3, 3, device=device)
     bias = torch.tensor([1.0, -2.0, 0.5], device=device)
     residual = torch.ones(2, 3, 3, 2, device=device)
-    out = triton_conv.conv2d_forward(x, weight, bias, (1, 1), (0, 0), (1, 1), 1, residual=residual, relu=True)
+    out = forward(x, weight, bias, (1, 1), (0, 0), (1, 1), 1, residual=residual, relu=True)
     expected = torch.tensor([2.0, 0.0, 1.5]).view(1, 3, 1, 1).expand(2, 3, 3, 2)
     assert torch.equal(out.cpu(), expected)
     grad_out = torch.randn(2, 3, 3, 2, device=device)
-    assert triton_conv.conv2d_input_grad(grad_out, weight, x.shape, (1, 1), (0, 0), (1, 1), 1).shape == x.shape
-    assert triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, (1, 1), (0, 0), (1, 1), 1).shape == weight.shape
+    assert input_grad(grad_out, weight, x.shape, (1, 1), (0, 0), (1, 1), 1).shape == x.shape
+    assert weight_grad(grad_out, x, weight.shape, (1, 1), (0, 0), (1, 1), 1).shape == weight.shape
 
 
 def test_tf32_follows_cudnn_conv_switch(monkeypatch):
@@ -238,8 +267,31 @@ def test_huge_stride_through_the_op_layers_geometry(device, stride):
                                   groups=groups)
     args = (kernel_stride, padding, dilation, groups)
     x, weight, grad_out = on(device, x, weight, grad_out)
-    assert_matches(triton_conv.conv2d_forward(x, weight, None, *args), (refs[0], mags[0]), torch.float32)
-    assert_matches(triton_conv.conv2d_input_grad(grad_out, weight, x.shape, *args), (refs[1], mags[1]),
+    assert_matches(forward(x, weight, None, *args), (refs[0], mags[0]), torch.float32)
+    assert_matches(input_grad(grad_out, weight, x.shape, *args), (refs[1], mags[1]),
                    torch.float32)
-    assert_matches(triton_conv.conv2d_weight_grad(grad_out, x, weight.shape, *args), (refs[2], mags[2]),
+    assert_matches(weight_grad(grad_out, x, weight.shape, *args), (refs[2], mags[2]),
                    torch.float32)
+
+
+@pytest.mark.parametrize("weight_channels_last", [False, True], ids=["weight_nchw", "weight_nhwc"])
+def test_public_op_on_triton(weight_channels_last):
+    """fastcv.ops.conv2d's Triton path (forward and both gradients, through the op's allocation of the
+    outputs in PyTorch's memory format) on CPU tensors under the interpreter, against F.conv2d in float64."""
+    from fastcv import ops
+    from fastcv._backend import forced
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 4, 7, 6, generator=g, requires_grad=True)
+    weight = torch.randn(6, 2, 3, 3, generator=g)
+    if weight_channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    weight.requires_grad_()
+    with forced(backend="triton"):
+        y = ops.conv2d(x, weight, None, stride=(2, 1), padding=1, groups=2)
+        grad = torch.randn(y.shape, generator=g)
+        gx, gw = torch.autograd.grad(y, (x, weight), grad)
+    ref = F.conv2d(x.double(), weight.double(), None, (2, 1), 1, 1, 2)
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, weight), grad.double())
+    assert y.is_contiguous(memory_format=torch.channels_last if weight_channels_last else torch.contiguous_format)
+    for got, want in ((y, ref), (gx, ref_gx), (gw, ref_gw)):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)  # float32 sums, <= 42 terms

@@ -159,12 +159,12 @@ def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, 
 
 def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
     backend = _select(input, g, residual is not None or relu)
-    if backend == TRITON:
-        return triton("conv2d").conv2d_forward(input, weight, bias, (g.sh, g.sw), tuple(padding), tuple(dilation),
-                                               groups, residual=residual, relu=relu)
     fmt = memory_format(input, weight)
     out = _empty(g.output_shape(), input, fmt)
-    if out.numel():
+    if backend == TRITON:
+        triton("conv2d").conv2d_forward(input, weight, bias, (g.sh, g.sw), tuple(padding), tuple(dilation), groups,
+                                        out, residual=residual, relu=relu)
+    elif out.numel():
         x, b = input.contiguous(memory_format=fmt), None if bias is None else bias.contiguous()
         if backend == CUDA:
             _C.depthwise_forward_cuda(x, weight, b, out, g, cuda_stream(out))
@@ -200,12 +200,12 @@ def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilati
 def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
     backend = _select(grad_output, g)
-    if backend == TRITON:
-        return triton("conv2d").conv2d_input_grad(grad_output, weight, g.input_shape(), (g.sh, g.sw), tuple(padding),
-                                                  tuple(dilation), groups)
     fmt = memory_format(grad_output, weight)
-    out = _empty(g.input_shape(), grad_output, fmt)  # both layouts natively, GEMM and depthwise kernels alike
-    if out.numel():
+    out = _empty(g.input_shape(), grad_output, fmt)  # both layouts natively, every backend
+    if backend == TRITON:
+        triton("conv2d").conv2d_input_grad(grad_output, weight, (g.sh, g.sw), tuple(padding), tuple(dilation), groups,
+                                           out)
+    elif out.numel():
         go = grad_output.contiguous(memory_format=fmt)
         if backend == CUDA:
             _C.depthwise_input_grad_cuda(go, weight, out, g, cuda_stream(out))
@@ -231,11 +231,12 @@ def _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilat
 def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation, groups):
     g = _weight_grad_checked(grad_output, input, weight_size, stride, padding, dilation, groups)
     backend = _select(grad_output, g)
-    if backend == TRITON:
-        return triton("conv2d").conv2d_weight_grad(grad_output, input, tuple(weight_size), (g.sh, g.sw),
-                                                   tuple(padding), tuple(dilation), groups)
-    fmt = memory_format(grad_output, input)
     out = _empty(list(weight_size), grad_output, torch.contiguous_format)
+    if backend == TRITON:
+        triton("conv2d").conv2d_weight_grad(grad_output, input, (g.sh, g.sw), tuple(padding), tuple(dilation), groups,
+                                            out)
+        return out
+    fmt = memory_format(grad_output, input)
     go, x = grad_output.contiguous(memory_format=fmt), input.contiguous(memory_format=fmt)
     if backend == CUDA:
         _C.depthwise_weight_grad_cuda(go, x, out, g, cuda_stream(out))
