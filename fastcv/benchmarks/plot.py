@@ -52,7 +52,9 @@ def run_label(machine: dict) -> str:
     if machine.get("device") == "cuda":
         where = f"GPU: {machine.get('gpu', 'CUDA')}"
     else:
-        where = f"CPU: {machine.get('cpu_isa', machine.get('cpu', '?'))}, {machine.get('threads', '?')} threads"
+        cpu = machine.get("cpu", "")
+        model = f"{cpu}, " if cpu not in ("", "x86_64", "aarch64") else ""  # older runs recorded the architecture only
+        where = f"CPU: {model}{machine.get('cpu_isa', '?')}, {machine.get('threads', '?')} threads"
     details = [f"torch {machine['torch']}" if "torch" in machine else None, str(machine.get("date", ""))[:10]]
     return ", ".join([where, *filter(None, details)])
 

@@ -90,6 +90,18 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo), which decides results more than the ISA does."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(device: str) -> dict:
     import fastcv
 
@@ -99,7 +111,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_isa": fastcv.cpu.cpu_isa(),
         "threads": torch.get_num_threads(),
     }
