@@ -14,8 +14,8 @@ from helpers import assert_sums_close, conv2d_reference
 # may be off, relative to the sum of its terms' absolute values (see helpers.assert_sums_close: K u for
 # a K-term sum at worst, a few u for sums of terms of either sign). Measured on the CPU over these
 # tests: 4.3 u at most (float32 gradients; float64 3.6 u, float16 / bfloat16 0.5 u beyond their final
-# rounding). 16 leaves a margin of almost 4; the float32 gradients had been held to 1e-4 of their largest
-# value against F.conv2d's float32 ones, 1e-4 / 2**-24 = 1700 u of it.
+# rounding). 16 leaves a margin of almost 4 (a bound of 1e-4 of the largest value would allow
+# 1e-4 / 2**-24 = 1700 u, and catch almost nothing).
 SUM_UNITS = 16
 
 # Every test runs under each CPU instruction set this machine supports (tests/conftest.py).

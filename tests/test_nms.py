@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from fastcv import _C, _backend, ops
+from fastcv._backend import forced
 from fastcv.benchmarks.nms import distinct_scores, random_boxes, reference_padded
 from helpers import check_padded, padded_inputs, reference_batched, reference_nms
 
@@ -303,10 +304,13 @@ def test_batched_nms_padded_score_threshold_in_scores_dtype(device, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["default", "triton"])
-def test_batched_nms_padded_in_cuda_graph(monkeypatch, backend):
+def test_batched_nms_padded_in_cuda_graph(backend):
     # No host sync and no data-dependent shape: the whole op can be captured and replayed.
-    if backend == "triton":
-        monkeypatch.setenv("FASTCV_GPU_BACKEND", "triton")
+    with forced(backend="triton" if backend == "triton" else None):
+        _check_cuda_graph_capture()
+
+
+def _check_cuda_graph_capture():
     static_boxes, static_scores = padded_inputs(2, 64, 3, "cuda", seed=1)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

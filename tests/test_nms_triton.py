@@ -1,5 +1,5 @@
-"""The Triton NMS kernels (kernels/nms.py): on the CPU through the interpreter (small shapes), on the
-GPU compiled, through the same orchestration the ops use on a GPU (fastcv.ops.nms._nms_gpu)."""
+"""The Triton NMS kernels (kernels/nms.py) through the public ops, forced onto them: on the CPU through
+the interpreter (small shapes), on the GPU compiled."""
 import importlib
 import math
 
@@ -8,6 +8,8 @@ import torch
 import torchvision
 
 from conftest import triton_device
+from fastcv import ops
+from fastcv._backend import forced
 from fastcv.benchmarks.nms import distinct_scores, random_boxes, reference_padded
 from helpers import padded_inputs, reference_batched, reference_nms
 
@@ -15,10 +17,10 @@ nms_impl = importlib.import_module("fastcv.ops.nms")
 
 
 @pytest.fixture
-def device(monkeypatch):
+def device():
     """Where the Triton kernels run: the GPU when there is one, else the CPU under the interpreter."""
-    monkeypatch.setenv("FASTCV_GPU_BACKEND", "triton")
-    return triton_device()
+    with forced(backend="triton"):
+        yield triton_device()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -27,7 +29,7 @@ def test_triton_nms_matches_torchvision(device, dtype, n, iou_threshold):
     g = torch.Generator().manual_seed(n + int(10 * iou_threshold))
     boxes = random_boxes(n, dtype=dtype, device=device, generator=g)
     scores = distinct_scores(n, dtype=dtype, device=device, generator=g)
-    keep = nms_impl._nms_gpu(boxes, scores, None, iou_threshold)
+    keep = ops.nms(boxes, scores, iou_threshold)
     assert torch.equal(keep.cpu(), reference_nms(boxes, scores, iou_threshold))
 
 
@@ -37,7 +39,7 @@ def test_triton_nms_special_boxes(device):
     boxes = torch.tensor(rows, dtype=torch.float32, device=device)
     scores = torch.tensor([0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3], device=device)
     for threshold in (0.0, 0.3, 0.6):
-        keep = nms_impl._nms_gpu(boxes, scores, None, threshold)
+        keep = ops.nms(boxes, scores, threshold)
         assert keep.tolist() == torchvision.ops.nms(boxes.cpu(), scores.cpu(), threshold).tolist()
 
 
@@ -46,13 +48,14 @@ def test_triton_batched_nms(device):
     boxes = random_boxes(130, device=device, generator=g)
     scores = distinct_scores(130, device=device, generator=g)
     idxs = torch.randint(0, 4, (130,), generator=g).to(device)
-    keep = nms_impl._nms_gpu(boxes, scores, idxs, 0.4)
+    keep = ops.batched_nms(boxes, scores, idxs, 0.4)
     assert torch.equal(keep.cpu(), reference_batched(boxes, scores, idxs, 0.4))
 
 
 def test_triton_batched_nms_padded(device):
     boxes, scores = padded_inputs(3, 40, 3, device, seed=5)
-    indices, labels, counts = nms_impl._padded_gpu(boxes, scores, 0.5, 0.2, 25, 80)
+    result = ops.batched_nms_padded(boxes, scores, 0.5, 0.2, 25, 80)
+    indices, labels, counts = result.indices, result.labels, result.counts
     expected = reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.2, 25, 80)
     for b, (idx, lab) in enumerate(expected):
         c = len(idx)

@@ -87,7 +87,7 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation, groups) -> C
     # whatever the stride: the kernels get the smallest stride that leaves one output (the padded size
     # less the dilated kernel, plus one), the same convolution. Their buffers and grids follow the stride
     # (the CPU kernels' stride-phase rows of the padded input, the depthwise kernels' column phases, the
-    # Triton input gradient's grid of sh * sw phases): a stride of 10**8 had asked for gigabytes.
+    # Triton input gradient's grid of sh * sw phases), so a stride of 10**8 would ask for gigabytes.
     if out_h == 1:
         sh = min(sh, h + 2 * ph - dh * (kh - 1))
     if out_w == 1:

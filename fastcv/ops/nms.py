@@ -122,8 +122,8 @@ def _nms_gpu(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: 
     if boxes.shape[0] == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     # CUDA's sort ranks a NaN with its sign bit set below every number (the CPU's ranks it with NaN, as
-    # torchvision's order does): every NaN becomes the positive one first. Found on the first GPU run
-    # (H200); abs() did not clear the sign in float64 there.
+    # torchvision's order does): every NaN becomes the positive one first (abs() does not clear the sign
+    # of a float64 NaN on CUDA).
     key = torch.where(torch.isnan(scores), math.nan, scores)
     order = torch.sort(key, descending=True, stable=True).indices
     sorted_boxes = boxes.index_select(0, order).unsqueeze(0).contiguous()
