@@ -11,5 +11,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 from fastcv import cpu, nn, ops  # noqa: E402  (registers torch.ops.fastcv.*; cpu reads FASTCV_CPU_ISA)
+from fastcv.patch import patch_torchvision  # noqa: E402
 
-__all__ = ["cpu", "nn", "ops", "__version__"]
+__all__ = ["cpu", "nn", "ops", "patch_torchvision", "__version__"]

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--op", action="append", help="only this op (repeatable)")
         p.add_argument("--quick", action="store_true", help="the smaller set of cases, shorter timing")
         p.add_argument("--match", metavar="TEXT", help="only the cases whose name contains TEXT")
+        p.add_argument("--models", action="store_true",
+                       help="whole networks instead of single ops: torchvision's against fastcv's (minutes)")
         if name == "bench":
             p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
             p.add_argument("--plot", metavar="PATH",
@@ -87,8 +89,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     from fastcv.benchmarks.runner import failure_message, run
 
+    cases = None
+    if args.models:
+        from fastcv.benchmarks import models
+
+        cases = models.cases(args.device)
     rows = run(device=args.device, quick=args.quick, ops=args.op, json_path=getattr(args, "json", None),
-               check_only=args.command == "check", match=args.match, plot_path=plot)
+               check_only=args.command == "check", match=args.match, plot_path=plot, cases=cases)
     failed = failure_message(rows)
     if failed:
         raise SystemExit(f"python -m fastcv {args.command}: {failed}")
