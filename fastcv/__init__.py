@@ -11,6 +11,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 from fastcv import cpu, nn, ops  # noqa: E402  (registers torch.ops.fastcv.*; cpu reads FASTCV_CPU_ISA)
+from fastcv.convert import convert  # noqa: E402  (the function: it shadows its module's name here)
 from fastcv.patch import patch_torchvision  # noqa: E402
 
-__all__ = ["cpu", "nn", "ops", "patch_torchvision", "__version__"]
+__all__ = ["convert", "cpu", "nn", "ops", "patch_torchvision", "__version__"]

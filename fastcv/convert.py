@@ -1,0 +1,507 @@
+"""fastcv.convert(model): a model whose layers run fastcv's ops, with the patterns fastcv fuses rewritten.
+
+    model = fastcv.convert(torchvision.models.resnet50())      # a converted deep copy
+    fastcv.convert(model, inplace=True)                        # converts model itself, keeps its parameters
+
+Module swaps. Every nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d/2d/3d and nn.MultiheadAttention (these exact
+classes) becomes fastcv.nn's class of the same name. The swap re-classes the module object
+(``module.__class__ = fastcv.nn.Conv2d``): fastcv.nn's classes subclass PyTorch's and replace only the
+computation, so the module keeps its parameter and buffer objects, attributes, hooks and state_dict names, and
+checkpoints load both ways. Layers fastcv cannot run stay as they are, and one warning names each with the
+reason: parameters of a dtype other than float32/float64/float16/bfloat16 (complex, say), parameters on a
+device other than the CPU or CUDA (or meta), lazy modules not initialised yet (run one forward first), and
+subclasses of these classes (whose own forward fastcv would drop). nn.Conv2d's padding modes ('reflect',
+'replicate', 'circular') and every nn.MultiheadAttention option are supported (fastcv.nn.MultiheadAttention
+computes need_weights=True with PyTorch's own forward).
+
+Fusion (fuse=True). Each module that has a fastcv Conv2d or BatchNorm among its direct children is traced with
+torch.fx, its children kept as leaves, and the graph of its forward is rewritten:
+
+- conv -> batch norm [-> + identity] [-> relu]: in eval mode the batch norm is folded into the convolution
+  (fold_batch_norm) and the chain is one ops.conv2d_fused(relu=..., residual=identity); in training mode the
+  convolution runs, then ops.batch_norm_relu / ops.batch_norm_add_relu (or the batch norm alone).
+- batch norm -> relu and batch norm -> + identity -> relu (ResNet's junction): ops.batch_norm_relu /
+  ops.batch_norm_add_relu, in either mode, with the running statistics updated as nn.BatchNorm updates them.
+- conv [-> + identity] [-> relu] without a batch norm: ops.conv2d_fused.
+
+The relu is nn.ReLU, F.relu, torch.relu or Tensor.relu (also in-place); the add is +, +=, torch.add or
+Tensor.add (without alpha). A chain is fused only where each intermediate result has no other use.
+
+The rewritten graph calls functions of this module that receive the modules themselves and choose at run time:
+the fold only when the batch norm is in eval mode with running statistics, the fused residual only when the
+identity has the output's shape and dtype, and the plain module calls whenever one of the modules has hooks
+(so hooks keep firing). The modules stay where they were: nothing is added to or removed from the state_dict,
+and parameters are the same objects. Folded weights are cached per convolution (outside the module, so not in
+its state_dict, copies or pickles) and recomputed when a parameter or running statistic changes (in place, by
+an optimizer or load_state_dict, or replaced); with gradients enabled the fold is computed afresh each call,
+differentiably, so eval-mode training (frozen statistics) gets gradients for the convolution and the batch norm.
+
+The rewritten module keeps its class: the generated forward is set on the instance (``module.forward``). A
+module whose traced code depends on the mode (its forward reads self.training) gets both graphs, picked by
+self.training at each call, so train() and eval() after conversion behave as before it. A module that torch.fx
+cannot trace (data-dependent control flow, say) keeps its own forward; its layers are swapped but not fused,
+and one warning names it with the reason (its children are traced on their own). Fusion is within one
+module's forward: a chain whose conv or batch norm sits in a child (a Sequential, say) and whose relu or add sits
+in the parent is not fused.
+
+What fusion changes: the generated forward is fixed at conversion, as any torch.fx trace is: a child appended
+to a Sequential afterwards is not called (replacing a child works), and a forward hook on a module whose code
+was traced (not on the layers) still fires, but hooks that modify inputs of inner modules see the traced code.
+A converted model that is pickled whole (torch.save(model)) loads with its layers swapped but unfused (the
+instance forward is not pickled); convert() it again. State dicts are the same as the original's.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import linecache
+import operator
+import types
+import warnings
+import weakref
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcv import nn as fnn
+from fastcv import ops
+
+__all__ = ["convert"]
+
+_SWAPS: dict[type, type] = {
+    nn.Conv2d: fnn.Conv2d,
+    nn.ConvTranspose2d: fnn.ConvTranspose2d,
+    nn.BatchNorm1d: fnn.BatchNorm1d,
+    nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.BatchNorm3d: fnn.BatchNorm3d,
+    nn.MultiheadAttention: fnn.MultiheadAttention,
+}
+_FAST = tuple(_SWAPS.values())
+_FAST_BN = (fnn.BatchNorm1d, fnn.BatchNorm2d, fnn.BatchNorm3d)
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DEVICE_TYPES = ("cpu", "cuda", "meta")
+
+
+def convert(model: nn.Module, *, fuse: bool = True, inplace: bool = False) -> nn.Module:
+    """The model with its layers running fastcv's ops (see the module docstring).
+
+    model: any nn.Module; convert it after building it (and after loading weights, or before: state_dicts are
+    unchanged). fuse: also rewrite the patterns fastcv fuses, with torch.fx. inplace: convert `model` itself
+    (its parameter objects stay the same, so an optimizer built before still works) instead of a deep copy
+    (the default: build the optimizer on the returned model).
+
+    Warns once (UserWarning) naming the layers left as PyTorch's and why, and once naming the modules torch.fx
+    could not trace (their layers swapped, not fused). Converting a converted model changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    skipped = _swap(model)
+    if skipped:
+        warnings.warn("fastcv.convert left these layers as PyTorch's: "
+                      + "; ".join(f"'{name}' ({reason})" for name, reason in skipped), UserWarning, stacklevel=2)
+    if fuse:
+        untraced = _fuse(model)
+        if untraced:
+            warnings.warn("fastcv.convert: torch.fx could not trace these modules, so their layers are swapped but "
+                          "not fused: " + "; ".join(f"'{name}' ({reason})" for name, reason in untraced),
+                          UserWarning, stacklevel=2)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ module swaps
+
+
+def _display(name: str, module: nn.Module) -> str:
+    return name or f"<root {type(module).__name__}>"
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    """Why fastcv's class cannot stand in for this layer, or None."""
+    cls = type(module)
+    base = next(b for b in cls.__mro__ if b in _SWAPS)
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return f"{cls.__name__}: a lazy module not initialised yet; run one forward before converting"
+    if cls is not base:
+        return f"{cls.__name__}: a subclass of nn.{base.__name__}, whose own forward fastcv would replace"
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is None or not (t.is_floating_point() or t.is_complex()):
+            continue  # num_batches_tracked
+        if t.dtype not in _FLOATING:
+            return f"{cls.__name__} with {t.dtype} parameters: fastcv computes in float32, float64, float16, bfloat16"
+        if t.device.type not in _DEVICE_TYPES:
+            return f"{cls.__name__} on {t.device}: fastcv's kernels run on the CPU and CUDA"
+    return None
+
+
+def _swap(model: nn.Module) -> list[tuple[str, str]]:
+    """Re-classes every swappable layer in place; returns (name, reason) for those left alone."""
+    skipped = []
+    for name, module in model.named_modules():
+        if isinstance(module, _FAST) or not isinstance(module, tuple(_SWAPS)):
+            continue
+        reason = _unsupported(module)
+        if reason is None:
+            module.__class__ = _SWAPS[type(module)]
+        else:
+            skipped.append((_display(name, module), reason))
+    return skipped
+
+
+# ------------------------------------------------------------------------------------------------ tracing
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one module's own forward: every submodule call is a call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace(module: nn.Module, training: bool) -> fx.Graph:
+    """module's forward traced with the module (and its children) in the given mode; modes are restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in modes:
+            m.training = training
+        return _ChildrenAsLeaves().trace(module)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _fuse(model: nn.Module) -> list[tuple[str, str]]:
+    """Rewrites the forward of every module with fusable children; returns (name, reason) of those that do not
+    trace."""
+    untraced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (*_FAST, *_SWAPS, torch.jit.ScriptModule)) or "forward" in module.__dict__:
+            continue  # a layer, a script module, or a forward already replaced (converted before, or patched)
+        if not any(type(child) in (fnn.Conv2d, *_FAST_BN) for child in module.children()):
+            continue
+        try:
+            graphs = [_trace(module, True), _trace(module, False)]
+        except Exception as error:  # noqa: BLE001  (any failure to trace means: leave this module's forward alone)
+            reason = (str(error).strip().splitlines() or [""])[0]
+            if len(reason) > 160:
+                reason = reason[:157] + "..."
+            untraced.append((_display(name, module), f"{type(module).__name__}: {type(error).__name__}: {reason}"))
+            continue
+        if any([_rewrite(graph, module) for graph in graphs]):
+            _install(module, graphs)
+    return untraced
+
+
+def _install(module: nn.Module, graphs: list[fx.Graph]) -> None:
+    """Sets the generated forward on the instance: one function, or two picked by self.training when the traced
+    code depends on the mode."""
+    train_fn, train_src = _compile(graphs[0])
+    eval_fn, eval_src = _compile(graphs[1])
+    if train_src == eval_src:
+        forward = train_fn
+    else:
+        def forward(self, *args, **kwargs):
+            return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
+    forward.__fastcv_code__ = (train_src, eval_src)
+    module.forward = types.MethodType(forward, module)
+
+
+def _compile(graph: fx.Graph):
+    """(forward function, its source) from a graph traced on a module, as torch.fx's GraphModule builds it; the
+    source goes into linecache so tracebacks and inspect show it."""
+    code = graph.python_code(root_module="self")
+    src = code.src
+    filename = f"<fastcv.convert generated forward {hashlib.sha1(src.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(src, filename, "exec", dont_inherit=True), namespace)  # noqa: S102  (code generated by torch.fx)
+    return namespace["forward"], src
+
+
+# ------------------------------------------------------------------------------------------------ graph rewriting
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _plain_call(node: fx.Node) -> bool:
+    """A call with one positional argument (a Node) and no keyword arguments."""
+    return len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _relu(node: fx.Node | None, arg: fx.Node, modules: dict[str, nn.Module]):
+    """If node is relu(arg): True for the functional forms, the target for an nn.ReLU module; else None."""
+    if node is None or not node.args or node.args[0] is not arg:
+        return None
+    if node.op == "call_module":
+        return node.target if type(modules.get(node.target)) is nn.ReLU and _plain_call(node) else None
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        extra = dict(node.kwargs)
+        if len(node.args) > 2 or set(extra) - {"inplace"}:
+            return None
+        return True
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return True if len(node.args) == 1 and not node.kwargs else None
+    return None
+
+
+def _added(node: fx.Node | None, arg: fx.Node):
+    """If node is arg + other (other a Node, arg not mutated where it is the other operand): other; else None."""
+    if node is None or node.kwargs.get("alpha", 1) != 1 or set(node.kwargs) - {"alpha"} or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        other = b if a is arg else a if b is arg else None
+    elif node.op == "call_method" and node.target == "add":
+        other = b if a is arg else a if b is arg else None
+    elif (node.op == "call_function" and node.target is operator.iadd) or (
+            node.op == "call_method" and node.target == "add_"):
+        other = b if a is arg else None  # the in-place add writes into its first operand: only arg may be that
+    else:
+        return None
+    return other if isinstance(other, fx.Node) and other is not arg else None
+
+
+def _mutates(node: fx.Node, values: set, modules: dict[str, nn.Module]) -> bool:
+    """Whether node may write into one of `values` in place (conservatively, for the forms tracing produces)."""
+    if not node.args or node.args[0] not in values:
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCTIONS or name.endswith("_") or bool(node.kwargs.get("inplace"))
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
+def _tail(node: fx.Node, modules: dict[str, nn.Module]):
+    """What follows node: (identity node or None, add node or None, relu (None/True/target), relu node or None),
+    each step taken only where the previous result has no other use."""
+    identity = add = relu = relu_node = None
+    end = node
+    user = _only_user(end)
+    other = _added(user, end)
+    if other is not None:
+        identity, add, end = other, user, user
+    user = _only_user(end)
+    kind = _relu(user, end, modules)
+    if kind is not None:
+        relu, relu_node = kind, user
+    return identity, add, relu, relu_node
+
+
+def _between(first: fx.Node, last: fx.Node):
+    """The nodes after first and before last, in graph order."""
+    node = first.next
+    while node is not last:
+        yield node
+        node = node.next
+
+
+def _rewrite(graph: fx.Graph, root: nn.Module) -> bool:
+    """Replaces the fusable chains of graph (traced on root) by calls to the functions below; True if any."""
+    modules = dict(root.named_modules())
+    done: set[fx.Node] = set()
+    changed = False
+    for node in list(graph.nodes):
+        if node in done or node.op != "call_module" or not _plain_call(node):
+            continue
+        layer = modules.get(node.target)
+        conv_node = None
+        if type(layer) in _FAST_BN:
+            source = node.args[0]
+            conv = modules.get(source.target) if source.op == "call_module" else None
+            if (type(conv) is fnn.Conv2d and type(layer) is fnn.BatchNorm2d and _plain_call(source)
+                    and len(source.users) == 1 and conv.out_channels == layer.num_features and source not in done):
+                conv_node = source
+            bn_node = node
+        elif type(layer) is fnn.Conv2d:
+            conv_node, bn_node = node, None
+        else:
+            continue
+        identity, add, relu, relu_node = _tail(node, modules)
+        if relu is None and not (conv_node is not None and (bn_node is not None or identity is not None)):
+            continue  # nothing fastcv fuses: a lone batch norm, or a convolution alone
+        chain = [n for n in (conv_node, bn_node, add, relu_node) if n is not None]
+        first, last = chain[0], chain[-1]
+        # the chain now runs at its last node: nothing in between may write into its input or the identity
+        watched = {first.args[0]} | ({identity} if identity is not None else set())
+        if any(_mutates(n, watched, modules) for n in _between(first, last) if n not in chain):
+            continue
+        with graph.inserting_before(last):
+            def module_arg(target):
+                return graph.get_attr(target) if isinstance(target, str) else target
+            relu_arg = False if relu is None else module_arg(relu)
+            if bn_node is None:
+                fused = graph.call_function(_conv_act, (first.args[0], module_arg(conv_node.target), identity,
+                                                        relu_arg))
+            elif conv_node is None:
+                fused = graph.call_function(_bn_act, (first.args[0], module_arg(bn_node.target), identity, relu_arg))
+            else:
+                fused = graph.call_function(_conv_bn_act, (first.args[0], module_arg(conv_node.target),
+                                                           module_arg(bn_node.target), identity, relu_arg))
+        last.replace_all_uses_with(fused)
+        for n in reversed(chain):
+            graph.erase_node(n)
+        done.update(chain)
+        changed = True
+    if changed:
+        graph.lint()
+    return changed
+
+
+# ------------------------------------------------------------------------------------------------ run time
+#
+# The functions the rewritten graphs call. `relu` is False (none), True (functional) or the nn.ReLU module.
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None)
+                or getattr(module, "_global_backward_hooks", None)
+                or getattr(module, "_global_backward_pre_hooks", None))
+
+
+def _hooked(*modules) -> bool:
+    """Whether a module of the chain has hooks (then it is called as a module, so they fire)."""
+    for m in modules:
+        if isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                         or m._backward_pre_hooks):
+            return True
+    return _global_hooks()
+
+
+def _apply_relu(x: Tensor, relu) -> Tensor:
+    if relu is False:
+        return x
+    if relu is True:
+        return torch.relu(x)
+    return relu(x)
+
+
+def _fits(identity, shape, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether identity can be the fused residual of an output of this shape, dtype and device."""
+    return (isinstance(identity, Tensor) and identity.shape == shape and identity.dtype == dtype
+            and identity.device == device)
+
+
+def _bn_act(input: Tensor, bn, identity, relu) -> Tensor:
+    """relu?(bn(input) + identity?): ops.batch_norm_relu / batch_norm_add_relu where they apply, as
+    fastcv.nn.BatchNorm's forward calls ops.batch_norm (the same statistics, counter and momentum)."""
+    fits = identity is None or _fits(identity, input.shape, input.dtype, input.device)
+    if relu is not False and fits and type(bn) in _FAST_BN and not _hooked(bn, relu):
+        bn._check_input_dim(input)
+        tracking = bn.track_running_stats
+        use_stats = not bn.training or tracking
+        args = (bn.running_mean if use_stats else None, bn.running_var if use_stats else None, bn.weight, bn.bias,
+                bn.training, bn.momentum, bn.eps)
+        counter = bn.num_batches_tracked if bn.training and tracking else None
+        if identity is None:
+            return ops.batch_norm_relu(input, *args, num_batches_tracked=counter)
+        return ops.batch_norm_add_relu(input, identity, *args, num_batches_tracked=counter)
+    out = bn(input)
+    if identity is not None:
+        out = out + identity
+    return _apply_relu(out, relu)
+
+
+def _conv_act(input: Tensor, conv, identity, relu) -> Tensor:
+    """relu?(conv(input) + identity?) as one ops.conv2d_fused."""
+    if type(conv) is not fnn.Conv2d or _hooked(conv, relu):
+        out = conv(input)
+        if identity is not None:
+            out = out + identity
+        return _apply_relu(out, relu)
+    return _conv_fused(conv, input, conv.weight, conv.bias, identity, relu)
+
+
+def _conv_bn_act(input: Tensor, conv, bn, identity, relu) -> Tensor:
+    """relu?(bn(conv(input)) + identity?): in eval mode one ops.conv2d_fused with the batch norm folded into
+    the convolution; in training mode the convolution, then _bn_act."""
+    if (bn.training or bn.running_mean is None or type(conv) is not fnn.Conv2d or type(bn) is not fnn.BatchNorm2d
+            or _hooked(conv, bn, relu)):
+        return _bn_act(conv(input), bn, identity, relu)
+    weight, bias = _folded(conv, bn)
+    return _conv_fused(conv, input, weight, bias, identity, relu)
+
+
+def _conv_fused(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Tensor | None, identity, relu) -> Tensor:
+    """relu?(conv2d(input, weight, bias) + identity?) with conv's geometry, in one ops.conv2d_fused when the
+    identity has the output's shape and dtype (else the add and the relu follow as PyTorch ops)."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = (0, 0)
+    elif padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        pads = conv._reversed_padding_repeated_twice  # (left, right, top, bottom); right/bottom get the odd pixel
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            padding = (pads[2], pads[0])
+        else:
+            input = F.pad(input, pads)
+            padding = (0, 0)
+    residual = None
+    if identity is not None and _fits(identity, *_output_spec(conv, input, weight, padding)):
+        residual, identity = identity, None
+    out = ops.conv2d_fused(input, weight, bias, conv.stride, padding, conv.dilation, conv.groups, residual=residual,
+                           relu=relu is not False and identity is None)
+    if identity is None:
+        return out
+    return _apply_relu(out + identity, relu)
+
+
+def _output_spec(conv: nn.Conv2d, input: Tensor, weight: Tensor, padding):
+    """The shape, dtype and device of the convolution's output (what a fused residual must have)."""
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(input.shape[-2:], padding, conv.dilation, weight.shape[2:], conv.stride)]
+    shape = torch.Size((*input.shape[:-3], weight.shape[0], *size))
+    dtype, device_type = input.dtype, input.device.type
+    if torch.is_autocast_enabled(device_type) and dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)  # conv2d_fused computes and returns in autocast's dtype
+    return shape, dtype, input.device
+
+
+# (conv -> (key, weak references to the sources, folded weight, folded bias)): outside the module, so folded
+# weights are not in its state_dict, copies or pickles, and go away with it.
+_FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The convolution's weight and bias with the eval-mode batch norm folded in."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _fold_differentiable(conv, bn)
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources)
+    key += (bn.eps,)
+    cached = _FOLD_CACHE.get(conv)
+    if cached is not None and cached[0] == key and all(
+            (r is None) == (t is None) and (t is None or r() is t) for r, t in zip(cached[1], sources)):
+        return cached[2], cached[3]
+    weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       bn.eps)
+    refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+    _FOLD_CACHE[conv] = (key, refs, weight, bias)
+    return weight, bias
+
+
+def _fold_differentiable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """fold_batch_norm's formula in PyTorch ops, so gradients reach the convolution's and the batch norm's
+    parameters (w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
+    shift = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+    bias = shift * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    return weight, bias.to(conv.weight.dtype if conv.bias is None else conv.bias.dtype)
