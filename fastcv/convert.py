@@ -47,8 +47,9 @@ in the parent is not fused.
 What fusion changes: the generated forward is fixed at conversion, as any torch.fx trace is: a child appended
 to a Sequential afterwards is not called (replacing a child works), and a forward hook on a module whose code
 was traced (not on the layers) still fires, but hooks that modify inputs of inner modules see the traced code.
-A converted model that is pickled whole (torch.save(model)) loads with its layers swapped but unfused (the
-instance forward is not pickled); convert() it again. State dicts are the same as the original's.
+A converted model that is pickled whole (torch.save(model)) loads with its layers swapped but not fused (a
+bound method pickles by its name, so the module gets its class's forward back): convert() it again. Copies
+(copy.deepcopy) keep the fused forwards, bound to the copies.
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def _fuse(model: nn.Module) -> list[tuple[str, str]]:
     trace."""
     untraced = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, (*_FAST, *_SWAPS, torch.jit.ScriptModule)) or "forward" in module.__dict__:
+        if isinstance(module, (*_FAST, *_SWAPS, torch.jit.ScriptModule)) or _own_forward(module) is not None:
             continue  # a layer, a script module, or a forward already replaced (converted before, or patched)
         if not any(type(child) in (fnn.Conv2d, *_FAST_BN) for child in module.children()):
             continue
@@ -192,6 +193,18 @@ def _fuse(model: nn.Module) -> list[tuple[str, str]]:
         if any([_rewrite(graph, module) for graph in graphs]):
             _install(module, graphs)
     return untraced
+
+
+def _own_forward(module: nn.Module):
+    """The forward set on the instance, or None. An unpickled converted module holds its class's forward there
+    (a bound method pickles by name): that one is removed, and counts as none."""
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return None
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
+        return None
+    return forward
 
 
 def _install(module: nn.Module, graphs: list[fx.Graph]) -> None:
@@ -306,36 +319,46 @@ def _between(first: fx.Node, last: fx.Node):
         node = node.next
 
 
+def _chain(node: fx.Node, modules: dict[str, nn.Module], done: set):
+    """The fusable chain around node (a convolution or a batch norm call): (conv node or None, bn node or None,
+    identity, add node, relu, relu node), or None. A convolution before the batch norm joins only if its output
+    has no other use; if the chain with it is not safe to move, the one without it is tried."""
+    layer = modules.get(node.target)
+    if type(layer) in _FAST_BN:
+        bn_node, source = node, node.args[0]
+        conv = modules.get(source.target) if source.op == "call_module" else None
+        foldable = (type(conv) is fnn.Conv2d and type(layer) is fnn.BatchNorm2d and _plain_call(source)
+                    and len(source.users) == 1 and conv.out_channels == layer.num_features and source not in done)
+        candidates = [source, None] if foldable else [None]
+    elif type(layer) is fnn.Conv2d:
+        bn_node, candidates = None, [node]
+    else:
+        return None
+    identity, add, relu, relu_node = _tail(node, modules)
+    for conv_node in candidates:
+        if relu is None and not (conv_node is not None and (bn_node is not None or identity is not None)):
+            continue  # nothing fastcv fuses: a lone batch norm (or one with an add), or a lone convolution
+        chain = [n for n in (conv_node, bn_node, add, relu_node) if n is not None]
+        # the chain will run where its last node is: nothing in between may write into its input or the identity
+        watched = {chain[0].args[0]} | ({identity} if identity is not None else set())
+        if not any(_mutates(n, watched, modules) for n in _between(chain[0], chain[-1]) if n not in chain):
+            return conv_node, bn_node, identity, add, relu, relu_node
+    return None
+
+
 def _rewrite(graph: fx.Graph, root: nn.Module) -> bool:
     """Replaces the fusable chains of graph (traced on root) by calls to the functions below; True if any."""
     modules = dict(root.named_modules())
     done: set[fx.Node] = set()
-    changed = False
     for node in list(graph.nodes):
         if node in done or node.op != "call_module" or not _plain_call(node):
             continue
-        layer = modules.get(node.target)
-        conv_node = None
-        if type(layer) in _FAST_BN:
-            source = node.args[0]
-            conv = modules.get(source.target) if source.op == "call_module" else None
-            if (type(conv) is fnn.Conv2d and type(layer) is fnn.BatchNorm2d and _plain_call(source)
-                    and len(source.users) == 1 and conv.out_channels == layer.num_features and source not in done):
-                conv_node = source
-            bn_node = node
-        elif type(layer) is fnn.Conv2d:
-            conv_node, bn_node = node, None
-        else:
+        found = _chain(node, modules, done)
+        if found is None:
             continue
-        identity, add, relu, relu_node = _tail(node, modules)
-        if relu is None and not (conv_node is not None and (bn_node is not None or identity is not None)):
-            continue  # nothing fastcv fuses: a lone batch norm, or a convolution alone
+        conv_node, bn_node, identity, add, relu, relu_node = found
         chain = [n for n in (conv_node, bn_node, add, relu_node) if n is not None]
         first, last = chain[0], chain[-1]
-        # the chain now runs at its last node: nothing in between may write into its input or the identity
-        watched = {first.args[0]} | ({identity} if identity is not None else set())
-        if any(_mutates(n, watched, modules) for n in _between(first, last) if n not in chain):
-            continue
         with graph.inserting_before(last):
             def module_arg(target):
                 return graph.get_attr(target) if isinstance(target, str) else target
@@ -352,10 +375,9 @@ def _rewrite(graph: fx.Graph, root: nn.Module) -> bool:
         for n in reversed(chain):
             graph.erase_node(n)
         done.update(chain)
-        changed = True
-    if changed:
+    if done:
         graph.lint()
-    return changed
+    return bool(done)
 
 
 # ------------------------------------------------------------------------------------------------ run time
@@ -479,7 +501,9 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """The convolution's weight and bias with the eval-mode batch norm folded in."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return _fold_differentiable(conv, bn)
-    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    # The kernels that update running statistics write them without bumping their version counters (PyTorch's
+    # batch norm too), but every such update also counts the batch in num_batches_tracked, in place.
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
     key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources)
     key += (bn.eps,)
     cached = _FOLD_CACHE.get(conv)
