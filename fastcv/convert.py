@@ -39,24 +39,28 @@ differentiably, so eval-mode training (frozen statistics) gets gradients for the
 The rewritten module keeps its class: the generated forward is set on the instance (``module.forward``). A
 module whose traced code depends on the mode (its forward reads self.training) gets both graphs, picked by
 self.training at each call, so train() and eval() after conversion behave as before it. A module that torch.fx
-cannot trace (data-dependent control flow, say) keeps its own forward; its layers are swapped but not fused,
-and one warning names it with the reason (its children are traced on their own). Fusion is within one
+cannot trace (data-dependent control flow, say), or whose forward enters torch.no_grad, torch.enable_grad,
+torch.inference_mode or torch.autocast (which a trace would silently drop), keeps its own forward; its layers
+are swapped but not fused, and one warning names it with the reason (its children are traced on their own). Fusion is within one
 module's forward: a chain whose conv or batch norm sits in a child (a Sequential, say) and whose relu or add sits
 in the parent is not fused.
 
-What fusion changes: the generated forward is fixed at conversion, as any torch.fx trace is: a child appended
-to a Sequential afterwards is not called (replacing a child works), and a forward hook on a module whose code
-was traced (not on the layers) still fires, but hooks that modify inputs of inner modules see the traced code.
+What fusion changes in a rewritten module, as any torch.fx trace does: its forward is fixed at conversion, so
+Python side effects of that forward other than its children's calls (a counter it increments, say) happened
+once, at conversion, and a child appended to a Sequential afterwards is not called (replacing a child works).
+Hooks on the module itself and on its children keep firing.
 A converted model that is pickled whole (torch.save(model)) loads with its layers swapped but not fused (a
 bound method pickles by its name, so the module gets its class's forward back): convert() it again. Copies
 (copy.deepcopy) keep the fused forwards, bound to the copies.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import linecache
 import operator
+import threading
 import types
 import warnings
 import weakref
@@ -161,13 +165,48 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
+# Context managers whose effect torch.fx does not record: a traced forward would run without them. Tracing a
+# forward that enters one fails (the module keeps its own forward).
+_UNRECORDED = [
+    (torch._C, "_set_grad_enabled", "torch.no_grad / torch.enable_grad / torch.set_grad_enabled"),
+    (torch.autograd.grad_mode.inference_mode, "__enter__", "torch.inference_mode"),
+    (torch.amp.autocast_mode.autocast, "__enter__", "torch.autocast"),
+]
+
+
+@contextlib.contextmanager
+def _refusing_unrecorded_modes():
+    thread = threading.get_ident()
+    entered = []
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _UNRECORDED]
+
+    def watch(original, what):
+        def watched(*args, **kwargs):
+            if threading.get_ident() == thread:
+                entered.append(what)
+            return original(*args, **kwargs)
+        return watched
+
+    for (owner, name, original), (_, _, what) in zip(originals, _UNRECORDED):
+        setattr(owner, name, watch(original, what))
+    try:
+        yield entered
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
 def _trace(module: nn.Module, training: bool) -> fx.Graph:
     """module's forward traced with the module (and its children) in the given mode; modes are restored."""
     modes = [(m, m.training) for m in module.modules()]
     try:
         for m, _ in modes:
             m.training = training
-        return _ChildrenAsLeaves().trace(module)
+        with _refusing_unrecorded_modes() as entered:
+            graph = _ChildrenAsLeaves().trace(module)
+        if entered:
+            raise RuntimeError(f"the forward uses {entered[0]}, which a torch.fx trace would drop")
+        return graph
     finally:
         for m, mode in modes:
             m.training = mode

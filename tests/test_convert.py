@@ -435,20 +435,35 @@ class DataDependent(nn.Module):
         return self.block(x)
 
 
-def test_untraceable_module_keeps_its_forward_and_is_named():
+class GradModeInside(DataDependent):
+    def forward(self, x):
+        with torch.no_grad():  # a trace would drop this
+            x = F.relu(self.bn(self.conv(x)))
+        return self.block(x)
+
+
+@pytest.mark.parametrize("cls", [DataDependent, GradModeInside])
+def test_untraceable_module_keeps_its_forward_and_is_named(cls):
     torch.manual_seed(0)
-    original = nn.Sequential(DataDependent(), nn.Conv2d(3, 2, 1))
+    original = nn.Sequential(cls(), nn.Conv2d(3, 2, 1))
     _randomise_batch_norms(original).double().eval()
     with pytest.warns(UserWarning, match=r"could not trace") as record:
         converted = fastcv.convert(original)
     message = "\n".join(str(r.message) for r in record)
-    assert "'0' (DataDependent: TraceError" in message
+    assert {DataDependent: "'0' (DataDependent: TraceError",
+            GradModeInside: "'0' (GradModeInside: RuntimeError: the forward uses torch.no_grad"}[cls] in message
     assert "forward" not in converted[0].__dict__  # its own forward, with the layers swapped
     assert type(converted[0].conv) is fnn.Conv2d and type(converted[0].bn) is fnn.BatchNorm2d
     assert [fn for fn, _ in _fused_calls(converted[0].block)] == ["conv_bn_act"]  # its child is fused
     for sign in (1, -1):
         x = sign * torch.rand(2, 3, 6, 6, dtype=torch.float64)
-        torch.testing.assert_close(converted(x), original(x), rtol=1e-12, atol=1e-12)
+        expected = original(x)
+        expected.sum().backward()
+        out = converted(x)
+        out.sum().backward()
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for (n, p), q in zip(converted.named_parameters(), original.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
 
 
 def test_unsupported_layers_stay_and_are_named_once():
