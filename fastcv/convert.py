@@ -40,18 +40,17 @@ The rewritten module keeps its class: the generated forward is set on the instan
 module whose traced code depends on the mode (its forward reads self.training) gets both graphs, picked by
 self.training at each call, so train() and eval() after conversion behave as before it. A module that torch.fx
 cannot trace (data-dependent control flow, say), or whose forward enters torch.no_grad, torch.enable_grad,
-torch.inference_mode or torch.autocast (which a trace would silently drop), keeps its own forward; its layers
-are swapped but not fused, and one warning names it with the reason (its children are traced on their own). Fusion is within one
-module's forward: a chain whose conv or batch norm sits in a child (a Sequential, say) and whose relu or add sits
-in the parent is not fused.
+torch.inference_mode or torch.autocast (which a trace would silently drop), keeps its own forward: its layers
+are swapped but not fused, one warning names it with the reason, and its children are traced on their own.
+Fusion is within one module's forward: a chain whose conv or batch norm sits in a child (a Sequential, say) and
+whose relu or add sits in the parent is not fused.
 
 What fusion changes in a rewritten module, as any torch.fx trace does: its forward is fixed at conversion, so
 Python side effects of that forward other than its children's calls (a counter it increments, say) happened
 once, at conversion, and a child appended to a Sequential afterwards is not called (replacing a child works).
-Hooks on the module itself and on its children keep firing.
-A converted model that is pickled whole (torch.save(model)) loads with its layers swapped but not fused (a
-bound method pickles by its name, so the module gets its class's forward back): convert() it again. Copies
-(copy.deepcopy) keep the fused forwards, bound to the copies.
+Hooks on the module itself and on its children keep firing. A converted model pickled whole (torch.save(model))
+loads with its layers swapped but not fused (a bound method pickles by its name, so the module gets its
+class's forward back): convert() it again. Copies (copy.deepcopy) keep the fused forwards, bound to the copies.
 """
 from __future__ import annotations
 

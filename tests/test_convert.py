@@ -672,3 +672,21 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=name)
     for name, b in converted.named_buffers():
         torch.testing.assert_close(b, twin.get_buffer(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_autocast_channels_last(training):
+    """Under CPU autocast (bfloat16) and on channels_last input the converted network returns PyTorch's dtype
+    and is as accurate as PyTorch's bfloat16 result (against float64), within ERROR_RATIO."""
+    torch.manual_seed(0)
+    original = _small_resnet()
+    original.train()(torch.randn(16, 3, 32, 32))  # running statistics that are not (0, 1)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(original).double().train(training)(x.double())
+    for amp in (False, True):
+        model = copy.deepcopy(original).train(training)
+        converted = fastcv.convert(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            expected, out = model(x), converted(x)
+        assert out.dtype == expected.dtype == (torch.bfloat16 if amp else torch.float32)
+        _assert_as_accurate(f"autocast={amp}", out, expected, reference)
