@@ -68,6 +68,29 @@ def _roi_stage(model):
     return run
 
 
+def _pooling_and_nms_inputs(model, images):
+    """The RoI stage's inputs, and the box head's class logits and box regression for the proposals."""
+    features, proposals, image_sizes = _roi_stage_inputs(model, images)
+    with torch.inference_mode():
+        pooled = model.roi_heads.box_roi_pool(features, proposals, image_sizes)
+        logits, regression = model.roi_heads.box_predictor(model.roi_heads.box_head(pooled))
+    return features, proposals, image_sizes, logits, regression
+
+
+def _pooling_and_nms(model):
+    """The two steps fastcv replaces, without the box head between them: the multi-level RoI Align of the
+    proposals and the post-processing (box decoding, score filter, per-class NMS)."""
+    def run(features, proposals, image_sizes, logits, regression):
+        with torch.inference_mode():
+            pooled = model.roi_heads.box_roi_pool(features, proposals, image_sizes)
+            boxes, scores, labels = model.roi_heads.postprocess_detections(logits, regression, proposals,
+                                                                          image_sizes)
+        return [{"pooled": pooled.sum((1, 2, 3))}] + [{"boxes": b, "scores": s, "labels": lab}
+                                                      for b, s, lab in zip(boxes, scores, labels)]
+
+    return run
+
+
 def _end_to_end(model):
     def run(images):
         with torch.inference_mode():
@@ -83,6 +106,11 @@ def detection_cases(device: str) -> list[Case]:
         model = _detector(name, device)
         images = lambda: (_images(device, DETECTION_BATCH, DETECTION_SIZE),)  # noqa: E731
         stage = lambda m=model: _roi_stage_inputs(m, _images(device, DETECTION_BATCH, DETECTION_SIZE))  # noqa: E731
+        pooling = lambda m=model: _pooling_and_nms_inputs(m, _images(device, DETECTION_BATCH, DETECTION_SIZE))  # noqa: E731
+        out.append(Case(
+            name, f"RoI pooling + post-processing NMS (no box head), {size}, inference", make=pooling,
+            fastcv=_patched(_pooling_and_nms(model)), reference=_pooling_and_nms(model),
+            reference_name=f"torchvision {name}", check=_same_detections))
         out.append(Case(
             name, f"RoI stage (multi-level RoI Align, box head, NMS), {size}, inference", make=stage,
             fastcv=_patched(_roi_stage(model)), reference=_roi_stage(model),
