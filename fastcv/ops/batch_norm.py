@@ -267,11 +267,11 @@ def _check_update(running_mean, running_var, mean, var, momentum, count):
 def _update_impl(running_mean, running_var, mean, var, momentum, count):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance (as nn.BatchNorm).
     On the CPU one C++ pass (three torch ops cost more than a tiny batch norm); on a GPU two queued ops each."""
-    unbiased = count / (count - 1) if count > 1 else 1.0
     if select("batch_norm", running_mean) == CPU:
-        _C.batch_norm_update_running_cpu(running_mean, running_var, mean.contiguous(),
-                                         var.contiguous(), momentum, count)
+        _C.batch_norm_update_running_cpu(running_mean, running_var, mean.contiguous(), var.contiguous(), momentum,
+                                         count)
     else:
+        unbiased = count / (count - 1) if count > 1 else 1.0
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * unbiased)
 
