@@ -62,15 +62,14 @@ import operator
 import threading
 import types
 import warnings
-import weakref
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from fastcv import nn as fnn
-from fastcv import ops
+from fastcv.nn.fused import bn_act, conv_act, conv_bn_act
 
 __all__ = ["convert"]
 
@@ -402,12 +401,12 @@ def _rewrite(graph: fx.Graph, root: nn.Module) -> bool:
                 return graph.get_attr(target) if isinstance(target, str) else target
             relu_arg = False if relu is None else module_arg(relu)
             if bn_node is None:
-                fused = graph.call_function(_conv_act, (first.args[0], module_arg(conv_node.target), identity,
+                fused = graph.call_function(conv_act, (first.args[0], module_arg(conv_node.target), identity,
                                                         relu_arg))
             elif conv_node is None:
-                fused = graph.call_function(_bn_act, (first.args[0], module_arg(bn_node.target), identity, relu_arg))
+                fused = graph.call_function(bn_act, (first.args[0], module_arg(bn_node.target), identity, relu_arg))
             else:
-                fused = graph.call_function(_conv_bn_act, (first.args[0], module_arg(conv_node.target),
+                fused = graph.call_function(conv_bn_act, (first.args[0], module_arg(conv_node.target),
                                                            module_arg(bn_node.target), identity, relu_arg))
         last.replace_all_uses_with(fused)
         for n in reversed(chain):
@@ -416,154 +415,3 @@ def _rewrite(graph: fx.Graph, root: nn.Module) -> bool:
     if done:
         graph.lint()
     return bool(done)
-
-
-# ------------------------------------------------------------------------------------------------ run time
-#
-# The functions the rewritten graphs call. `relu` is False (none), True (functional) or the nn.ReLU module.
-
-
-def _global_hooks() -> bool:
-    module = nn.modules.module
-    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None)
-                or getattr(module, "_global_backward_hooks", None)
-                or getattr(module, "_global_backward_pre_hooks", None))
-
-
-def _hooked(*modules) -> bool:
-    """Whether a module of the chain has hooks (then it is called as a module, so they fire)."""
-    for m in modules:
-        if isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                         or m._backward_pre_hooks):
-            return True
-    return _global_hooks()
-
-
-def _apply_relu(x: Tensor, relu) -> Tensor:
-    if relu is False:
-        return x
-    if relu is True:
-        return torch.relu(x)
-    return relu(x)
-
-
-def _fits(identity, shape, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether identity can be the fused residual of an output of this shape, dtype and device."""
-    return (isinstance(identity, Tensor) and identity.shape == shape and identity.dtype == dtype
-            and identity.device == device)
-
-
-def _bn_act(input: Tensor, bn, identity, relu) -> Tensor:
-    """relu?(bn(input) + identity?): ops.batch_norm_relu / batch_norm_add_relu where they apply, as
-    fastcv.nn.BatchNorm's forward calls ops.batch_norm (the same statistics, counter and momentum)."""
-    fits = identity is None or _fits(identity, input.shape, input.dtype, input.device)
-    if relu is not False and fits and type(bn) in _FAST_BN and not _hooked(bn, relu):
-        bn._check_input_dim(input)
-        tracking = bn.track_running_stats
-        use_stats = not bn.training or tracking
-        args = (bn.running_mean if use_stats else None, bn.running_var if use_stats else None, bn.weight, bn.bias,
-                bn.training, bn.momentum, bn.eps)
-        counter = bn.num_batches_tracked if bn.training and tracking else None
-        if identity is None:
-            return ops.batch_norm_relu(input, *args, num_batches_tracked=counter)
-        return ops.batch_norm_add_relu(input, identity, *args, num_batches_tracked=counter)
-    out = bn(input)
-    if identity is not None:
-        out = out + identity
-    return _apply_relu(out, relu)
-
-
-def _conv_act(input: Tensor, conv, identity, relu) -> Tensor:
-    """relu?(conv(input) + identity?) as one ops.conv2d_fused."""
-    if type(conv) is not fnn.Conv2d or _hooked(conv, relu):
-        out = conv(input)
-        if identity is not None:
-            out = out + identity
-        return _apply_relu(out, relu)
-    return _conv_fused(conv, input, conv.weight, conv.bias, identity, relu)
-
-
-def _conv_bn_act(input: Tensor, conv, bn, identity, relu) -> Tensor:
-    """relu?(bn(conv(input)) + identity?): in eval mode one ops.conv2d_fused with the batch norm folded into
-    the convolution; in training mode the convolution, then _bn_act."""
-    if (bn.training or bn.running_mean is None or type(conv) is not fnn.Conv2d or type(bn) is not fnn.BatchNorm2d
-            or _hooked(conv, bn, relu)):
-        return _bn_act(conv(input), bn, identity, relu)
-    weight, bias = _folded(conv, bn)
-    return _conv_fused(conv, input, weight, bias, identity, relu)
-
-
-def _conv_fused(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Tensor | None, identity, relu) -> Tensor:
-    """relu?(conv2d(input, weight, bias) + identity?) with conv's geometry, in one ops.conv2d_fused when the
-    identity has the output's shape and dtype (else the add and the relu follow as PyTorch ops)."""
-    padding = conv.padding
-    if conv.padding_mode != "zeros":
-        input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        padding = (0, 0)
-    elif padding == "valid":
-        padding = (0, 0)
-    elif padding == "same":
-        pads = conv._reversed_padding_repeated_twice  # (left, right, top, bottom); right/bottom get the odd pixel
-        if pads[0] == pads[1] and pads[2] == pads[3]:
-            padding = (pads[2], pads[0])
-        else:
-            input = F.pad(input, pads)
-            padding = (0, 0)
-    residual = None
-    if identity is not None and _fits(identity, *_output_spec(conv, input, weight, padding)):
-        residual, identity = identity, None
-    out = ops.conv2d_fused(input, weight, bias, conv.stride, padding, conv.dilation, conv.groups, residual=residual,
-                           relu=relu is not False and identity is None)
-    if identity is None:
-        return out
-    return _apply_relu(out + identity, relu)
-
-
-def _output_spec(conv: nn.Conv2d, input: Tensor, weight: Tensor, padding):
-    """The shape, dtype and device of the convolution's output (what a fused residual must have)."""
-    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip(input.shape[-2:], padding, conv.dilation, weight.shape[2:], conv.stride)]
-    shape = torch.Size((*input.shape[:-3], weight.shape[0], *size))
-    dtype, device_type = input.dtype, input.device.type
-    if torch.is_autocast_enabled(device_type) and dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device_type)  # conv2d_fused computes and returns in autocast's dtype
-    return shape, dtype, input.device
-
-
-# (conv -> (key, weak references to the sources, folded weight, folded bias)): outside the module, so folded
-# weights are not in its state_dict, copies or pickles, and go away with it.
-_FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """The convolution's weight and bias with the eval-mode batch norm folded in."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return _fold_differentiable(conv, bn)
-    # The kernels that update running statistics write them without bumping their version counters (PyTorch's
-    # batch norm too), but every such update also counts the batch in num_batches_tracked, in place.
-    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
-    key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources)
-    key += (bn.eps,)
-    cached = _FOLD_CACHE.get(conv)
-    if cached is not None and cached[0] == key and all(
-            (r is None) == (t is None) and (t is None or r() is t) for r, t in zip(cached[1], sources)):
-        return cached[2], cached[3]
-    weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                       bn.eps)
-    refs = tuple(None if t is None else weakref.ref(t) for t in sources)
-    _FOLD_CACHE[conv] = (key, refs, weight, bias)
-    return weight, bias
-
-
-def _fold_differentiable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """fold_batch_norm's formula in PyTorch ops, so gradients reach the convolution's and the batch norm's
-    parameters (w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
-    shift = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
-    bias = shift * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias
-    return weight, bias.to(conv.weight.dtype if conv.bias is None else conv.bias.dtype)

@@ -1,26 +1,6 @@
-"""fastcv.convert against the networks it converts, with the same weights and inputs.
-
-Two checks per network, mode and form (fused, swapped):
-- float64: the converted network in float64 against the original in float64: outputs, every parameter's
-  gradient and every buffer within EXACT_F64 of the largest reference value. Rounding is then 1e-16 per
-  operation, so this checks the arithmetic itself: the fusions, the folds, the statistics updates.
-- float32, the networks as users run them: fastcv's convolution sums each output's K = C_in * kh * kw products
-  (up to 4608 in ResNet-50) in another order than oneDNN, and a folded batch norm rounds each folded weight once
-  more, so the converted network's float32 result differs from PyTorch's by rounding compounded over the
-  depth (and amplified by the batch norms of small batches). The test measures PyTorch's own float32 error on
-  that network (against float64) and allows fastcv at most ERROR_RATIO times it, plus FLOOR of the largest
-  reference value; measured ratios are up to 1.5 for outputs (errors up to 7e-5 of the largest value) and up
-  to 3.1 for running statistics (where PyTorch's error is itself near FLOOR). Gradients (per parameter, in the
-  L2 norm) get KINK of the reference's norm on top: a ReLU whose input lies within rounding of 0 takes the
-  other branch in one of the two float32 computations, and at 64 x 64 pixels ResNet-50's last stage has 8
-  positions per channel, so one such flip moves a layer's gradient by percents. PyTorch's own float32 gradients
-  of these networks differ from float64 by up to 4% (ResNeXt-50, training) for that reason, fastcv's by up to
-  4% too (FCN's head, whose error PyTorch happens to avoid), and the float64 check shows that nothing else
-  contributes.
-
-Dropout probabilities are set to 0 (random masks are not fastcv's business), and batch norms get weights,
-biases and running statistics that are not the identity (calibrated on other images), so that folding them
-into the convolutions changes the weights."""
+"""fastcv.convert against the networks it converts, with the same weights and inputs. The checks and their
+tolerances (float64 exactness, float32 accuracy relative to PyTorch's own) are tests/networks.py's; the
+networks are converted fused and swapped (fuse=False), in one mode and run in the other."""
 from __future__ import annotations
 
 import copy
@@ -37,11 +17,7 @@ from torch.nn import functional as F
 
 import fastcv
 from fastcv import nn as fnn
-
-EXACT_F64 = 1e-10
-ERROR_RATIO = 4.0
-FLOOR = 1e-6
-KINK = 0.1
+from networks import BATCH_NORMS, assert_as_accurate, compare, outputs, prepare, run
 
 # name -> (constructor, input shape). Small inputs; the networks' structure is torchvision's. The ViT is
 # torchvision's VisionTransformer with ViT-B/16's patches, depth and heads at ViT-Ti's width (192, heads of 16)
@@ -57,33 +33,7 @@ MODELS = {
                                                                           aux_loss=True), (2, 3, 64, 64)),
 }
 CNNS = ["resnet50", "resnext50_32x4d", "mobilenet_v2", "fcn_resnet50"]
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
 _BUILT: dict[str, nn.Module] = {}
-
-
-def _prepare(model: nn.Module, shape) -> nn.Module:
-    """No dropout, batch norms that are not the identity, no zero-initialised weights (ViT's head)."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(m, nn.Linear) and not m.weight.any():
-            m.weight.data.normal_(0, 0.02, generator=gen)
-        if isinstance(m, BATCH_NORMS):
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.normal_(0, 0.2, generator=gen)
-            m.momentum = None  # calibration: the average of the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, *shape[1:], generator=gen))
-    for m in model.modules():
-        if isinstance(m, BATCH_NORMS):
-            m.momentum = 0.1
-            m.running_var.clamp_(min=0.05)  # channels ReLU silenced in calibration: no 1/sqrt(eps) gains
-            m.num_batches_tracked.zero_()
-    return model
 
 
 def _original(name: str) -> nn.Module:
@@ -91,7 +41,7 @@ def _original(name: str) -> nn.Module:
     if name not in _BUILT:
         torch.manual_seed(0)
         ctor, shape = MODELS[name]
-        _BUILT[name] = _prepare(ctor(), shape)
+        _BUILT[name] = prepare(ctor(), shape)
     return copy.deepcopy(_BUILT[name])
 
 
@@ -99,95 +49,17 @@ def _input(name: str) -> torch.Tensor:
     return torch.randn(MODELS[name][1], generator=torch.Generator().manual_seed(2))
 
 
-def _outputs(out) -> dict[str, torch.Tensor]:
-    return dict(out) if isinstance(out, dict) else {"out": out}
-
-
-def _run(model: nn.Module, x: torch.Tensor, backward: bool):
-    """(outputs, parameter gradients, buffers) after one forward (and a backward of a fixed random
-    projection of the outputs)."""
-    model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(backward):
-        outs = _outputs(model(x))
-    grads = {}
-    if backward:
-        gen = torch.Generator().manual_seed(3)
-        loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum()
-                   for o in outs.values())
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    return {k: v.detach() for k, v in outs.items()}, grads, buffers
-
-
-def _assert_exact(what: str, fast: torch.Tensor, ref: torch.Tensor, least_scale: float = 0.0) -> None:
-    """float64 against float64: within EXACT_F64 of the largest reference value, or of least_scale: gradients
-    that are 0 but for rounding (a bias's before a training-mode batch norm: its sum over the batch cancels)
-    are compared on the scale of the largest gradient."""
-    scale = max(ref.abs().max().item(), least_scale)
-    error = (fast - ref).abs().max().item()
-    assert error <= EXACT_F64 * scale, f"{what}: float64 error {error:.3g} (largest value {scale:.3g})"
-
-
-def _assert_as_accurate(what: str, fast: torch.Tensor, torch32: torch.Tensor, ref64: torch.Tensor,
-                        norm: bool = False) -> None:
-    """fastcv's float32 result is within ERROR_RATIO x PyTorch's float32 error of the float64 result (plus
-    FLOOR of its largest value; see the module docstring). norm: errors in the L2 norm, plus KINK of the
-    reference's (gradients)."""
-    ref = ref64.double()
-    measure = torch.linalg.vector_norm if norm else (lambda t: t.abs().max())
-    scale = measure(ref).item()
-    allowed_extra = (KINK if norm else FLOOR) * scale
-    torch_error = measure(torch32.double() - ref).item()
-    fast_error = measure(fast.double() - ref).item()
-    assert fast_error <= ERROR_RATIO * torch_error + allowed_extra, (
-        f"{what}: fastcv's float32 error {fast_error:.3g}, PyTorch's {torch_error:.3g} "
-        f"({'L2 norm' if norm else 'largest value'} {scale:.3g})")
+def _convert_warning_free(model: nn.Module, form: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # these networks convert without a warning
+        return fastcv.convert(model, fuse=form == "fused")
 
 
 def _compare(name: str, training: bool, convert_in: str, forms: tuple[str, ...]) -> None:
     """The converted network (fused and/or swapped; converted in mode convert_in, then switched to `training`)
     against the original, one forward and backward each, in float64 and in float32."""
-    original = _original(name)
-    reference = copy.deepcopy(original).double()
-    x = _input(name)
-    for m in (original, reference):
-        m.train(convert_in == "train")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # these networks convert without a warning
-        runs = {"ref": (reference, x.double()), "torch": (original, x),
-                "fused64": (fastcv.convert(reference), x.double())}
-        for form in forms:
-            runs[form] = (fastcv.convert(original, fuse=form == "fused"), x)
-    results = {}
-    for key, (model, inp) in runs.items():
-        model.train(training)
-        results[key] = _run(model, inp, backward=True)
-    (ref_out, ref_grads, ref_bufs), (t_out, t_grads, t_bufs) = results["ref"], results["torch"]
-    assert ref_grads.keys() == t_grads.keys() and ref_grads
-
-    f_out, f_grads, f_bufs = results["fused64"]
-    assert f_grads.keys() == ref_grads.keys() and f_bufs.keys() == ref_bufs.keys()
-    for k in ref_out:
-        _assert_exact(f"{name} float64 output {k!r}", f_out[k], ref_out[k])
-    gradient_scale = max(g.abs().max().item() for g in ref_grads.values())
-    for n in ref_grads:
-        _assert_exact(f"{name} float64 gradient of {n}", f_grads[n], ref_grads[n], gradient_scale)
-    for n in ref_bufs:
-        _assert_exact(f"{name} float64 buffer {n}", f_bufs[n].double(), ref_bufs[n].double())
-
-    for form in forms:
-        f_out, f_grads, f_bufs = results[form]
-        assert f_grads.keys() == ref_grads.keys() and f_bufs.keys() == ref_bufs.keys()
-        for k in ref_out:
-            _assert_as_accurate(f"{name} {form} output {k!r}", f_out[k], t_out[k], ref_out[k])
-        for n in ref_grads:
-            _assert_as_accurate(f"{name} {form} gradient of {n}", f_grads[n], t_grads[n], ref_grads[n], norm=True)
-        for n in ref_bufs:
-            if n.endswith("num_batches_tracked"):
-                assert f_bufs[n].item() == t_bufs[n].item() == int(training), n
-            else:
-                _assert_as_accurate(f"{name} {form} buffer {n}", f_bufs[n], t_bufs[n], ref_bufs[n])
+    original = _original(name).train(convert_in == "train")
+    compare(name, original, _input(name), _convert_warning_free, training, forms, exact_form="fused")
 
 
 # ------------------------------------------------------------------------------------------------ the networks
@@ -225,7 +97,7 @@ def test_layers_swapped_and_state_dict_round_trip(name):
     original.eval()
     converted.eval()
     with torch.no_grad():
-        a, b = _outputs(original(_input(name))), _outputs(converted(_input(name)))
+        a, b = outputs(original(_input(name))), outputs(converted(_input(name)))
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-3 * a[k].abs().max(), k
 
@@ -250,7 +122,7 @@ def _fused_calls(model: nn.Module) -> list[tuple[str, list[str]]]:
     for m in model.modules():
         code = getattr(getattr(m.__dict__.get("forward"), "__func__", None), "__fastcv_code__", None)
         if code is not None:
-            for fn, args in re.findall(r"fastcv_convert__(\w+)\(([^)]*)\)", code[0]):
+            for fn, args in re.findall(r"fastcv_nn_fused_(\w+)\(([^)]*)\)", code[0]):
                 calls.append((fn, [a.strip() for a in args.split(",")]))
     return calls
 
@@ -336,8 +208,8 @@ def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor, t
     original.train(training)
     converted.train(training)
     for step in range(steps):
-        a, ga, ba = _run(original, x + step, backward=True)
-        b, gb, bb = _run(converted, x + step, backward=True)
+        a, ga, ba = run(original, x + step, backward=True)
+        b, gb, bb = run(converted, x + step, backward=True)
         close(b["out"], a["out"], "output")
         assert ga.keys() == gb.keys()
         gradient_scale = max(g.abs().max().item() for g in ga.values())  # see _assert_exact
@@ -416,7 +288,7 @@ def test_mode_switches_after_conversion(convert_in):
     original = _randomise_batch_norms(ModeDependent()).double().train(convert_in == "train")
     converted = fastcv.convert(original)
     train_code, eval_code = converted.forward.__func__.__fastcv_code__
-    assert train_code != eval_code and "fastcv_convert__conv_bn_act" in train_code and "sub" in eval_code
+    assert train_code != eval_code and "fastcv_nn_fused_conv_bn_act" in train_code and "sub" in eval_code
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     for training in (True, False, True, False):
         _check_against(original, converted, x, training, rtol=1e-12, steps=1)
@@ -689,4 +561,4 @@ def test_autocast_channels_last(training):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             expected, out = model(x), converted(x)
         assert out.dtype == expected.dtype == (torch.bfloat16 if amp else torch.float32)
-        _assert_as_accurate(f"autocast={amp}", out, expected, reference)
+        assert_as_accurate(f"autocast={amp}", out, expected, reference)
