@@ -1,0 +1,8 @@
+"""fastcv.models: the reference networks of a computer-vision course written from fastcv.nn and fastcv.ops, one
+file per family. Each network has torchvision's module names, so its state_dict is torchvision's (same keys, same
+shapes) and torchvision's weights load unchanged:
+
+    net = fastcv.models.resnet50()
+    net.load_state_dict(torchvision.models.resnet50(weights=...).state_dict())
+
+Builders take torchvision's arguments except `weights` (fastcv downloads nothing)."""
