@@ -98,15 +98,22 @@ def check_padded(result, expected, boxes, scores, max_detections):
         assert result.indices[b, :c].tolist() == idx.tolist()
         assert result.labels[b, :c].tolist() == lab.tolist()
         assert (result.indices[b, c:] == -1).all() and (result.labels[b, c:] == -1).all()
-        assert torch.equal(result.boxes[b, :c].cpu(), boxes[b, idx.to(boxes.device)].cpu())
+        own = boxes[b, idx.to(boxes.device)]  # boxes [B, N, C, 4]: each pair's own box
+        if boxes.dim() == 4:
+            own = own[torch.arange(c, device=boxes.device), lab.to(boxes.device)]
+        assert torch.equal(result.boxes[b, :c].cpu(), own.cpu())
         assert torch.equal(result.scores[b, :c].cpu(), scores[b, idx.to(boxes.device), lab.to(boxes.device)].cpu())
         assert (result.boxes[b, c:] == 0).all() and (result.scores[b, c:] == 0).all()
 
 
-def padded_inputs(batch, n, classes, device, dtype=torch.float32, seed=0):
-    """Boxes [batch, n, 4] and scores [batch, n, classes] without ties within an image."""
+def padded_inputs(batch, n, classes, device, dtype=torch.float32, seed=0, class_boxes=False):
+    """Boxes [batch, n, 4] (class_boxes: [batch, n, classes, 4], a box per class) and scores [batch, n, classes]
+    without ties within an image."""
     g = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([random_boxes(n, generator=g, dtype=dtype) for _ in range(batch)]).to(device)
+    per_image = n * classes if class_boxes else n
+    boxes = torch.stack([random_boxes(per_image, generator=g, dtype=dtype) for _ in range(batch)]).to(device)
+    if class_boxes:
+        boxes = boxes.reshape(batch, n, classes, 4)
     scores = torch.stack(
         [torch.randperm(n * classes, generator=g).reshape(n, classes).to(torch.float64) / (n * classes) for _ in range(batch)]
     ).to(dtype=dtype, device=device)

@@ -244,10 +244,32 @@ def test_batched_nms_classes_do_not_interact(device):
         (2, 40, 2, 5, 1000, 1.0),  # nothing passes
     ],
 )
-def test_batched_nms_padded_matches_per_image_torchvision(device, batch, n, classes, max_det, top_k, score_thr):
-    boxes, scores = padded_inputs(batch, n, classes, device, seed=n + classes)
+@pytest.mark.parametrize("class_boxes", [False, True], ids=["shared_boxes", "class_boxes"])
+def test_batched_nms_padded_matches_per_image_torchvision(device, batch, n, classes, max_det, top_k, score_thr,
+                                                          class_boxes):
+    boxes, scores = padded_inputs(batch, n, classes, device, seed=n + classes, class_boxes=class_boxes)
     result = ops.batched_nms_padded(boxes, scores, 0.5, score_thr, max_det, top_k)
     check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, score_thr, max_det, top_k), boxes, scores, max_det)
+
+
+def test_batched_nms_padded_class_boxes_differ_from_shared():
+    """Per-class boxes are really read per class: with each class's boxes moved apart, nothing overlaps across
+    pairs of one box index, and the result is not that of the shared boxes."""
+    boxes, scores = padded_inputs(1, 60, 3, "cpu", dtype=torch.float64, seed=3)  # float64: shifts round off nothing
+    shifted = torch.stack([boxes + 1000.0 * c for c in range(3)], dim=2)  # [1, 60, 3, 4]: class c far away
+    shared = ops.batched_nms_padded(boxes, scores, 0.3, 0.0, 180)
+    per_class = ops.batched_nms_padded(shifted, scores, 0.3, 0.0, 180)
+    assert torch.equal(per_class.counts, shared.counts)  # classes never suppress each other either way
+    assert torch.equal(per_class.indices, shared.indices) and torch.equal(per_class.labels, shared.labels)
+    c = int(shared.counts[0])
+    offset = 1000.0 * shared.labels[0, :c].unsqueeze(-1)
+    torch.testing.assert_close(per_class.boxes[0, :c], shared.boxes[0, :c] + offset, rtol=0, atol=1e-9)
+    # the same boxes but for one class whose boxes all coincide: that class keeps one detection
+    collapsed = boxes.unsqueeze(2).repeat(1, 1, 3, 1)
+    collapsed[:, :, 1] = torch.tensor([10.0, 10.0, 50.0, 50.0], dtype=torch.float64)
+    result = ops.batched_nms_padded(collapsed, scores, 0.3, 0.0, 180)
+    assert int((result.labels[0] == 1).sum()) == 1
+    assert int(result.counts[0]) == c - int((shared.labels[0, :c] == 1).sum()) + 1
 
 
 def test_batched_nms_padded_one_large_image_any_thread_count(device):
@@ -328,15 +350,22 @@ def _check_cuda_graph_capture():
     check_padded(result, reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.1, 20, 1000), boxes, scores, 20)
 
 
-def test_batched_nms_padded_gradients_reach_inputs(device):
-    boxes, scores = padded_inputs(2, 40, 3, device, dtype=torch.float64)
+@pytest.mark.parametrize("class_boxes", [False, True], ids=["shared_boxes", "class_boxes"])
+def test_batched_nms_padded_gradients_reach_inputs(device, class_boxes):
+    boxes, scores = padded_inputs(2, 40, 3, device, dtype=torch.float64, class_boxes=class_boxes)
     boxes.requires_grad_(True)
     scores.requires_grad_(True)
     result = ops.batched_nms_padded(boxes, scores, 0.5, 0.2, 10)
     (result.boxes.sum() + result.scores.sum()).backward()
     for b in range(2):
-        idx = result.indices[b, : result.counts[b]]
-        assert torch.equal(boxes.grad[b].abs().sum(1) > 0, torch.isin(torch.arange(40, device=device), idx))
+        c = result.counts[b]
+        if class_boxes:  # exactly the kept pairs' boxes get gradients
+            touched = torch.zeros(40, 3, dtype=torch.bool, device=device)
+            touched[result.indices[b, :c], result.labels[b, :c]] = True
+            assert torch.equal(boxes.grad[b].abs().sum(-1) > 0, touched)
+        else:
+            idx = result.indices[b, :c]
+            assert torch.equal(boxes.grad[b].abs().sum(1) > 0, torch.isin(torch.arange(40, device=device), idx))
     assert scores.grad.sum().item() == result.counts.sum().item()
 
 
@@ -362,6 +391,8 @@ def bad_input_cases():
         (lambda: ops.batched_nms(b, s, torch.zeros(5, dtype=torch.int64, device="meta"), 0.5), ValueError, "idxs must be on the device"),
         (lambda: ops.batched_nms_padded(b, s, 0.5, 0.1, 10), ValueError, "boxes must have shape \\[B, N, 4\\]"),
         (lambda: ops.batched_nms_padded(b[None], s[None], 0.5, 0.1, 10), ValueError, "scores must have shape \\[B, N, C\\]"),
+        (lambda: ops.batched_nms_padded(b[None, :, None].expand(-1, -1, 2, -1), s[None, :, None], 0.5, 0.1, 10), ValueError,
+         "boxes of shape \\[B, N, C, 4\\] must have the C = 1 of scores"),
         (lambda: ops.batched_nms_padded(b[None], torch.rand(1, 4, 3), 0.5, 0.1, 10), ValueError, "scores must have shape"),
         (lambda: ops.batched_nms_padded(b[None], s[None, :, None], 0.5, math.nan, 10), ValueError, "score_threshold must not be NaN"),
         (lambda: ops.batched_nms_padded(b[None], s[None, :, None], 0.5, 0.1, -1), ValueError, "max_detections must be >= 0"),
@@ -410,6 +441,8 @@ def opcheck_cases(device):
         (torch.ops.fastcv.nms.default, (boxes[:0], scores[:0], 0.5)),
         (torch.ops.fastcv.batched_nms.default, (boxes, scores, idxs, 0.5)),
         (torch.ops.fastcv.batched_nms_padded.default, (*padded, 0.5, 0.1, 16, 100)),
+        (torch.ops.fastcv.batched_nms_padded.default, (*padded_inputs(2, 32, 3, device, class_boxes=True), 0.5, 0.1,
+                                                       16, 100)),
     ]
 
 

@@ -52,8 +52,9 @@ def test_triton_batched_nms(device):
     assert torch.equal(keep.cpu(), reference_batched(boxes, scores, idxs, 0.4))
 
 
-def test_triton_batched_nms_padded(device):
-    boxes, scores = padded_inputs(3, 40, 3, device, seed=5)
+@pytest.mark.parametrize("class_boxes", [False, True], ids=["shared_boxes", "class_boxes"])
+def test_triton_batched_nms_padded(device, class_boxes):
+    boxes, scores = padded_inputs(3, 40, 3, device, seed=5, class_boxes=class_boxes)
     result = ops.batched_nms_padded(boxes, scores, 0.5, 0.2, 25, 80)
     indices, labels, counts = result.indices, result.labels, result.counts
     expected = reference_padded(boxes.cpu(), scores.cpu(), 0.5, 0.2, 25, 80)

@@ -36,8 +36,8 @@ def distinct_scores(shape, *, dtype: torch.dtype = torch.float32, device="cpu", 
 
 def reference_padded(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k=1000):
     """What batched_nms_padded promises to equal: a per-image loop over torchvision.ops.batched_nms after
-    the same score threshold and top-k (in float32 for float16 / bfloat16 inputs). Returns the kept
-    (box index, label) per image."""
+    the same score threshold and top-k (in float32 for float16 / bfloat16 inputs); boxes [B, N, 4] or, a box
+    per class, [B, N, C, 4]. Returns the kept (box index, label) per image."""
     import torchvision
 
     rows = []
@@ -46,7 +46,8 @@ def reference_padded(boxes, scores, iou_threshold, score_threshold, max_detectio
         s = scores[b].flatten().float()
         cand = (s > score_threshold).nonzero().flatten()
         cand = cand[s[cand].topk(min(pre_nms_top_k, cand.numel())).indices]
-        keep = torchvision.ops.batched_nms(boxes[b].float()[cand // classes], s[cand], cand % classes, iou_threshold)
+        cand_boxes = boxes[b].float().flatten(0, 1)[cand] if boxes.dim() == 4 else boxes[b].float()[cand // classes]
+        keep = torchvision.ops.batched_nms(cand_boxes, s[cand], cand % classes, iou_threshold)
         keep = cand[keep[:max_detections]]
         rows.append((keep // classes, keep % classes))
     return rows

@@ -78,7 +78,13 @@ def _check_idxs(idxs: Tensor, boxes: Tensor) -> None:
 
 
 def _check_padded(boxes, scores, iou_threshold, score_threshold, max_detections, pre_nms_top_k) -> None:
-    _check_boxes_scores(boxes, scores, "B, N, 4", 3)
+    if isinstance(boxes, Tensor) and boxes.dim() == 4:  # a box per (box, class) pair
+        _check_boxes_scores(boxes[:, :, 0], scores, "B, N, 4", 3)
+        if boxes.shape[2] != scores.shape[2]:
+            raise ValueError(f"boxes of shape [B, N, C, 4] must have the C = {scores.shape[2]} of scores, "
+                             f"got {list(boxes.shape)}")
+    else:
+        _check_boxes_scores(boxes, scores, "B, N, 4", 3)
     _check_fraction(iou_threshold, "iou_threshold")
     if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)):
         raise TypeError(f"score_threshold must be a float, got {type(score_threshold).__name__}")
@@ -211,6 +217,8 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
     if k == 0 or max_detections == 0:
         none = torch.full((batch, max_detections), -1, dtype=torch.int64, device=device)
         return none, none.clone(), torch.zeros((batch,), dtype=torch.int64, device=device)
+    class_boxes = boxes.dim() == 4
+    rows = boxes.flatten(1, 2) if class_boxes else boxes  # [B, N * C, 4]: row box * C + class
     if select("nms", boxes) == CPU:
         indices = torch.empty((batch, max_detections), dtype=torch.int64)
         labels = torch.empty_like(indices)
@@ -218,16 +226,16 @@ def _padded_impl(boxes, scores, iou_threshold, score_threshold, max_detections, 
         # torch compares scores with a Python float in the scores' dtype; so does the kernel.
         threshold = torch.tensor(score_threshold, dtype=scores.dtype).item()
         _C.batched_nms_padded_cpu(
-            boxes, scores, iou_threshold, threshold, k,
+            rows, scores, iou_threshold, threshold, k, class_boxes,
             indices, labels, count, num_threads(),
         )
         return indices, labels, count
-    return _padded_gpu(boxes, scores, iou_threshold, score_threshold, max_detections, k)
+    return _padded_gpu(rows, class_boxes, scores, iou_threshold, score_threshold, max_detections, k)
 
 
-def _padded_gpu(boxes, scores, iou_threshold, score_threshold, max_detections, k):
+def _padded_gpu(rows, class_boxes, scores, iou_threshold, score_threshold, max_detections, k):
     """The GPU path: candidate selection with torch ops (no sync), then one mask and one suppression
-    launch for every image and class."""
+    launch for every image and class. rows: the boxes, [B, N * C, 4] when class_boxes, else [B, N, 4]."""
     batch, n, classes = scores.shape
     # Candidates: the k best (box, class) pairs above score_threshold, best first; NaN never passes.
     flat = scores.reshape(batch, n * classes)
@@ -236,7 +244,8 @@ def _padded_gpu(boxes, scores, iou_threshold, score_threshold, max_detections, k
     n_valid = passed.sum(dim=1).clamp_(max=k)
     box_index = torch.div(top, classes, rounding_mode="floor")
     labels = top - box_index * classes
-    cand_boxes = boxes.gather(1, box_index.unsqueeze(-1).expand(batch, k, 4)).contiguous()
+    row = top if class_boxes else box_index
+    cand_boxes = rows.gather(1, row.unsqueeze(-1).expand(batch, k, 4)).contiguous()
     keep, count = _gpu_pass(cand_boxes, labels.contiguous(), iou_threshold, n_valid, max_detections)
     kept = keep >= 0
     position = keep.clamp(min=0)
@@ -286,10 +295,12 @@ def batched_nms_padded(
         cand = (s > score_threshold).nonzero()       # NaN never passes
         cand = cand[s[cand].topk(min(pre_nms_top_k, len(cand))).indices]
         keep = torchvision.ops.batched_nms(boxes[b][cand // C], s[cand], cand % C, iou_threshold)
+                                                     # boxes [B, N, C, 4]: boxes[b].flatten(0, 1)[cand]
         keep = keep[:max_detections]
 
     Args:
-        boxes: Tensor[B, N, 4] (x1, y1, x2, y2), shared by every class.
+        boxes: Tensor[B, N, 4] (x1, y1, x2, y2), shared by every class, or Tensor[B, N, C, 4], a box per
+            class (a detector's per-class box regression: pair (n, c) uses boxes[b, n, c] above).
         scores: Tensor[B, N, C], per-class scores, the dtype and device of boxes.
         iou_threshold: in [0, 1].
         score_threshold: pairs with score <= score_threshold are never detections.
@@ -307,7 +318,11 @@ def batched_nms_padded(
         return Detections(boxes.new_zeros((*indices.shape, 4)), scores.new_zeros(indices.shape), labels, indices, counts)
     kept = indices >= 0
     index = indices.clamp(min=0)
-    out_boxes = boxes.gather(1, index.unsqueeze(-1).expand(*index.shape, 4))
+    if boxes.dim() == 4:  # the kept pair's own box: row index * C + label of [B, N * C, 4]
+        rows, row = boxes.flatten(1, 2), index * scores.shape[2] + labels.clamp(min=0)
+    else:
+        rows, row = boxes, index
+    out_boxes = rows.gather(1, row.unsqueeze(-1).expand(*index.shape, 4))
     out_boxes = torch.where(kept.unsqueeze(-1), out_boxes, 0)
     flat = scores.flatten(1).gather(1, index * scores.shape[2] + labels.clamp(min=0))
     out_scores = torch.where(kept, flat, 0)

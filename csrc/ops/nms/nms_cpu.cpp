@@ -369,8 +369,11 @@ std::vector<Candidate<compute_t<S>>> best_candidates(const TensorView& scores, d
 // One image's NMS problem: its top_k candidates, the rows split over `nthreads` threads (each keeps its
 // own top_k; the merge keeps the top_k of those under the same order, so the result does not depend on
 // the split).
+// class_boxes: each (box, class) pair has its own box, row box * classes + class (a detector's per-class
+// regression); else the classes share row `box`.
 template <class S>
-Problem<compute_t<S>> image_problem(const TensorView& scores, double score_threshold, int64_t top_k, int nthreads) {
+Problem<compute_t<S>> image_problem(const TensorView& scores, double score_threshold, int64_t top_k, bool class_boxes,
+                                    int nthreads) {
   using T = compute_t<S>;
   const int64_t n = scores.size(0), classes = scores.size(1);
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n * classes / 65536)));
@@ -389,27 +392,27 @@ Problem<compute_t<S>> image_problem(const TensorView& scores, double score_thres
   for (const auto& p : all) {
     pb.score.push_back(p.score);
     pb.label.push_back(p.flat % classes);
-    pb.box_row.push_back(p.flat / classes);
+    pb.box_row.push_back(class_boxes ? p.flat : p.flat / classes);
   }
   return pb;
 }
 
 template <class S>
 void padded_typed(const TensorView& boxes, const TensorView& scores, double iou_threshold, double score_threshold,
-                  int64_t top_k, const TensorView& indices, const TensorView& labels, const TensorView& count,
-                  int nthreads) {
-  const int64_t batch = boxes.size(0), max_keep = indices.size(1);
+                  int64_t top_k, bool class_boxes, const TensorView& indices, const TensorView& labels,
+                  const TensorView& count, int nthreads) {
+  const int64_t batch = boxes.size(0), max_keep = indices.size(1), rows_per_box = class_boxes ? scores.size(2) : 1;
   // Images in parallel; with fewer images than threads (inference), the threads share each image.
   const int inner = batch >= nthreads ? 1 : nthreads;
   parallel_for(0, batch, 1, batch >= nthreads ? nthreads : 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> kept(max_keep);
     for (int64_t b = b0; b < b1; ++b) {
-      const Problem<compute_t<S>> pb = image_problem<S>(scores.select0(b), score_threshold, top_k, inner);
+      const Problem<compute_t<S>> pb = image_problem<S>(scores.select0(b), score_threshold, top_k, class_boxes, inner);
       const int64_t c = solve<S>(boxes.select0(b), pb, iou_threshold, max_keep, kept.data(), inner);
       int64_t* out_index = indices.ptr<int64_t>() + b * max_keep;
       int64_t* out_label = labels.ptr<int64_t>() + b * max_keep;
       for (int64_t k = 0; k < max_keep; ++k) {
-        out_index[k] = k < c ? pb.box_row[kept[k]] : -1;
+        out_index[k] = k < c ? pb.box_row[kept[k]] / rows_per_box : -1;
         out_label[k] = k < c ? pb.label[kept[k]] : -1;
       }
       count.ptr<int64_t>()[b] = c;
@@ -441,11 +444,12 @@ int64_t nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorV
 }
 
 void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, double iou_threshold,
-                            double score_threshold, int64_t pre_nms_top_k, const TensorView& indices,
-                            const TensorView& labels, const TensorView& count, int nthreads) {
-  check_shape(boxes, "boxes", {-1, -1, 4});
-  const int64_t batch = boxes.size(0), n = boxes.size(1);
-  check_shape(scores, "scores", {batch, n, -1});
+                            double score_threshold, int64_t pre_nms_top_k, bool class_boxes,
+                            const TensorView& indices, const TensorView& labels, const TensorView& count,
+                            int nthreads) {
+  check_shape(scores, "scores", {-1, -1, -1});
+  const int64_t batch = scores.size(0), n = scores.size(1);
+  check_shape(boxes, "boxes", {batch, class_boxes ? n * scores.size(2) : n, 4});
   check_dtype(scores, "scores", boxes.dtype);
   check_shape(indices, "indices", {batch, -1});
   check_shape(labels, "labels", {batch, indices.size(1)});
@@ -460,8 +464,8 @@ void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, d
   check_arg(iou_threshold >= 0.0 && iou_threshold <= 1.0, "iou_threshold must be in [0, 1]");
   check_arg(pre_nms_top_k >= 0, "pre_nms_top_k must be >= 0");
   dispatch_floating(boxes.dtype, "boxes", [&](auto tag) {
-    padded_typed<decltype(tag)>(boxes, scores, iou_threshold, score_threshold, pre_nms_top_k, indices, labels, count,
-                                nthreads);
+    padded_typed<decltype(tag)>(boxes, scores, iou_threshold, score_threshold, pre_nms_top_k, class_boxes, indices,
+                                labels, count, nthreads);
   });
 }
 

@@ -14,11 +14,12 @@ int64_t nms_cpu(const TensorView& boxes, const TensorView& scores, const TensorV
 
 // batched_nms_padded on the CPU, candidate selection included: per image b, the pre_nms_top_k best
 // (box, class) pairs of scores [B,N,C] above score_threshold (given in the scores' precision), NMS per
-// class over boxes [B,N,4]; the first M kept go to indices [B,M] (box index) and labels [B,M] (class),
-// -1 after them, and their number to count [B].
+// class over boxes [B,N,4] (class_boxes: [B,N*C,4], a box per pair, row box * C + class); the first M kept
+// go to indices [B,M] (box index) and labels [B,M] (class), -1 after them, and their number to count [B].
 void batched_nms_padded_cpu(const TensorView& boxes, const TensorView& scores, double iou_threshold,
-                            double score_threshold, int64_t pre_nms_top_k, const TensorView& indices,
-                            const TensorView& labels, const TensorView& count, int nthreads);
+                            double score_threshold, int64_t pre_nms_top_k, bool class_boxes,
+                            const TensorView& indices, const TensorView& labels, const TensorView& count,
+                            int nthreads);
 
 #ifdef FASTCV_WITH_CUDA
 // For each image b of boxes [B,K,4] (contiguous, sorted by score): mask [B,K,ceil(K/64)] (int64) gets
