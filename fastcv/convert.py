@@ -7,7 +7,9 @@ Module swaps. Every nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d/2d/3d and nn.M
 classes) becomes fastcv.nn's class of the same name. The swap re-classes the module object
 (``module.__class__ = fastcv.nn.Conv2d``): fastcv.nn's classes subclass PyTorch's and replace only the
 computation, so the module keeps its parameter and buffer objects, attributes, hooks and state_dict names, and
-checkpoints load both ways. Layers fastcv cannot run stay as they are, and one warning names each with the
+checkpoints load both ways. torchvision's detection modules (MultiScaleRoIAlign, the RPN and the RoI heads)
+are re-classed the same way to run fastcv's multi-level RoI Align and NMS (fastcv.patch.swap_detection_modules:
+what patch_torchvision does globally, for this model only). Layers fastcv cannot run stay as they are, and one warning names each with the
 reason: parameters of a dtype other than float32/float64/float16/bfloat16 (complex, say), parameters on a
 device other than the CPU or CUDA (or meta), lazy modules not initialised yet (run one forward first), and
 subclasses of these classes (whose own forward fastcv would drop). nn.Conv2d's padding modes ('reflect',
@@ -70,6 +72,7 @@ from torch import nn
 
 from fastcv import nn as fnn
 from fastcv.nn.fused import bn_act, conv_act, conv_bn_act
+from fastcv.patch import swap_detection_modules
 
 __all__ = ["convert"]
 
@@ -102,6 +105,7 @@ def convert(model: nn.Module, *, fuse: bool = True, inplace: bool = False) -> nn
     if not inplace:
         model = copy.deepcopy(model)
     skipped = _swap(model)
+    swap_detection_modules(model)
     if skipped:
         warnings.warn("fastcv.convert left these layers as PyTorch's: "
                       + "; ".join(f"'{name}' ({reason})" for name, reason in skipped), UserWarning, stacklevel=2)

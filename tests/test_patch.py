@@ -105,3 +105,48 @@ def test_patch_calls_fastcv_and_undo_restores(monkeypatch):
     assert not fastcv.patch_torchvision.is_active()
     patch.undo()  # a second undo changes nothing
     assert box_ops.batched_nms is originals[1]
+
+
+@pytest.mark.filterwarnings("ignore:fastcv.convert")  # the detectors' own modules do not trace (data-dependent)
+@pytest.mark.parametrize("builder", [detection.fasterrcnn_resnet50_fpn, detection.maskrcnn_resnet50_fpn],
+                         ids=["faster_rcnn", "mask_rcnn"])
+def test_convert_swaps_this_models_detection_modules(builder):
+    """fastcv.convert re-classes the model's MultiScaleRoIAlign, RPN and RoI heads (nothing global changes), and
+    the converted detector gives the original's detections (float64: the convolutions' summation order cannot
+    reorder them), in eval mode and, for the RPN's proposals, in training mode (the losses)."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from fastcv import patch
+
+    model = _model(builder).double().eval()
+    converted = fastcv.convert(model)
+    assert not fastcv.patch_torchvision.is_active()
+    assert type(model.rpn) is RegionProposalNetwork and type(model.roi_heads) is RoIHeads
+    assert type(converted.rpn) is patch.FastRegionProposalNetwork and isinstance(converted.rpn, RegionProposalNetwork)
+    assert type(converted.roi_heads) is patch.FastRoIHeads
+    assert type(converted.roi_heads.box_roi_pool) is patch.FastMultiScaleRoIAlign
+    assert list(converted.state_dict()) == list(model.state_dict())
+    images = [i.double() for i in _images()]
+    with torch.no_grad():
+        expected, got = model(images), converted(images)
+    assert len(expected[0]["boxes"]) > 10
+    for g, e in zip(got, expected):
+        assert torch.equal(g["labels"], e["labels"])
+        for key in g:
+            if key != "labels":
+                torch.testing.assert_close(g[key], e[key], rtol=1e-9, atol=1e-9)
+
+    targets = [{"boxes": torch.tensor([[10.0, 20, 90, 120]], dtype=torch.float64), "labels": torch.tensor([3])}
+               for _ in images]
+    if builder is detection.maskrcnn_resnet50_fpn:
+        for t, image in zip(targets, images):
+            t["masks"] = torch.zeros(1, *image.shape[1:], dtype=torch.uint8)
+            t["masks"][0, 20:120, 10:90] = 1
+    results = []
+    for m in (model, converted):
+        m.train()
+        torch.manual_seed(2)  # the RPN and the heads sample proposals at random
+        results.append(m(images, targets))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-9, atol=1e-12)
