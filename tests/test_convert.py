@@ -562,3 +562,20 @@ def test_autocast_channels_last(training):
             expected, out = model(x), converted(x)
         assert out.dtype == expected.dtype == (torch.bfloat16 if amp else torch.float32)
         assert_as_accurate(f"autocast={amp}", out, expected, reference)
+
+
+def test_fused_chains_reject_other_activations_and_run_other_norms():
+    """fastcv.nn.fused (what the rewritten graphs and fastcv.models call): an activation other than ReLU is
+    refused (the fused kernels only apply ReLU), and a norm without running statistics runs as it is."""
+    from fastcv.nn.fused import bn_act, conv_act, conv_bn_act
+
+    torch.manual_seed(0)
+    conv, norm = fnn.Conv2d(4, 4, 3, padding=1).eval(), nn.GroupNorm(2, 4).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn_act(x, conv, norm, relu=True), torch.relu(norm(conv(x))))
+        bn = fnn.BatchNorm2d(4).eval()
+        for call in (lambda: conv_bn_act(x, conv, bn, relu=nn.ReLU6()), lambda: bn_act(x, bn, relu=nn.GELU()),
+                     lambda: conv_act(x, conv, relu=F.relu)):
+            with pytest.raises(TypeError, match="relu must be False, True or an nn.ReLU module"):
+                call()

@@ -15,7 +15,8 @@ The fused residual is used only when the identity has the output's shape, dtype 
 relu follow as PyTorch ops), and the plain module calls whenever a module of the chain has hooks (so they fire)
 or is not fastcv's (a torch nn.Conv2d, say).
 
-`relu` is False (none), True (torch.relu) or a module such as nn.ReLU.
+`relu` is False (none), True (torch.relu) or an nn.ReLU module (then called as a module where hooks need it);
+anything else raises TypeError (a ReLU6 or GELU must follow the chain, not be passed to it).
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def _hooked(*modules) -> bool:
     return _global_hooks()
 
 
+def _check_relu(relu) -> None:
+    if not (relu is False or relu is True or type(relu) is nn.ReLU):
+        raise TypeError(f"relu must be False, True or an nn.ReLU module, got {relu!r}")
+
+
 def _apply_relu(x: Tensor, relu) -> Tensor:
     if relu is False:
         return x
@@ -68,6 +74,7 @@ def bn_act(input: Tensor, bn, identity=None, relu=False) -> Tensor:
     """relu?(bn(input) + identity?): ops.batch_norm_relu / batch_norm_add_relu where they apply, as
     fastcv.nn.BatchNorm's forward calls ops.batch_norm (the same statistics, counter and momentum)."""
     fits = identity is None or _fits(identity, input.shape, input.dtype, input.device)
+    _check_relu(relu)
     if relu is not False and fits and type(bn) in _FAST_BN and not _hooked(bn, relu):
         bn._check_input_dim(input)
         tracking = bn.track_running_stats
@@ -86,6 +93,7 @@ def bn_act(input: Tensor, bn, identity=None, relu=False) -> Tensor:
 
 def conv_act(input: Tensor, conv, identity=None, relu=False) -> Tensor:
     """relu?(conv(input) + identity?) as one ops.conv2d_fused."""
+    _check_relu(relu)
     if type(conv) is not Conv2d or _hooked(conv, relu):
         out = conv(input)
         if identity is not None:
@@ -96,8 +104,10 @@ def conv_act(input: Tensor, conv, identity=None, relu=False) -> Tensor:
 
 def conv_bn_act(input: Tensor, conv, bn, identity=None, relu=False) -> Tensor:
     """relu?(bn(conv(input)) + identity?): in eval mode one ops.conv2d_fused with the batch norm folded into
-    the convolution; in training mode the convolution, then _bn_act."""
-    if (bn.training or bn.running_mean is None or type(conv) is not Conv2d or type(bn) is not BatchNorm2d
+    the convolution; in training mode the convolution, then bn_act. Other modules (a GroupNorm, say) run one
+    after the other."""
+    _check_relu(relu)
+    if (type(conv) is not Conv2d or type(bn) is not BatchNorm2d or bn.training or bn.running_mean is None
             or _hooked(conv, bn, relu)):
         return bn_act(conv(input), bn, identity, relu)
     weight, bias = _folded(conv, bn)
