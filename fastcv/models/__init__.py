@@ -6,3 +6,6 @@ shapes) and torchvision's weights load unchanged:
     net.load_state_dict(torchvision.models.resnet50(weights=...).state_dict())
 
 Builders take torchvision's arguments except `weights` (fastcv downloads nothing)."""
+from fastcv.models.mobilenet import MobileNetV2, mobilenet_v2
+
+__all__ = ["MobileNetV2", "mobilenet_v2"]
