@@ -111,7 +111,7 @@ class InvertedResidual(nn.Module):
         if stride not in (1, 2):
             raise ValueError(f"InvertedResidual: stride must be 1 or 2, got {stride}")
         norm_layer = norm_layer or BatchNorm2d
-        hidden = int(round(inp * expand_ratio))
+        hidden = round(inp * expand_ratio)
         self.stride = stride
         self.use_res_connect = stride == 1 and inp == oup
         self.out_channels = oup
