@@ -86,8 +86,9 @@ class EncoderBlock(nn.Module):
         # fastcv.nn.MultiheadAttention rather than calling the attention op on our own projections: it is the
         # module torchvision has here (its parameters, state_dict and init are nn.MultiheadAttention's own, hooks
         # fire), and with need_weights=False its forward is what we would write anyway (one packed q/k/v GEMM,
-        # heads as views, fastcv.ops.scaled_dot_product_attention, out_proj); its argument checks cost
-        # microseconds against the GEMMs' milliseconds at ViT sizes.
+        # heads as views, fastcv.ops.scaled_dot_product_attention, out_proj). Its argument checks are all it
+        # adds: measured on two CPU cores, 98 us a call against 82 us for those four ops written inline at
+        # 2 x 5 tokens of width 192, and no difference (25.6 ms, 26.0 ms) at ViT-B/16's 8 x 197 x 768.
         self.self_attention = MultiheadAttention(hidden_dim, num_heads, dropout=attention_dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.ln_2 = norm_layer(hidden_dim)
