@@ -6,3 +6,8 @@ shapes) and torchvision's weights load unchanged:
     net.load_state_dict(torchvision.models.resnet50(weights=...).state_dict())
 
 Builders take torchvision's arguments except `weights` (fastcv downloads nothing)."""
+from fastcv.models.mobilenet import MobileNetV2, mobilenet_v2
+from fastcv.models.vit import VisionTransformer, vit_b_16, vit_b_32, vit_h_14, vit_l_16, vit_l_32
+
+__all__ = ["MobileNetV2", "mobilenet_v2", "VisionTransformer", "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32",
+           "vit_h_14"]
