@@ -12,7 +12,7 @@ load unchanged. What differs is how the blocks run:
   than by a separate addition;
 - ReLU6 is not one of fastcv's fused epilogues, so it follows as its own (in-place) op.
 
-Conv2dNormActivation is also the building block of the ViT's optional convolutional stem (fastcv.models.vit).
+The conv -> norm -> activation blocks are fastcv.models._blocks.Conv2dNormActivation.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from fastcv.models._blocks import Conv2dNormActivation
 from fastcv.nn.batch_norm import BatchNorm2d
 from fastcv.nn.conv import Conv2d
 from fastcv.nn.fused import conv_bn_act
 
-__all__ = ["Conv2dNormActivation", "InvertedResidual", "MobileNetV2", "mobilenet_v2"]
+__all__ = ["InvertedResidual", "MobileNetV2", "mobilenet_v2"]
 
 # (expansion t, output channels c, repeats n, first stride s) of each stage: the paper's Table 2
 _SETTING = [
@@ -47,54 +48,6 @@ def _make_divisible(value: float, divisor: int) -> int:
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
-
-
-def _conv_norm(x: Tensor, conv: nn.Module, norm: nn.Module, identity: Tensor | None = None,
-               relu: bool | nn.Module = False) -> Tensor:
-    """relu?(norm(conv(x)) + identity?): conv_bn_act when the norm is a batch norm (folded into the
-    convolution in eval mode), else the modules one after the other (a GroupNorm, say, has nothing to fold)."""
-    if isinstance(norm, nn.BatchNorm2d):
-        return conv_bn_act(x, conv, norm, identity=identity, relu=relu)
-    out = norm(conv(x))
-    if identity is not None:
-        out = out + identity
-    return out if relu is False else relu(out)
-
-
-class Conv2dNormActivation(nn.Sequential):
-    """Convolution -> normalisation -> activation, the layout of torchvision.ops.Conv2dNormActivation (modules
-    0, 1, 2; the norm or the activation left out when None, the later module moving up), so the state_dict
-    keys are torchvision's. "Same" padding for odd kernels; the convolution has a bias only without a norm.
-
-    The forward runs the convolution and a batch norm as one conv_bn_act call, with nn.ReLU fused into it;
-    any other activation (MobileNetV2's ReLU6) follows as its module."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 norm_layer: Callable[..., nn.Module] | None = BatchNorm2d,
-                 activation_layer: Callable[..., nn.Module] | None = nn.ReLU) -> None:
-        padding = (kernel_size - 1) // 2
-        layers = [Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
-                         bias=norm_layer is None)]
-        if norm_layer is not None:
-            layers.append(norm_layer(out_channels))
-        if activation_layer is not None:
-            layers.append(activation_layer(inplace=True))
-        super().__init__(*layers)
-        self.out_channels = out_channels
-        self.has_norm = norm_layer is not None
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv, *rest = self
-        if not self.has_norm:
-            x = conv(x)
-        elif len(rest) == 2 and type(rest[1]) is nn.ReLU:
-            return _conv_norm(x, conv, rest[0], relu=rest[1])  # the ReLU in the convolution's epilogue
-        else:
-            x = _conv_norm(x, conv, rest[0])
-            rest = rest[1:]
-        for activation in rest:
-            x = activation(x)
-        return x
 
 
 class InvertedResidual(nn.Module):
@@ -133,7 +86,7 @@ class InvertedResidual(nn.Module):
         for block in blocks:
             h = block(h)
         # the skip connection is the residual of the projection's fused epilogue (eval mode)
-        return _conv_norm(h, project, norm, identity=x if self.use_res_connect else None)
+        return conv_bn_act(h, project, norm, identity=x if self.use_res_connect else None)
 
 
 class MobileNetV2(nn.Module):

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastcv.models.mobilenet import Conv2dNormActivation
+from fastcv.models._blocks import Conv2dNormActivation
 from fastcv.nn.attention import MultiheadAttention
 from fastcv.nn.batch_norm import BatchNorm2d
 from fastcv.nn.conv import Conv2d
