@@ -23,11 +23,13 @@ biases and running statistics that are not the identity (calibrated on other ima
 into the convolutions changes the weights."""
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 EXACT_F64 = 1e-10
 ERROR_RATIO = 4.0
@@ -149,3 +151,24 @@ def compare(name: str, original: nn.Module, x: torch.Tensor, make: Callable[[nn.
                 assert f_bufs[n].item() == t_bufs[n].item() == int(training), n
             else:
                 assert_as_accurate(f"{name} {form} buffer {n}", f_bufs[n], t_bufs[n], ref_bufs[n])
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators that reach the dispatcher (aten::*, fastcv::*) and keeps fastcv's calls' arguments.
+    Under a dispatch mode every fastcv op goes through the dispatcher, so none escapes the count."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        self.counts[name] += 1
+        if name.startswith("fastcv::"):
+            self.calls.append((name, args))
+        return func(*args, **(kwargs or {}))
+
+    def torch_ops(self, *words: str) -> list[str]:
+        """PyTorch's operators that ran whose names contain one of `words` ("conv", "batch_norm", ...)."""
+        return [n for n in self.counts if n.startswith("aten::") and any(w in n for w in words)]

@@ -4,19 +4,17 @@ running statistics in eval and training mode (tests/networks.py's checks and tol
 torch.compile, and the errors bad arguments raise."""
 from __future__ import annotations
 
-import collections
 import copy
 
 import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcv.models as fm
 from fastcv import nn as fnn
 from fastcv.models.mobilenet import InvertedResidual, MobileNetV2
-from networks import compare, prepare
+from networks import CountOps, compare, prepare
 
 SHAPE = (2, 3, 64, 64)
 # Every kind of block with the fewest layers (for torch.compile, whose time grows with the graph): the stem, an
@@ -44,26 +42,6 @@ def _make(model: nn.Module, form: str = "fastcv") -> nn.Module:
     net = fm.mobilenet_v2(dropout=0.0).to(next(model.parameters()).dtype)
     net.load_state_dict(model.state_dict())
     return net.train(model.training)
-
-
-class _CountOps(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher (aten::*, fastcv::*) and keeps fastcv's calls' arguments.
-    Under a dispatch mode every fastcv op goes through the dispatcher, so none escapes the count."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-        self.calls: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        self.counts[name] += 1
-        if name.startswith("fastcv::"):
-            self.calls.append((name, args))
-        return func(*args, **(kwargs or {}))
-
-    def torch_convolutions_or_batch_norms(self) -> list[str]:
-        return [n for n in self.counts if n.startswith("aten::") and ("conv" in n or "batch_norm" in n)]
 
 
 # ------------------------------------------------------------------------------------------------ state_dicts
@@ -136,7 +114,7 @@ def test_eval_runs_fastcvs_fused_convolutions():
     folded), the 10 skip connections are its residual, and no PyTorch convolution or batch norm runs."""
     net = _make(_original()).eval()
     x = _input()
-    with torch.no_grad(), _CountOps() as ops:
+    with torch.no_grad(), CountOps() as ops:
         out = net(x)
     convs = sum(type(m) is fnn.Conv2d for m in net.modules())
     skips = sum(getattr(m, "use_res_connect", False) for m in net.modules())
@@ -144,7 +122,7 @@ def test_eval_runs_fastcvs_fused_convolutions():
     assert ops.counts["fastcv::conv2d_fused"] == convs
     with_residual = [args for name, args in ops.calls if name == "fastcv::conv2d_fused" and args[3] is not None]
     assert len(with_residual) == skips
-    assert ops.torch_convolutions_or_batch_norms() == []
+    assert ops.torch_ops("conv", "batch_norm") == []
     with torch.no_grad():
         expected = _original().eval()(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -154,13 +132,13 @@ def test_training_runs_fastcvs_convolutions_and_batch_norms():
     """Training mode, forward and backward: fastcv's convolution, batch norm and their gradients, PyTorch's
     nowhere (its conv/batch norm ops would be counted)."""
     net = _make(_original()).train()
-    with _CountOps() as ops:
+    with CountOps() as ops:
         net(_input()).square().sum().backward()
     for op in ("conv2d", "batch_norm_train", "batch_norm_update_running", "batch_norm_backward",
                "conv2d_weight_grad"):
         assert ops.counts[f"fastcv::{op}"] == 52, op
     assert ops.counts["fastcv::conv2d_input_grad"] == 51  # not for the image
-    assert ops.torch_convolutions_or_batch_norms() == []
+    assert ops.torch_ops("conv", "batch_norm") == []
 
 
 def test_torch_compile_fullgraph_eval():

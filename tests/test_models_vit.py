@@ -12,13 +12,12 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import vision_transformer as tv_vit
 
 import fastcv.models as fm
 from fastcv import nn as fnn
 from fastcv.models.vit import ConvStemConfig, Encoder
-from networks import compare, prepare
+from networks import CountOps, compare, prepare
 
 # torchvision's VisionTransformer with ViT-B/16's patches, depth and heads at ViT-Ti's width (192) and 32 x 32
 # pixels (4 patches and the class token), as tests/test_convert.py's: ViT-B's 86 M parameters would only add
@@ -68,22 +67,6 @@ def _maker(name: str):
         net.load_state_dict(model.state_dict())
         return net.train(model.training)
     return make
-
-
-class _CountOps(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher (aten::*, fastcv::*). Under a dispatch mode every fastcv op
-    goes through the dispatcher, so none escapes the count."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
-
-    def torch_attention_or_convolutions(self) -> list[str]:
-        return [n for n in self.counts if n.startswith("aten::") and ("attention" in n or "conv" in n)]
 
 
 # ------------------------------------------------------------------------------------------------ state_dicts
@@ -181,7 +164,7 @@ def test_runs_fastcvs_attention_and_convolution(training):
     """Each block's attention is one fastcv::attention_forward (and attention_backward in training), the patch
     projection fastcv::conv2d; PyTorch's attention and convolution ops run nowhere (they would be counted)."""
     net = _maker("small")(_original("small")).train(training)
-    with torch.set_grad_enabled(training), _CountOps() as ops:
+    with torch.set_grad_enabled(training), CountOps() as ops:
         out = net(_input("small"))
         if training:
             out.square().sum().backward()
@@ -189,7 +172,7 @@ def test_runs_fastcvs_attention_and_convolution(training):
     assert ops.counts["fastcv::attention_backward"] == (12 if training else 0)
     assert ops.counts["fastcv::conv2d"] == 1
     assert ops.counts["fastcv::conv2d_weight_grad"] == int(training)
-    assert ops.torch_attention_or_convolutions() == []
+    assert ops.torch_ops("attention", "conv") == []
 
 
 def test_torch_compile_fullgraph():

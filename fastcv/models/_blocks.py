@@ -45,3 +45,17 @@ class Conv2dNormActivation(nn.Sequential):
         for activation in rest:
             x = activation(x)
         return x
+
+
+def reject_weights(kwargs: dict) -> None:
+    """The builders take torchvision's arguments but `weights`: fastcv downloads nothing."""
+    if "weights" in kwargs or "weights_backbone" in kwargs:
+        raise TypeError("fastcv.models builders take no `weights` (nothing is downloaded): build the network, then "
+                        "load torchvision's state_dict into it")
+
+
+def check_images(x: Tensor, network: str) -> None:
+    """A clear error for what is not a batch of RGB images (the convolution's own would name its weight)."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{network} expects images [N, 3, H, W], got {got}")

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from fastcv.models._blocks import Conv2dNormActivation
+from fastcv.models._blocks import Conv2dNormActivation, check_images, reject_weights
 from fastcv.nn.batch_norm import BatchNorm2d
 from fastcv.nn.conv import Conv2d
 from fastcv.nn.fused import conv_bn_act
@@ -147,8 +147,7 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"MobileNetV2 expects images [N, 3, H, W], got {list(x.shape)}")
+        check_images(x, "MobileNetV2")
         x = self.features(x)
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.classifier(x)
@@ -157,7 +156,5 @@ class MobileNetV2(nn.Module):
 def mobilenet_v2(**kwargs) -> MobileNetV2:
     """MobileNetV2 (torchvision.models.mobilenet_v2's architecture) with MobileNetV2's arguments; no weights are
     downloaded: load torchvision's state_dict into it."""
-    if "weights" in kwargs:
-        raise TypeError("fastcv.models builders take no `weights` (nothing is downloaded): build the network, then "
-                        "load torchvision's state_dict into it")
+    reject_weights(kwargs)
     return MobileNetV2(**kwargs)

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastcv.models._blocks import Conv2dNormActivation
+from fastcv.models._blocks import Conv2dNormActivation, reject_weights
 from fastcv.nn.attention import MultiheadAttention
 from fastcv.nn.batch_norm import BatchNorm2d
 from fastcv.nn.conv import Conv2d
@@ -223,9 +223,7 @@ class VisionTransformer(nn.Module):
 
 def _vision_transformer(patch_size: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int,
                         **kwargs) -> VisionTransformer:
-    if "weights" in kwargs:
-        raise TypeError("fastcv.models builders take no `weights` (nothing is downloaded): build the network, then "
-                        "load torchvision's state_dict into it")
+    reject_weights(kwargs)
     image_size = kwargs.pop("image_size", 224)
     return VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
                              num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, **kwargs)

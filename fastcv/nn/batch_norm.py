@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import Tensor, nn
 
 from fastcv.ops.batch_norm import _batch_norm, fold_batch_norm

@@ -44,10 +44,10 @@ class Im2colGeometry(NamedTuple):
 def _geometry(channels, height, width, kernel_size, dilation, padding, stride) -> Im2colGeometry:
     """The geometry, validated with F.unfold's rules."""
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, stride
-    for name, pair, low in (("kernel_size", (kh, kw), 1), ("dilation", (dh, dw), 1), ("stride", (sh, sw), 1),
+    for name, sizes, low in (("kernel_size", (kh, kw), 1), ("dilation", (dh, dw), 1), ("stride", (sh, sw), 1),
                             ("padding", (ph, pw), 0)):
-        if min(pair) < low:
-            raise ValueError(f"{name} must be {'positive' if low else 'non-negative'}, got {pair}")
+        if min(sizes) < low:
+            raise ValueError(f"{name} must be {'positive' if low else 'non-negative'}, got {sizes}")
     out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if out_h <= 0 or out_w <= 0:
