@@ -1,4 +1,4 @@
-"""python -m fastcv info | bench | check"""
+"""python -m fastcv info | bench | check | archs"""
 from __future__ import annotations
 
 import argparse
@@ -40,10 +40,37 @@ def info() -> None:
         print(f"GPU {dev['index']}       {dev['name']} (sm_{major}{minor}): {verdict}")
 
 
+def archs(expect: str | None, module: str | None) -> int:
+    from fastcv import _C, fatbin
+
+    module = module or _C.__file__
+    expect = _C.build_info["cuda_archs"] if expect is None else expect
+    if not expect:
+        print("no CUDA architectures asked for (a build without CUDA kernels): nothing to check")
+        return 0
+    if fatbin.asked(expect) is None:
+        print(f"'{expect}' depends on the build machine or nvcc; pass --expect with explicit architectures")
+        return 0
+    have = fatbin.module_contents(module)
+    print(f"{module}\n  SASS: {', '.join(f'sm_{a}' for a in sorted(have.sass)) or 'none'}\n"
+          f"  PTX:  {', '.join(f'compute_{a}' for a in sorted(have.ptx)) or 'none'}")
+    problems = fatbin.verify(module, expect)
+    for problem in problems:
+        print(f"  PROBLEM: {problem} (asked: {expect})")
+    if not problems:
+        print(f"  exactly the architectures asked for ({expect})")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastcv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build configuration, GPUs and whether the build covers them")
+    p = sub.add_parser("archs", help="read the GPU code in the compiled module with cuobjdump and check it is exactly "
+                                     "the CUDA architectures asked for (exit 1 if not)")
+    p.add_argument("--expect", metavar="ARCHS", help="a CMake architecture list (default: the one the module was "
+                                                     "built for, FASTCV_CUDA_ARCHS)")
+    p.add_argument("--module", metavar="PATH", help="the compiled file to read (default: fastcv's _C module)")
     for name, text in (("bench", "time every op against its PyTorch/torchvision reference"),
                        ("check", "check every op's results against its reference, without timing")):
         p = sub.add_parser(name, help=text)
@@ -66,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "info":
         info()
         return
+    if args.command == "archs":
+        raise SystemExit(archs(args.expect, args.module))
     plot = getattr(args, "plot", None)
     if plot:
         from fastcv.benchmarks.plot import require_matplotlib
