@@ -146,9 +146,10 @@ def _fast_subclass(base: type, methods: dict) -> type:
 
 
 def __getattr__(name: str) -> type:
-    for base, methods in _swaps().items():
-        if name == f"Fast{base.__name__}":
-            return _fast_subclass(base, methods)
+    if name.startswith("Fast"):  # only these: importlib asks modules for __path__ and such, and torchvision's
+        for base, methods in _swaps().items():  # import must not happen then (it is slow, and optional)
+            if name == f"Fast{base.__name__}":
+                return _fast_subclass(base, methods)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

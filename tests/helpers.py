@@ -1,7 +1,6 @@
 """Inputs, references and checks shared by the test modules. The NMS inputs and the padded NMS
 reference that the benchmarks use too live in fastcv.benchmarks.nms."""
 import torch
-import torchvision
 
 from fastcv.benchmarks.nms import random_boxes
 
@@ -74,6 +73,7 @@ REDUCED = (torch.float16, torch.bfloat16)
 
 def reference_nms(boxes, scores, iou_threshold):
     """torchvision on the CPU; reduced precision compared in float32 (torchvision's CPU kernel has none)."""
+    import torchvision  # here, not at the top: the modules of ops whose references are PyTorch's run without it
     if boxes.dtype in REDUCED:
         boxes, scores = boxes.float(), scores.float()
     return torchvision.ops.nms(boxes.cpu(), scores.cpu(), iou_threshold)
@@ -81,6 +81,7 @@ def reference_nms(boxes, scores, iou_threshold):
 
 def reference_batched(boxes, scores, idxs, iou_threshold):
     """reference_nms per class."""
+    import torchvision
     if boxes.dtype in REDUCED:
         boxes, scores = boxes.float(), scores.float()
     return torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold)

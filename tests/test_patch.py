@@ -150,3 +150,13 @@ def test_convert_swaps_this_models_detection_modules(builder):
         results.append(m(images, targets))
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-9, atol=1e-12)
+
+
+def test_importing_fastcv_does_not_import_torchvision():
+    """torchvision is optional (the detection swaps import it when a model needs them): `import fastcv` must not
+    load it, also not through fastcv.patch's lazy class lookup (importlib asks modules for __path__)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastcv, fastcv.models; assert 'torchvision' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
