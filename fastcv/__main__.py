@@ -1,43 +1,8 @@
-"""python -m fastcv info | bench | check | archs"""
+"""python -m fastcv info | doctor | archs | bench | check"""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-
-def info() -> None:
-    import torch
-
-    import fastcv
-    from fastcv import _C, _backend
-
-    build = _C.build_info
-    print(f"fastcv      {fastcv.__version__}")
-    print(f"torch       {torch.__version__}")
-    try:
-        import triton
-
-        print(f"triton      {triton.__version__}")
-    except ImportError:
-        print("triton      not installed")
-    forced = " (forced by FASTCV_CPU_ISA)" if os.environ.get("FASTCV_CPU_ISA") else ""
-    print(f"C++         g++ {build['cxx']}")
-    print(f"CPU ISA     {fastcv.cpu.cpu_isa()} in use{forced}; this CPU runs {', '.join(fastcv.cpu.available_cpu_isas())} "
-          f"(compiled: {', '.join(fastcv.cpu.compiled_cpu_isas())})")
-    print(f"threads     {torch.get_num_threads()} (torch.get_num_threads()), run by {_C.parallel_backend()}")
-    if not build["cuda"]:
-        print("CUDA        kernels not built (no nvcc at build time, or FASTCV_WITH_CUDA=OFF)")
-        return
-    print(f"CUDA        kernels built with nvcc {build['nvcc']} for architectures {build['cuda_archs']}")
-    runtime = _C.cuda_runtime_info()
-    if not runtime["devices"]:
-        print(f"GPUs        none visible ({runtime['error'] or 'no devices'})")
-    for dev in runtime["devices"]:
-        covered = _backend.arch_covers(build["cuda_archs"], tuple(dev["capability"]))
-        major, minor = dev["capability"]
-        verdict = "covered by this build" if covered else "NOT covered: rebuild with FASTCV_CUDA_ARCHS including it"
-        print(f"GPU {dev['index']}       {dev['name']} (sm_{major}{minor}): {verdict}")
 
 
 def archs(expect: str | None, module: str | None) -> int:
@@ -71,6 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expect", metavar="ARCHS", help="a CMake architecture list (default: the one the module was "
                                                      "built for, FASTCV_CUDA_ARCHS)")
     p.add_argument("--module", metavar="PATH", help="the compiled file to read (default: fastcv's _C module)")
+    doctor = sub.add_parser(
+        "doctor", help="explain this installation: the facts of info, which kernels each op runs on each device "
+                       "and why, and each problem found with the command that fixes it",
+        description="Explains this installation: versions, the build, the CPU, the GPUs and whether the build "
+                    "covers them, which kernels each op runs on each device and why, and each problem found "
+                    "with the command that fixes it.",
+        epilog="Exit status: 0 when no problem is found, 1 when there is one.")
+    doctor.add_argument("--json", action="store_true", help="print the same facts as JSON")
     for name, text in (("bench", "time every op against its PyTorch/torchvision reference"),
                        ("check", "check every op's results against its reference, without timing")):
         p = sub.add_parser(name, help=text)
@@ -91,10 +64,16 @@ def main(argv: list[str] | None = None) -> None:
                                 "--match still pick the cases")
     args = parser.parse_args(argv)
     if args.command == "info":
+        from fastcv.doctor import info
+
         info()
         return
     if args.command == "archs":
         raise SystemExit(archs(args.expect, args.module))
+    if args.command == "doctor":
+        from fastcv.doctor import doctor
+
+        raise SystemExit(doctor(as_json=args.json))
     plot = getattr(args, "plot", None)
     if plot:
         from fastcv.benchmarks.plot import require_matplotlib

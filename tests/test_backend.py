@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -130,15 +131,33 @@ def torchvision_batched(boxes, scores, idxs):
 
 class _CudaTensor:
     """What select() reads of a CUDA tensor, for the selection rules on a machine without a GPU."""
-    is_cpu, is_cuda, device = False, True, torch.device("cuda", 0)
+    is_cpu, is_cuda = False, True
+
+    def __init__(self, index=0):
+        self.device = torch.device("cuda", index)
+
+
+# Pretend GPUs: an H200, which the default architectures cover, and a T4, which they do not.
+H200 = _backend.Gpu(0, "NVIDIA H200", (9, 0))
+T4 = _backend.Gpu(1, "Tesla T4", (7, 5))
 
 
 @pytest.fixture
-def cuda_build(monkeypatch):
-    """select() as in a build with CUDA kernels that can run on the (pretend) device."""
-    monkeypatch.setattr(_backend, "CUDA_BUILT", True)
-    monkeypatch.setattr(_backend, "check_cuda_device", lambda index: None)
+def fresh_choices(monkeypatch):
+    """select()'s decisions and warnings forgotten (they are kept per process), its settings unset."""
+    monkeypatch.setattr(_backend, "_choices", {})
+    monkeypatch.setattr(_backend, "_warned", set())
     monkeypatch.delenv("FASTCV_GPU_BACKEND", raising=False)
+    monkeypatch.delenv("FASTCV_STRICT", raising=False)
+
+
+@pytest.fixture
+def cuda_build(monkeypatch, fresh_choices):
+    """select() as in a build with CUDA kernels for sm_80 and sm_90 (and PTX for newer), with GPU 0 an
+    H200 and GPU 1 a T4 (sm_75), which the build does not cover."""
+    monkeypatch.setattr(_backend, "CUDA_BUILT", True)
+    monkeypatch.setattr(_backend, "CUDA_ARCHS", "80-real,90-real,90-virtual")
+    monkeypatch.setattr(_backend, "gpu", lambda index: (H200, T4)[index])
 
 
 def test_cpu_tensors_run_the_cpp_kernels():
@@ -171,15 +190,92 @@ def test_gpu_selection_with_cuda_kernels(cuda_build, monkeypatch):
         _backend.select("im2col", t)
 
 
-def test_gpu_selection_without_cuda_kernels(monkeypatch):
+def test_gpu_selection_without_cuda_kernels(monkeypatch, fresh_choices):
     # A build without nvcc: Triton where an op has Triton kernels, else a clear error (im2col and col2im
     # once reached _C.im2col_cuda, which such a build does not have: an AttributeError).
     monkeypatch.setattr(_backend, "CUDA_BUILT", False)
+    monkeypatch.setattr(_backend, "gpu", lambda index: H200)
     t = _CudaTensor()
-    assert _backend.select("nms", t) == "triton" and _backend.select("attention", t) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a build without CUDA kernels runs Triton without a warning
+        assert _backend.select("nms", t) == "triton" and _backend.select("attention", t) == "triton"
     for op in ("im2col", "roi_align_backward", "multi_scale_roi_align"):
-        with pytest.raises(RuntimeError, match=f"{op} on the GPU needs its CUDA kernels, which this build does not"):
+        with pytest.raises(RuntimeError, match=f"{op} on the GPU needs its CUDA kernels, which this build does not"
+                                               '.*FASTCV_WITH_CUDA="ON" FASTCV_CUDA_ARCHS="90-real"'):
             _backend.select(op, t)
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    monkeypatch.setattr(_backend, "_choices", {})
+    with pytest.raises(RuntimeError, match=r"nms on the GPU runs Triton's kernels here \(no CUDA kernels in this "
+                                           "build\\), which need the triton package.*pip install triton"):
+        _backend.select("nms", t)
+
+
+def test_uncovered_gpu_runs_triton_with_one_warning(cuda_build):
+    covered, uncovered = _CudaTensor(0), _CudaTensor(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.select("nms", covered) == "cuda"  # the covered GPU: CUDA C++, silently
+    with pytest.warns(UserWarning) as record:
+        assert _backend.select("nms", uncovered) == "triton"
+        for op in ("nms", "batch_norm", "depthwise_conv2d", "roi_align", "conv2d", "attention"):
+            assert _backend.select(op, uncovered) == "triton"
+    assert len(record) == 1, [str(w.message) for w in record]  # once per process and device
+    message = str(record[0].message)
+    for part in ("'80-real,90-real,90-virtual'", "Tesla T4", "sm_75", "FASTCV_STRICT=1",
+                 'FASTCV_CUDA_ARCHS="80-real;90-real;90-virtual;75-real" pip install'):
+        assert part in message, (part, message)
+    assert _backend.select("nms", covered) == "cuda"
+    # Ops without Triton kernels raise there, naming the architectures and that there is no fallback.
+    for op in ("im2col", "roi_align_backward", "multi_scale_roi_align"):
+        with pytest.raises(RuntimeError, match=f"built for architectures '80-real,90-real,90-virtual', which cannot "
+                                               f"run on Tesla T4 .*sm_75.*its {op} has no Triton kernels.*"
+                                               'Rebuild for it: .*FASTCV_CUDA_ARCHS="80-real;90-real;90-virtual;'
+                                               '75-real"'):
+            _backend.select(op, uncovered)
+
+
+def test_uncovered_gpu_warns_once_per_device(cuda_build, monkeypatch):
+    other = _backend.Gpu(2, "NVIDIA GeForce GTX 1080", (6, 1))
+    monkeypatch.setattr(_backend, "gpu", lambda index: (H200, T4, other)[index])
+    with pytest.warns(UserWarning) as record:
+        for _ in range(3):
+            _backend.select("nms", _CudaTensor(1)), _backend.select("nms", _CudaTensor(2))
+    assert [m for w in record for m in ("Tesla T4", "GTX 1080") if m in str(w.message)] == ["Tesla T4", "GTX 1080"]
+
+
+def test_uncovered_gpu_strict_raises(cuda_build, monkeypatch):
+    monkeypatch.setenv("FASTCV_STRICT", "1")
+    with pytest.raises(RuntimeError, match="built for architectures '80-real,90-real,90-virtual', which cannot run on "
+                                           "Tesla T4 .*sm_75.*FASTCV_STRICT=1 forbids running Triton's kernels "
+                                           'instead. Rebuild for it: .*FASTCV_CUDA_ARCHS="80-real;90-real;'
+                                           '90-virtual;75-real" pip install'):
+        _backend.select("nms", _CudaTensor(1))
+    assert _backend.select("nms", _CudaTensor(0)) == "cuda"  # a covered GPU is not affected
+    assert _backend.select("conv2d", _CudaTensor(1)) == "triton"  # nor an op that has Triton kernels only
+    monkeypatch.setenv("FASTCV_STRICT", "0")
+    with pytest.warns(UserWarning, match="Tesla T4"):
+        assert _backend.select("nms", _CudaTensor(1)) == "triton"
+
+
+def test_uncovered_gpu_without_triton_raises(cuda_build, monkeypatch):
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="cannot run on Tesla T4.*need the triton package, which is not installed"):
+        _backend.select("nms", _CudaTensor(1))
+    assert _backend.select("nms", _CudaTensor(0)) == "cuda"
+
+
+def test_gpu_facts_come_from_torch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU number {index}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (12, 0))
+    dev = _backend.gpu.__wrapped__(3)  # gpu() reads each device once per process
+    assert dev == (3, "GPU number 3", (12, 0)) and dev.sm == "sm_120"
+
+
+def test_choice_of_cpu_is_what_select_runs():
+    t = torch.zeros(1)
+    for forced in (None, "triton"):
+        with _backend.forced(backend=forced):
+            assert all(_backend.choice(op).backend == _backend.select(op, t) for op in _backend.GPU_KERNELS)
 
 
 def test_triton_loader_names_the_missing_package(monkeypatch):

@@ -1,6 +1,7 @@
 """fastcv.ops.nms / batched_nms / batched_nms_padded against torchvision.ops, on every backend built."""
 import math
 import multiprocessing
+import types
 
 import pytest
 import torch
@@ -417,14 +418,14 @@ def test_compiled_module_checks_its_arguments():
         _C.nms_cpu(torch.rand(5, 4), scores, None, 0.5, scores, 1)
 
 
-def test_no_cuda_build_or_device_gives_clear_error(monkeypatch):
+def test_no_cuda_build_or_triton_gives_clear_error(monkeypatch):
+    # On a GPU without CUDA kernels, nms runs Triton's; without triton either, a clear error.
     monkeypatch.setattr(_backend, "CUDA_BUILT", False)
-    _backend.check_cuda_device.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="built without CUDA kernels"):
-            _backend.check_cuda_device(0)
-    finally:
-        _backend.check_cuda_device.cache_clear()
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    monkeypatch.setattr(_backend, "_choices", {})
+    gpu_tensor = types.SimpleNamespace(is_cpu=False, is_cuda=True, device=torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match=r"no CUDA kernels in this build\), which need the triton package"):
+        _backend.select("nms", gpu_tensor)
 
 
 # ---------------------------------------------------------------- registration: opcheck, compile, autocast

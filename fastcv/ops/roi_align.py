@@ -59,8 +59,9 @@ def _run_forward(features, rois, scales, mapping, pooled_height, pooled_width, s
     backend = select("roi_align" if mapping is None else "multi_scale_roi_align", first)
     if backend == TRITON:
         if first.dtype == torch.float64:
-            raise RuntimeError("fastcv's Triton roi_align (used when the CUDA kernels are not built) takes float32, "
-                               "float16 and bfloat16; rebuild with nvcc for float64")
+            raise RuntimeError("fastcv's Triton roi_align (used when the CUDA kernels are not built, or not for "
+                               "this GPU) takes float32, float16 and bfloat16; `python -m fastcv doctor` says "
+                               "how to build them for float64")
         triton("roi_align").roi_align_forward(maps[0], rois, scales[0], pooled_height, pooled_width, sampling_ratio,
                                               aligned, out)
     elif backend == CUDA:
