@@ -172,3 +172,24 @@ class CountOps(TorchDispatchMode):
     def torch_ops(self, *words: str) -> list[str]:
         """PyTorch's operators that ran whose names contain one of `words` ("conv", "batch_norm", ...)."""
         return [n for n in self.counts if n.startswith("aten::") and any(w in n for w in words)]
+
+
+def train_synthetic(model: nn.Module, dtype: torch.dtype, steps: int = 30, batch: int = 16, images: int = 64,
+                    size: int = 32):
+    """SGD with momentum on `images` synthetic size x size images of 4 classes (a fixed pattern per class under
+    noise); returns the losses and the trained model."""
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.randn(4, 3, size, size, generator=gen)
+    labels = torch.arange(images) % 4
+    data = (patterns[labels] + 2.0 * torch.randn(images, 3, size, size, generator=gen)).to(dtype)
+    model = model.to(dtype).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    losses = []
+    for step in range(steps):
+        i = step * batch % images
+        loss = torch.nn.functional.cross_entropy(model(data[i:i + batch]), labels[i:i + batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64), model

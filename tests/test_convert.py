@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 import fastcv
 from fastcv import nn as fnn
-from networks import BATCH_NORMS, assert_as_accurate, compare, outputs, prepare, run
+from networks import BATCH_NORMS, assert_as_accurate, compare, outputs, prepare, run, train_synthetic
 
 # name -> (constructor, input shape). Small inputs; the networks' structure is torchvision's. The ViT is
 # torchvision's VisionTransformer with ViT-B/16's patches, depth and heads at ViT-Ti's width (192, heads of 16)
@@ -472,26 +472,6 @@ def _small_resnet(classes: int = 4) -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
 
-def _train(model: nn.Module, dtype: torch.dtype, steps: int = 30, batch: int = 16):
-    """SGD with momentum on 64 synthetic 32 x 32 images of 4 classes (a fixed pattern per class under noise);
-    returns the losses and the trained model."""
-    gen = torch.Generator().manual_seed(0)
-    patterns = torch.randn(4, 3, 32, 32, generator=gen)
-    labels = torch.arange(64) % 4
-    images = (patterns[labels] + 2.0 * torch.randn(64, 3, 32, 32, generator=gen)).to(dtype)
-    model = model.to(dtype).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    losses = []
-    for step in range(steps):
-        i = step * batch % len(images)
-        loss = F.cross_entropy(model(images[i:i + batch]), labels[i:i + batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return torch.tensor(losses, dtype=torch.float64), model
-
-
 def test_training_30_steps():
     """The original and its conversion trained side by side. float64: the same losses and parameters (the
     arithmetic of 30 steps: fusions, folds, momentum, running statistics). float32: training amplifies rounding
@@ -501,14 +481,14 @@ def test_training_30_steps():
     within 5e-3, parameters within 1e-2 of the norm and 20% of each parameter's distance travelled."""
     torch.manual_seed(0)
     initial = _small_resnet()
-    losses64, trained64 = _train(copy.deepcopy(initial), torch.float64)
-    fast_losses64, fast64 = _train(fastcv.convert(initial), torch.float64)
+    losses64, trained64 = train_synthetic(copy.deepcopy(initial), torch.float64)
+    fast_losses64, fast64 = train_synthetic(fastcv.convert(initial), torch.float64)
     torch.testing.assert_close(fast_losses64, losses64, rtol=1e-10, atol=0)
     for a, b in zip(fast64.state_dict().values(), trained64.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
-    losses32, trained32 = _train(copy.deepcopy(initial), torch.float32)
-    fast_losses32, fast32 = _train(fastcv.convert(initial), torch.float32)
+    losses32, trained32 = train_synthetic(copy.deepcopy(initial), torch.float32)
+    fast_losses32, fast32 = train_synthetic(fastcv.convert(initial), torch.float32)
     assert losses32[-1] < 0.8 * losses32[0]  # it learns
     assert ((fast_losses32 - losses32).abs() / losses32).max() <= 5e-3
     vector = torch.cat([p.detach().flatten() for p in trained32.parameters()])

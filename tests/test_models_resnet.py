@@ -10,12 +10,11 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.nn import functional as F
 
 import fastcv.models as fm
 from fastcv import nn as fnn
 from fastcv.models.resnet import BasicBlock, ResNet
-from networks import ERROR_RATIO, CountOps, compare, prepare
+from networks import CountOps, ERROR_RATIO, compare, prepare, train_synthetic
 
 SHAPE = (2, 3, 64, 64)
 NETWORKS = ["resnet50", "resnext50_32x4d", "resnet18"]  # Bottleneck, grouped Bottleneck, BasicBlock
@@ -111,24 +110,10 @@ def test_training_fuses_relu_and_junction_into_the_batch_norms():
     assert ops.torch_ops("conv", "batch_norm") == []
 
 
-def _train(model: nn.Module, dtype: torch.dtype, steps: int = 30, batch: int = 8):
-    """SGD with momentum on 32 synthetic 16 x 16 images of 4 classes (a fixed pattern per class under noise):
-    small, because float64 training of the whole resnet18 is slow on two cores."""
-    gen = torch.Generator().manual_seed(0)
-    patterns = torch.randn(4, 3, 16, 16, generator=gen)
-    labels = torch.arange(32) % 4
-    images = (patterns[labels] + 2.0 * torch.randn(32, 3, 16, 16, generator=gen)).to(dtype)
-    model = model.to(dtype).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    losses = []
-    for step in range(steps):
-        i = step * batch % len(images)
-        loss = F.cross_entropy(model(images[i:i + batch]), labels[i:i + batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return torch.tensor(losses, dtype=torch.float64), model
+def _train(model: nn.Module, dtype: torch.dtype):
+    """train_synthetic on 32 images of 16 x 16, batch 8: small, because float64 training of the whole resnet18 is
+    slow on two cores."""
+    return train_synthetic(model, dtype, batch=8, images=32, size=16)
 
 
 def test_training_30_steps_side_by_side():

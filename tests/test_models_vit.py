@@ -11,13 +11,12 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.nn import functional as F
 from torchvision.models import vision_transformer as tv_vit
 
 import fastcv.models as fm
 from fastcv import nn as fnn
 from fastcv.models.vit import ConvStemConfig, Encoder
-from networks import CountOps, compare, prepare
+from networks import CountOps, compare, prepare, train_synthetic
 
 # torchvision's VisionTransformer with ViT-B/16's patches, depth and heads at ViT-Ti's width (192) and 32 x 32
 # pixels (4 patches and the class token), as tests/test_convert.py's: ViT-B's 86 M parameters would only add
@@ -203,26 +202,6 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _train(model: nn.Module, dtype: torch.dtype, steps: int = 30, batch: int = 16):
-    """SGD with momentum on 64 synthetic 32 x 32 images of 4 classes (a fixed pattern per class under noise);
-    returns the losses and the trained model."""
-    gen = torch.Generator().manual_seed(0)
-    patterns = torch.randn(4, 3, 32, 32, generator=gen)
-    labels = torch.arange(64) % 4
-    images = (patterns[labels] + 2.0 * torch.randn(64, 3, 32, 32, generator=gen)).to(dtype)
-    model = model.to(dtype).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    losses = []
-    for step in range(steps):
-        i = step * batch % len(images)
-        loss = F.cross_entropy(model(images[i:i + batch]), labels[i:i + batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return torch.tensor(losses, dtype=torch.float64), model
-
-
 def test_training_30_steps():
     """The small ViT (4 classes) and torchvision's, from the same initial weights, trained side by side.
     float64: the same losses and parameters (30 steps of attention, layer norm and GELU gradients, momentum).
@@ -234,14 +213,14 @@ def test_training_30_steps():
     initial = torchvision.models.VisionTransformer(**SMALL, num_classes=4)
     ours = fm.VisionTransformer(**SMALL, num_classes=4)
     ours.load_state_dict(initial.state_dict())
-    losses64, trained64 = _train(copy.deepcopy(initial), torch.float64)
-    fast_losses64, fast64 = _train(copy.deepcopy(ours), torch.float64)
+    losses64, trained64 = train_synthetic(copy.deepcopy(initial), torch.float64)
+    fast_losses64, fast64 = train_synthetic(copy.deepcopy(ours), torch.float64)
     torch.testing.assert_close(fast_losses64, losses64, rtol=1e-10, atol=0)
     for a, b in zip(fast64.state_dict().values(), trained64.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
-    losses32, trained32 = _train(copy.deepcopy(initial), torch.float32)
-    fast_losses32, fast32 = _train(copy.deepcopy(ours), torch.float32)
+    losses32, trained32 = train_synthetic(copy.deepcopy(initial), torch.float32)
+    fast_losses32, fast32 = train_synthetic(copy.deepcopy(ours), torch.float32)
     assert losses32[-1] < 0.1 * losses32[0]  # it learns
     assert ((fast_losses32 - losses32).abs() / losses32).max() <= 5e-3
     vector = torch.cat([p.detach().flatten() for p in trained32.parameters()])
