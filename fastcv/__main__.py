@@ -5,7 +5,9 @@ import argparse
 import sys
 
 
-def archs(expect: str | None, module: str | None) -> int:
+def archs(expect: str | None, module: str | None, wheel: str | None = None) -> int:
+    if wheel is not None:
+        return archs_of_wheel(wheel, expect)
     from fastcv import _C, fatbin
 
     module = module or _C.__file__
@@ -27,6 +29,24 @@ def archs(expect: str | None, module: str | None) -> int:
     return 1 if problems else 0
 
 
+def archs_of_wheel(wheel: str, expect: str | None) -> int:
+    """The wheel's recorded architectures must be the ones expected (when given) and the ones its module holds."""
+    import tempfile
+
+    from fastcv import fatbin
+
+    with tempfile.TemporaryDirectory() as tmp:
+        record, module = fatbin.wheel_record(wheel, tmp)
+        recorded = record["cuda_archs"]
+        print(f"{wheel}: records CUDA architectures '{recorded}', nvcc {record['nvcc'] or 'none'}"
+              + (f" (from {record['nvcc_from']})" if record["nvcc_from"] else "")
+              + f", CPU instruction sets {', '.join(record['cpu_isas'])}")
+        if expect is not None and fatbin.asked(expect) != fatbin.asked(recorded):
+            print(f"  PROBLEM: the wheel records '{recorded}', not the expected '{expect}'")
+            return 1
+        return archs(recorded if expect is None else expect, module)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastcv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expect", metavar="ARCHS", help="a CMake architecture list (default: the one the module was "
                                                      "built for, FASTCV_CUDA_ARCHS)")
     p.add_argument("--module", metavar="PATH", help="the compiled file to read (default: fastcv's _C module)")
+    p.add_argument("--wheel", metavar="PATH", help="check a built wheel instead: the architectures its metadata "
+                                                   "records against the module it carries (and --expect)")
     doctor = sub.add_parser(
         "doctor", help="explain this installation: the facts of info, which kernels each op runs on each device "
                        "and why, and each problem found with the command that fixes it",
@@ -69,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         info()
         return
     if args.command == "archs":
-        raise SystemExit(archs(args.expect, args.module))
+        raise SystemExit(archs(args.expect, args.module, args.wheel))
     if args.command == "doctor":
         from fastcv.doctor import doctor
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import fastcv
-from fastcv import _C, _backend
+from fastcv import _C, _backend, fatbin
 
 # The public ops each entry of _backend.GPU_KERNELS runs (tests check that every public op is here).
 USED_BY = {
@@ -137,6 +137,12 @@ def _problems(facts: dict) -> list[dict]:
     if required and _version_tuple(torch.__version__) < _version_tuple(required):
         add(f"torch {torch.__version__} is older than the torch>={required} fastcv asks for",
             f'pip install "torch>={required}"')
+    record = facts["build"]["record"]
+    if record is not None and fatbin.asked(record["cuda_archs"]) != fatbin.asked(_backend.CUDA_ARCHS):
+        add(f"the compiled module holds CUDA architectures '{_backend.CUDA_ARCHS}', but the installed "
+            f"distribution records '{record['cuda_archs']}': a module left from another build",
+            _backend.rebuild_command(FASTCV_CUDA_ARCHS=record["cuda_archs"]) if record["cuda_archs"]
+            else _backend.rebuild_command(FASTCV_WITH_CUDA="OFF"))
     cuda, gpus, backends = facts["cuda"], facts["gpus"], facts["backends"]
     if cuda["runtime_devices"] and not cuda["torch_sees_gpus"]:
         add(f"the CUDA runtime sees {cuda['runtime_devices']} GPU(s), but torch sees none "
@@ -198,7 +204,7 @@ def collect(ops: bool = True) -> dict:
                      "triton_error": triton_error, "python": platform.python_version()},
         "install": {"path": os.path.dirname(fastcv.__file__), "source_checkout": str(root) if root else None},
         "build": {"compiler": build["cxx"], "cuda": _backend.CUDA_BUILT, "nvcc": build["nvcc"] or None,
-                  "cuda_archs": _backend.CUDA_ARCHS or None},
+                  "cuda_archs": _backend.CUDA_ARCHS or None, "record": fatbin.installed_record()},
         "settings": {name: os.environ[name] for name in SETTINGS if name in os.environ},
         "cpu": _cpu_facts(),
         "cuda": cuda,
@@ -230,6 +236,11 @@ def render(facts: dict) -> str:
         lines.append(_line("CUDA", f"kernels built with nvcc {nvcc} for architectures {build['cuda_archs']}"))
     else:
         lines.append(_line("CUDA", "kernels not built (no nvcc at build time, or FASTCV_WITH_CUDA=OFF)"))
+    record = build["record"]
+    if record is not None:
+        nvcc = f"nvcc {record['nvcc']} ({record['nvcc_from']}), " if record["nvcc"] else ""
+        lines.append(_line("metadata", f"fastcv-{record['version']}.dist-info/{fatbin.RECORD}: CUDA architectures "
+                                       f"'{record['cuda_archs']}', {nvcc}CPU {', '.join(record['cpu_isas'])}"))
     lines.append(_line("CPU ISA", f"{cpu['isa']} in use ({cpu['why']}); this CPU runs {', '.join(cpu['available'])} "
                                   f"(compiled: {', '.join(cpu['compiled'])})"))
     lines.append(_line("threads", f"{cpu['threads']} (torch.get_num_threads()), run by {cpu['parallel_backend']}"))

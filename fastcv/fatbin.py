@@ -7,17 +7,26 @@ error on that GPU, an unasked one is build time and wheel size spent for nothing
 in the module (not what the build recorded), so it cannot be fooled by a wrong record.
 
 cuobjdump is looked up on PATH, then in CUDA_HOME/bin, then in PyPI's nvidia-cuda-cuobjdump package
-(`pip install nvidia-cuda-cuobjdump`), then in the one Triton ships."""
+(`pip install nvidia-cuda-cuobjdump`), then in the one Triton ships.
+
+The build also records what it asked for in the wheel's metadata (fastcv-<version>.dist-info/fastcv_build.json:
+the architectures, nvcc's version and origin, the CPU instruction sets), readable without importing the module:
+`python -m fastcv archs --wheel` checks that record against the module the wheel carries."""
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Contents", "asked", "find_cuobjdump", "module_contents", "verify"]
+__all__ = ["Contents", "asked", "find_cuobjdump", "installed_record", "module_contents", "verify", "wheel_record"]
+
+RECORD = "fastcv_build.json"
 
 
 class Contents(NamedTuple):
@@ -95,3 +104,25 @@ def verify(path: str, archs: str, cuobjdump: str | None = None) -> list[str]:
         if h - w:
             problems.append(f"{kind} present but not asked for: {', '.join(f'sm_{a}' for a in sorted(h - w))}")
     return problems
+
+
+def installed_record() -> dict | None:
+    """The build record in the installed distribution's metadata; None where it has none (a build from
+    before the record, or fastcv imported from a source tree without being installed)."""
+    try:
+        text = importlib.metadata.distribution("fastcv").read_text(RECORD)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return json.loads(text) if text else None
+
+
+def wheel_record(wheel: str, module_dir: str) -> tuple[dict, str]:
+    """A wheel's build record, and its compiled module extracted into module_dir (for module_contents)."""
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        records = [n for n in names if n.endswith(f".dist-info/{RECORD}")]
+        modules = [n for n in names if re.fullmatch(r"fastcv/_C\.[^/]*\.so", n)]
+        if len(records) != 1 or len(modules) != 1:
+            raise ValueError(f"{wheel} is not a fastcv wheel with one build record and one compiled module "
+                             f"(found records {records}, modules {modules})")
+        return json.loads(z.read(records[0])), z.extract(modules[0], module_dir)

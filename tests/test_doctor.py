@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastcv
-from fastcv import _C, _backend, doctor
+from fastcv import _C, _backend, doctor, fatbin
 from fastcv.__main__ import main
 
 H200 = _backend.Gpu(0, "NVIDIA H200", (9, 0))
@@ -65,6 +65,7 @@ def pretend(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(_backend, "CUDA_BUILT", True)
     monkeypatch.setattr(_backend, "CUDA_ARCHS", "80-real,90-real,90-virtual")
+    monkeypatch.setattr(fatbin, "installed_record", lambda: None)  # the record's own test pretends one
     monkeypatch.setattr(_backend, "gpu", lambda index: (H200, T4)[index])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -212,3 +213,22 @@ def test_doctor_torch_too_old(pretend, monkeypatch, capsys):
     code, out = _run(capsys)
     assert code == 1 and f'torch 2.5.1+cpu is older than the torch>={required}' in out
     assert f'fix: pip install "torch>={required}"' in out
+
+
+def test_doctor_module_from_another_build(pretend, monkeypatch, capsys):
+    """The distribution's metadata records one build and the module imported is another (a stale _C left in a
+    checkout after a rebuild elsewhere, say): the report names both and the rebuild."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    record = {"version": fastcv.__version__, "cuda_archs": "90a-real", "nvcc": "13.5.37", "nvcc_from": "pip",
+              "cpu_isas": ["baseline", "avx2"]}
+    monkeypatch.setattr(fatbin, "installed_record", lambda: record)
+    code, out = _run(capsys)
+    assert code == 1
+    assert ("the compiled module holds CUDA architectures '80-real,90-real,90-virtual', but the installed "
+            "distribution records '90a-real'") in out
+    assert 'FASTCV_CUDA_ARCHS="90a-real"' in out
+    assert ("metadata    fastcv-0.1.0.dist-info/fastcv_build.json: CUDA architectures '90a-real', nvcc 13.5.37 "
+            "(pip), CPU baseline, avx2") in out
+    record["cuda_archs"] = "80-real;90-real;90-virtual"  # the same list, written with semicolons
+    code, out = _run(capsys)
+    assert code == 0 and "No problems found." in out
