@@ -33,6 +33,10 @@ SHAPES = [
     (2, 3, 7, 6, 4, 3, 1, (2, 3), 2, 1),
     (1, 40, 7, 9, 300, 3, 1, 1, 1, 1),  # depth > one 256-deep block, rows split across threads
     (2, 8, 6, 6, 16, 3, 1, 1, 1, 4),  # ResNeXt-like groups
+    # stride 1 over more than one 256-pixel depth block of the weight gradient's GEMM (blocks that start
+    # mid-row), channels not a multiple of the tile's rows
+    (2, 12, 20, 19, 10, 3, 1, 1, 1, 1),
+    (2, 20, 17, 18, 8, 1, 1, 0, 1, 1),
     (0, 4, 8, 8, 4, 3, 1, 1, 1, 1),  # empty batch
 ]
 
@@ -107,10 +111,13 @@ def test_gradcheck_and_gradgradcheck(shape):
     assert torch.autograd.gradgradcheck(lambda *a: ops.conv2d(*a, **kw), inputs)
 
 
-def test_backward_is_deterministic_across_thread_counts():
-    """Threads own output blocks, input channels and weight-gradient columns: the same sums in the same
-    order for any thread count (and no uninitialised reads: this shape reads the padded planes' slack)."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_is_deterministic_across_thread_counts(channels_last):
+    """Threads own output blocks, input channels and weight-gradient rows or columns: the same sums in the
+    same order for any thread count (and no uninitialised reads: this shape reads the padded planes' slack)."""
     x, w, b, kw = _inputs((3, 24, 15, 13, 40, 3, 1, 2, 2, 1), torch.float32, seed=3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     results = []
     previous = torch.get_num_threads()
     try:
