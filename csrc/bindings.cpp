@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "compute/gemm.h"
 #include "common/check.h"
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
@@ -80,6 +81,8 @@ PYBIND11_MODULE(_C, m) {
       if (name == fastcv::isa_name(isa)) return fastcv::cpu_supports(isa);
     return false;
   }, "whether this CPU runs the kernels compiled for an instruction set");
+  m.def("gemm_tile_gflops", &fastcv::gemm::tile_gflops<float>,
+        "the float32 GEMM micro-kernel's GFLOP/s on L1-resident panels, summed over nthreads threads");
   m.def("parallel_backend", &fastcv::parallel_backend, "what runs the CPU kernels' parallel regions");
   m.def("_set_use_openmp", &fastcv::set_use_openmp, "tests: False runs parallel regions on fastcv's pool");
 

@@ -20,6 +20,11 @@ namespace gemm {
 const Kernel<float>& kernel(float);
 const Kernel<double>& kernel(double);
 
+// The micro-kernel's own rate in GFLOP/s, summed over nthreads threads each timing `seconds` of tiles on
+// L1-resident panels: the ceiling the convolution's GFLOP/s are compared with (python -m fastcv bench).
+template <class T>
+double tile_gflops(int nthreads, double seconds);
+
 // Depth of one packed block: a B panel of KC x NR floats (32 KB at NR = 32) stays in L1 while the
 // micro-kernel streams it, and an A panel of MR x KC stays there too.
 constexpr int64_t kKC = 256;

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastcv import ops
 from fastcv.benchmarks import Case
+from fastcv.benchmarks.peaks import kernel_gflops
 
 # name, input [N, C, H, W], weight [Cout, C/groups, kh, kw], stride, padding, groups, in --quick
 LAYERS = [
@@ -54,6 +55,8 @@ def _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     suffix = (", channels_last" if channels_last else "") + ("" if dtype == torch.float32 else f", {dtype}")
     check = _close if dtype == torch.float32 else _close_reduced
+    # On the CPU: GFLOP/s against the micro-kernel every CPU convolution path multiplies with
+    peak = (lambda: (kernel_gflops(), "micro-kernel")) if device == "cpu" and dtype == torch.float32 else None
 
     def forward_inputs():
         g = torch.Generator().manual_seed(0)
@@ -70,10 +73,11 @@ def _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_
         Case("conv2d", f"{name}, {list(xs)}{suffix}", make=forward_inputs,
              fastcv=lambda x, w: ops.conv2d(x, w, **kw), reference=lambda x, w: F.conv2d(x, w, **kw),
              reference_name="torch.nn.functional.conv2d", check=check, work=_flops(ws, False),
-             quick=quick and not channels_last),
+             quick=quick and not channels_last, peak=peak),
         Case("conv2d", f"{name}, {list(xs)}{suffix}, forward+backward", make=backward_inputs,
              fastcv=_forward_backward(ops.conv2d, **kw), reference=_forward_backward(F.conv2d, **kw),
-             reference_name="torch.nn.functional.conv2d", check=check, work=_flops(ws, True), quick=False),
+             reference_name="torch.nn.functional.conv2d", check=check, work=_flops(ws, True), quick=False,
+             peak=peak),
     ]
 
 

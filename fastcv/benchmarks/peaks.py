@@ -1,6 +1,7 @@
 """The devices' measured ceilings, for the distance-to-peak figures next to the benchmarks' throughput: the
 dense matrix-multiply rate of torch.mm in a dtype (oneDNN/MKL with torch's threads on the CPU, cuBLAS on the
-GPU, float32 without TF32) and the GPU's device-to-device copy bandwidth. bench/peaks/gpu_peaks.py records
+GPU, float32 without TF32), fastcv's own GEMM micro-kernel on the CPU, and the GPU's device-to-device copy
+bandwidth. bench/peaks/gpu_peaks.py records
 the GPU's figures with these functions; the benchmark cases (fastcv.benchmarks.attention) divide by them."""
 from __future__ import annotations
 
@@ -48,6 +49,21 @@ def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
         torch.mm(a, a, out=out)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_gflops(threads: int, isa: str) -> float:
+    from fastcv import _C
+
+    return _C.gemm_tile_gflops(threads, 0.2)
+
+
+def kernel_gflops() -> float:
+    """GFLOP/s of fastcv's float32 GEMM micro-kernel on L1-resident panels with torch's threads and the ISA in
+    use: the arithmetic ceiling of the CPU convolution (whatever it packs, it multiplies with this kernel)."""
+    from fastcv import _C
+
+    return _kernel_gflops(torch.get_num_threads(), _C.cpu_isa())
 
 
 def copy_gbps() -> float:
