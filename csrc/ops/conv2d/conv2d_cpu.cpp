@@ -320,7 +320,7 @@ void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epil
             pack_rows(kc, q1 - q0, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) { return row_of(k0 + kk, buf); });
             return static_cast<const T*>(dst);
           },
-          ws, ws.c.data(), ldc, false, prefetch);
+          ws, ws.c.data(), ldc, false, prefetch, /*a_stored=*/true);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t o = gi * M + r0 + i, base = n * out.stride(0) + o * out.stride(1);
         const T b = store.bias(o);
@@ -859,7 +859,7 @@ void weight_grad_stride1(const TensorView& gout, const TensorView& x, const Tens
               }
               return static_cast<const T*>(dst);
             },
-            ws, ws.c.data(), ldc, /*accumulate=*/true);
+            ws, ws.c.data(), ldc, /*accumulate=*/true, gemm::NoHook{}, /*a_stored=*/true);
       }
       for (int64_t i = 0; i < m; ++i) {  // GEMM row (tap, c) -> gW[o, c, tap]
         const int64_t r = r0 + i, tap = r / cgp, c = r % cgp;
