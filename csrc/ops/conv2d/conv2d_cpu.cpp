@@ -44,6 +44,26 @@ struct Store {
     if (e.relu && v < 0) v = 0;
     out[offset] = from_compute<S>(v);
   }
+  // n consecutive outputs from offset, sums[q] + bias each: the plain case as a loop the compiler vectorises.
+  void run(S* out, int64_t offset, const compute_t<S>* sums, int64_t n, compute_t<S> bias) const {
+    if (!residual && !e.relu) {
+      for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q] + bias);
+      return;
+    }
+    for (int64_t q = 0; q < n; ++q) (*this)(out, offset + q, sums[q] + bias);
+  }
+  // n consecutive channels o0.. of one pixel (channels_last), sums[q] + bias[o0 + q] each.
+  void run_channels(S* out, int64_t offset, const compute_t<S>* sums, int64_t n, int64_t o0) const {
+    if (!residual && !e.relu) {
+      const S* b = e.bias ? e.bias->ptr<S>() + o0 : nullptr;
+      if (b)
+        for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q] + load(b[q]));
+      else
+        for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q]);
+      return;
+    }
+    for (int64_t q = 0; q < n; ++q) (*this)(out, offset + q, sums[q] + bias(o0 + q));
+  }
 };
 
 // The output pixels [p0, p0 + n) of one image cut at output-row ends: pixels in a run share oh.
@@ -328,8 +348,7 @@ void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epil
         const T* c = ws.c.data() + i * ldc;
         for (int64_t v = q0; v < q1;) {  // grid row by grid row, dropping virtual pixels past out_w
           const int64_t oh = v / row_width, ow = v % row_width, length = std::min(row_width - ow, q1 - v);
-          for (int64_t x = ow; x < std::min(ow + length, g.out_w); ++x)
-            store(out.ptr<S>(), base + oh * g.out_w + x, c[v - q0 + x - ow] + b);
+          if (ow < g.out_w) store.run(out.ptr<S>(), base + oh * g.out_w + ow, c + v - q0, std::min(ow + length, g.out_w) - ow, b);
           v += length;
         }
       }
@@ -392,7 +411,7 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
       for (int64_t p = p0; p < p1; ++p) {
         const T* c = ws.c.data() + (p - p0) * ldc;
         const int64_t base = n * out.stride(0) + p * g.out_channels + gi * N;
-        for (int64_t o = 0; o < N; ++o) store(out.ptr<S>(), base + o, c[o] + store.bias(gi * N + o));
+        store.run_channels(out.ptr<S>(), base, c, N, gi * N);
       }
     }
   });
