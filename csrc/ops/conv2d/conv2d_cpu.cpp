@@ -110,11 +110,14 @@ PlaneLayout plane_layout(const Geometry& g, bool virtual_pixels) {
   return l;
 }
 
+// The scratch slots (common/memory.h) of one convolution call: padded input planes, and the second
+// operand's work copy (widened grad_output rows, or the weight gradient's relaid input).
+constexpr int kPaddedSlot = 0, kOperandSlot = 1;
+
 template <class T>
 struct Padded {
-  const T* base = nullptr;  // plane p at base + p * layout.plane
+  const T* base = nullptr;  // plane p at base + p * layout.plane: the input itself, or thread scratch
   PlaneLayout layout;
-  std::vector<T> storage;   // none when the input itself serves
 
   const T* at(int64_t p) const { return base + p * layout.plane; }
 };
@@ -128,11 +131,11 @@ void make_padded(const S* src, int64_t planes, const Geometry& g, const PlaneLay
     pad.base = reinterpret_cast<const T*>(src);  // no padding (a 1x1 convolution)
     return;
   }
-  pad.storage.resize(size_t(planes * layout.plane));
+  T* storage = scratch<T>(kPaddedSlot, size_t(planes * layout.plane));
   parallel_for(0, planes, 16, nthreads, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const S* in = src + p * g.height * g.width;
-      T* dst = pad.storage.data() + p * layout.plane;
+      T* dst = storage + p * layout.plane;
       std::fill(dst, dst + layout.plane, T(0));
       for (int64_t h = 0; h < g.height; ++h) {
         const S* src = in + h * g.width;
@@ -145,7 +148,7 @@ void make_padded(const S* src, int64_t planes, const Geometry& g, const PlaneLay
       }
     }
   });
-  pad.base = pad.storage.data();
+  pad.base = storage;
 }
 
 // Where column row k = (c, i, j) of output run r starts in padded planes (c from the first plane).
@@ -442,20 +445,19 @@ void scatter_block(const T* block, int64_t ld, const Geometry& g, int64_t k0, in
   }
 }
 
-// grad_output planes on the virtual grid: rows widened from out_w to wp with zeros.
+// grad_output planes on the virtual grid: rows widened from out_w to wp with zeros (in thread scratch).
 template <class S>
-void widen_rows(const S* src, int64_t planes, const Geometry& g, int64_t wp, std::vector<compute_t<S>>& dst,
-                int nthreads) {
+const compute_t<S>* widen_rows(const S* src, int64_t planes, const Geometry& g, int64_t wp, int nthreads) {
   using T = compute_t<S>;
-  const int64_t plane = g.out_h * wp;
-  dst.resize(size_t(planes * plane));
+  T* dst = scratch<T>(kOperandSlot, size_t(planes * g.out_h * wp));
   parallel_for(0, planes * g.out_h, 64, nthreads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* row = dst.data() + r * wp;
+      T* row = dst + r * wp;
       for (int64_t x = 0; x < g.out_w; ++x) row[x] = load(src[r * g.out_w + x]);
       std::fill(row + g.out_w, row + wp, T(0));
     }
   });
+  return dst;
 }
 
 template <class S>
@@ -468,8 +470,7 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
   const bool virt = use_virtual_pixels(g);
   const PlaneLayout l = plane_layout(g, virt);
   const int64_t row_width = virt ? l.row : g.out_w, P = g.out_h * row_width;
-  std::vector<T> widened;
-  if (virt) widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, l.row, widened, nthreads);
+  const T* widened = virt ? widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, l.row, nthreads) : nullptr;
   // A task owns whole input channels of one image (so its scatter needs no atomics) whose rows start
   // on a panel boundary: channel counts are multiples of MR / gcd(MR, taps).
   int64_t step = kern.mr;
@@ -495,7 +496,7 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
             [&](int64_t k0, int64_t kc, T* dst) {
               pack_rows(kc, q1 - q0, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
                 const int64_t p = first_plane + k0 + kk;
-                if (virt) return widened.data() + p * P + q0;
+                if (virt) return widened + p * P + q0;
                 return as_compute(gout.ptr<S>() + p * P + q0, q1 - q0, buf);
               });
               return static_cast<const T*>(dst);
@@ -579,12 +580,9 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
   make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, plane_layout(g, virt), pad, nthreads);
   const PlaneLayout& l = pad.layout;
   const int64_t row_width = virt ? l.row : g.out_w, P = g.out_h * row_width;
-  std::vector<T> widened;  // gout on the GEMM's grid in the compute type (unless it already is)
+  // gout on the GEMM's grid in the compute type (unless it already is)
   const T* grad = reinterpret_cast<const T*>(gout.ptr<S>());
-  if (virt || !std::is_same<S, T>::value) {
-    widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, row_width, widened, nthreads);
-    grad = widened.data();
-  }
+  if (virt || !std::is_same<S, T>::value) grad = widen_rows(gout.ptr<S>(), g.batch * g.out_channels, g, row_width, nthreads);
   // Pixels per dot call (summed over several images when images are small): long enough that the lane
   // reductions cost little, short enough that the rows in use stay in L1 and L2.
   constexpr int64_t kLen = 2048;
@@ -930,13 +928,13 @@ void weight_grad_stride1(const TensorView& gout, const TensorView& x, const Tens
   const int64_t wp = g.width + 2 * g.pw, P = g.out_h * wp;
   // Padded pixels, and the (kw - 1) dw that the last virtual pixels read past the last row.
   const int64_t span = (g.height + 2 * g.ph) * wp + (g.kw - 1) * g.dw;
-  std::vector<T> relaid(size_t(g.batch * g.groups * blocks * span * mr));
+  T* const relaid = scratch<T>(kOperandSlot, size_t(g.batch * g.groups * blocks * span * mr));
   const int64_t hp = g.height + 2 * g.ph;
   // One padded row of one image and group at a time, each pixel's channels read once, in order.
   parallel_for(0, g.batch * g.groups * hp, 8, nthreads, [&](int64_t r0, int64_t r1) {
     for (int64_t rr = r0; rr < r1; ++rr) {
       const int64_t r = rr % hp, ng = rr / hp, n = ng / g.groups, gi = ng % g.groups, h = r - g.ph;
-      T* base = relaid.data() + ng * blocks * span * mr + r * wp * mr;
+      T* base = relaid + ng * blocks * span * mr + r * wp * mr;
       const int64_t end = r + 1 == hp ? span - r * wp : wp;  // the last row also zeroes the slack after it
       for (int64_t q = 0; q < blocks; ++q) {
         T* row = base + q * span * mr;
@@ -972,7 +970,7 @@ void weight_grad_stride1(const TensorView& gout, const TensorView& x, const Tens
       const int64_t ldc = gemm::round_up(N, kern.nr);
       ws.c.assign(size_t(m * ldc), T(0));
       for (int64_t n = 0; n < g.batch; ++n) {
-        const T* image = relaid.data() + (n * g.groups + gi) * blocks * span * mr;
+        const T* image = relaid + (n * g.groups + gi) * blocks * span * mr;
         const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * N * g_ch;
         gemm::multiply(kern, m, N, P,
             [&](int64_t i, int64_t k0, int64_t, T*) {
