@@ -639,6 +639,34 @@ void weight_grad_nchw(const TensorView& gout, const TensorView& x, const TensorV
   });
 }
 
+// The 1x1 weight gradients' GEMM over the pixels, both layouts: the operand with more channels is A (the
+// product's rows, split among row tasks), the smaller B (packed again by each row task). C[i, j] is
+// gW[o, c] with (o, c) = (row, column) when A is grad_output, else (column, row).
+template <class S>
+struct OneByOneGemm {
+  using T = compute_t<S>;
+  std::vector<T> grad_copy, input_copy;  // reduced precision: converted once
+  const T* grad;
+  const T* input;
+  bool grad_is_a;
+  int64_t M, N, rows, row_tasks, tasks;
+
+  OneByOneGemm(const TensorView& gout, const TensorView& x, const Geometry& g, int64_t mr, int nthreads)
+      : grad(compute_copy<S>(gout, grad_copy, nthreads)), input(compute_copy<S>(x, input_copy, nthreads)),
+        grad_is_a(g.out_per_group() >= g.in_per_group()),
+        M(grad_is_a ? g.out_per_group() : g.in_per_group()), N(grad_is_a ? g.in_per_group() : g.out_per_group()),
+        rows(chunk(M, mr, M, g.groups, nthreads, 1)), row_tasks((M + rows - 1) / rows), tasks(g.groups * row_tasks) {}
+
+  void store(const TensorView& gw, const Geometry& g, int64_t gi, int64_t r0, int64_t m, const T* c, int64_t ldc) const {
+    const int64_t cg = g.in_per_group(), mg = g.out_per_group();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t o = grad_is_a ? r0 + i : j, ch = grad_is_a ? j : r0 + i;
+        gw.ptr<S>()[(gi * mg + o) * cg + ch] = from_compute<S>(c[size_t(i * ldc + j)]);
+      }
+  }
+};
+
 // The NCHW weight gradient of a 1x1 stride-1 convolution as a GEMM over the pixels: gW[o, c] = sum over images
 // and pixels of gout[o, p] x[c, p], both operands rows contiguous along the sum. The operand with more
 // channels is A (its MR-row panels transposed in registers by pack_a_rows), the other B (NR-row panels
@@ -650,15 +678,11 @@ void weight_grad_nchw_1x1(const TensorView& gout, const TensorView& x, const Ten
                           int nthreads) {
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
-  std::vector<T> grad_copy, input_copy;  // reduced precision: converted once
-  const T* grad = compute_copy<S>(gout, grad_copy, nthreads);
-  const T* input = compute_copy<S>(x, input_copy, nthreads);
-  const int64_t P = g.pixels(), cg = g.in_per_group(), mg = g.out_per_group();
-  const bool grad_is_a = mg >= cg;
-  const int64_t M = grad_is_a ? mg : cg, N = grad_is_a ? cg : mg;
-  const int64_t rows = chunk(M, kern.mr, M, g.groups, nthreads, 1);
-  const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.groups * row_tasks;
-  parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+  const OneByOneGemm<S> plan(gout, x, g, kern.mr, nthreads);
+  const T *grad = plan.grad, *input = plan.input;
+  const int64_t P = g.pixels(), cg = g.in_per_group(), mg = g.out_per_group(), M = plan.M, N = plan.N;
+  const int64_t rows = plan.rows, row_tasks = plan.row_tasks;
+  parallel_for(0, plan.tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     thread_local std::vector<T> zeros(size_t(gemm::kKC), T(0));
     for (int64_t t = t0; t < t1; ++t) {
@@ -668,8 +692,8 @@ void weight_grad_nchw_1x1(const TensorView& gout, const TensorView& x, const Ten
       for (int64_t n = 0; n < g.batch; ++n) {
         const T* grads = grad + (n * g.out_channels + gi * mg) * P;
         const T* image = input + (n * g.channels + gi * cg) * P;
-        const T* a_rows = grad_is_a ? grads : image;
-        const T* b_rows = grad_is_a ? image : grads;
+        const T* a_rows = plan.grad_is_a ? grads : image;
+        const T* b_rows = plan.grad_is_a ? image : grads;
         gemm::multiply(kern, m, N, P,
             [&](int64_t i, int64_t k0, int64_t kc, T* dst) {
               const T* panel_rows[16];
@@ -690,11 +714,7 @@ void weight_grad_nchw_1x1(const TensorView& gout, const TensorView& x, const Ten
             },
             ws, ws.c.data(), ldc, /*accumulate=*/true);
       }
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < N; ++j) {
-          const int64_t o = grad_is_a ? r0 + i : j, c = grad_is_a ? j : r0 + i;
-          gw.ptr<S>()[(gi * mg + o) * cg + c] = from_compute<S>(ws.c[size_t(i * ldc + j)]);
-        }
+      plan.store(gw, g, gi, r0, m, ws.c.data(), ldc);
     }
   });
 }
@@ -819,16 +839,12 @@ void weight_grad_nhwc_1x1(const TensorView& gout, const TensorView& x, const Ten
                           int nthreads) {
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
-  std::vector<T> grad_copy, input_copy;  // reduced precision: converted once
-  const T* grad = compute_copy<S>(gout, grad_copy, nthreads);
-  const T* input = compute_copy<S>(x, input_copy, nthreads);
+  const OneByOneGemm<S> plan(gout, x, g, kern.mr, nthreads);
+  const T *grad = plan.grad, *input = plan.input;
   const int64_t P = g.pixels(), cg = g.in_per_group(), mg = g.out_per_group(), mr = kern.mr, nr = kern.nr;
-  const bool grad_is_a = mg >= cg;
-  const int64_t M = grad_is_a ? mg : cg, N = grad_is_a ? cg : mg;
-  const int64_t lda = grad_is_a ? g.out_channels : g.channels, ldb = grad_is_a ? g.channels : g.out_channels;
-  const int64_t rows = chunk(M, mr, M, g.groups, nthreads, 1);
-  const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.groups * row_tasks;
-  parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+  const int64_t M = plan.M, N = plan.N, rows = plan.rows, row_tasks = plan.row_tasks;
+  const int64_t lda = plan.grad_is_a ? g.out_channels : g.channels, ldb = plan.grad_is_a ? g.channels : g.out_channels;
+  parallel_for(0, plan.tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t rt = t % row_tasks, gi = t / row_tasks, r0 = rt * rows, m = std::min(rows, M - r0);
@@ -839,8 +855,8 @@ void weight_grad_nhwc_1x1(const TensorView& gout, const TensorView& x, const Ten
       for (int64_t n = 0; n < g.batch; ++n) {
         const T* grads = grad + n * P * g.out_channels + gi * mg;
         const T* image = input + n * P * g.channels + gi * cg;
-        const T* a_rows = (grad_is_a ? grads : image) + r0;
-        const T* b_rows = grad_is_a ? image : grads;
+        const T* a_rows = (plan.grad_is_a ? grads : image) + r0;
+        const T* b_rows = plan.grad_is_a ? image : grads;
         for (int64_t k0 = 0; k0 < P; k0 += gemm::kKC) {
           const int64_t kc = std::min(gemm::kKC, P - k0);
           for (int64_t kk = 0; kk < kc; ++kk) pack_row_panels(b_rows + (k0 + kk) * ldb, N, nr, kc, ws.b.data() + kk * nr);
@@ -855,11 +871,7 @@ void weight_grad_nhwc_1x1(const TensorView& gout, const TensorView& x, const Ten
           }
         }
       }
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < N; ++j) {
-          const int64_t o = grad_is_a ? r0 + i : j, c = grad_is_a ? j : r0 + i;
-          gw.ptr<S>()[(gi * mg + o) * cg + c] = from_compute<S>(ws.c[size_t(i * ldc + j)]);
-        }
+      plan.store(gw, g, gi, r0, m, ws.c.data(), ldc);
     }
   });
 }
