@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -212,14 +211,8 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
         return c.out(ops.batched_nms(c["boxes"], c["scores"], c["idxs"], iou_threshold))
 
 
-class Detections(NamedTuple):
-    """batched_nms_padded's result as arrays (fastcv.ops.Detections' fields)."""
-
-    boxes: Any  # [B, M, 4], zeros after the count
-    scores: Any  # [B, M], zeros after the count
-    labels: Any  # [B, M] int64 class index, -1 after the count
-    indices: Any  # [B, M] int64 index into boxes' N dimension, -1 after the count
-    counts: Any  # [B] int64, the number of detections per image
+# batched_nms_padded's result: fastcv.ops.Detections, its fields holding arrays of the caller's type.
+Detections = ops.Detections
 
 
 def batched_nms_padded(boxes, scores, iou_threshold: float, score_threshold: float, max_detections: int,

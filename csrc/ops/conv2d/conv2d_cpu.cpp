@@ -813,22 +813,6 @@ void pack_column_panel(const S* image, const Geometry& g, int64_t k, int64_t M, 
   }
 }
 
-// One row of n values (`stride` apart) cut into NR-wide panels of a kc-deep block (zeros past n):
-// dst[jp * nr * kc + jj] = src[(jp * nr + jj) * stride], the layout pack_b gives multiply().
-template <class S>
-void pack_row_panels(const S* src, int64_t n, int64_t nr, int64_t kc, compute_t<S>* dst, int64_t stride = 1) {
-  using T = compute_t<S>;
-  for (int64_t j0 = 0; j0 < n; j0 += nr) {
-    T* b = dst + j0 * kc;
-    const int64_t len = std::min(nr, n - j0);
-    if (stride == 1)
-      for (int64_t jj = 0; jj < len; ++jj) b[jj] = load(src[j0 + jj]);
-    else
-      for (int64_t jj = 0; jj < len; ++jj) b[jj] = load(src[(j0 + jj) * stride]);
-    std::fill(b + len, b + nr, T(0));
-  }
-}
-
 // The channels_last weight gradient of a 1x1 stride-1 convolution, the same GEMM over the pixels on pixel
 // rows: the A side (the operand with more channels) is read in place by the micro-kernel (tile_strided: MR
 // channels of each pixel row), the B side packed per depth block, so nothing is laid out first (the
@@ -859,7 +843,7 @@ void weight_grad_nhwc_1x1(const TensorView& gout, const TensorView& x, const Ten
         const T* b_rows = plan.grad_is_a ? image : grads;
         for (int64_t k0 = 0; k0 < P; k0 += gemm::kKC) {
           const int64_t kc = std::min(gemm::kKC, P - k0);
-          for (int64_t kk = 0; kk < kc; ++kk) pack_row_panels(b_rows + (k0 + kk) * ldb, N, nr, kc, ws.b.data() + kk * nr);
+          pack_rows(kc, N, nr, ws.b.data(), ws.row, [&](int64_t kk, T*) { return b_rows + (k0 + kk) * ldb; });
           for (int64_t kk = 0; full < m && kk < kc; ++kk)  // the partial panel, zero-padded
             for (int64_t ii = 0; ii < mr; ++ii)
               ws.a[size_t(kk * mr + ii)] = full + ii < m ? a_rows[(k0 + kk) * lda + full + ii] : T(0);
@@ -901,7 +885,8 @@ void weight_grad_nhwc(const TensorView& gout, const TensorView& x, const TensorV
               return static_cast<const T*>(dst);
             },
             [&](int64_t k0, int64_t kc, T* dst) {  // gout pixel rows: NR channels at a time
-              for (int64_t kk = 0; kk < kc; ++kk) pack_row_panels(grad + (k0 + kk) * g.out_channels, N, kern.nr, kc, dst + kk * kern.nr);
+              pack_rows(kc, N, kern.nr, dst, ws.row,
+                        [&](int64_t kk, T* buf) { return as_compute(grad + (k0 + kk) * g.out_channels, N, buf); });
               return static_cast<const T*>(dst);
             },
             ws, ws.c.data(), ldc, /*accumulate=*/true);
@@ -990,15 +975,17 @@ void weight_grad_stride1(const TensorView& gout, const TensorView& x, const Tens
               return image + (r % cgp / mr * span + k0 + tap / g.kw * g.dh * wp + tap % g.kw * g.dw) * mr;
             },
             [&](int64_t k0, int64_t kc, T* dst) {  // gout pixel rows, zeros for the virtual pixels
-              int64_t oh = k0 / wp, ow = k0 % wp;
-              for (int64_t kk = 0; kk < kc; ++kk) {
-                if (ow < g.out_w) {
-                  pack_row_panels(grad + (oh * g.out_w + ow) * g_pix, N, kern.nr, kc, dst + kk * kern.nr, g_ch);
-                } else {
-                  for (int64_t j0 = 0; j0 < N; j0 += kern.nr) std::fill_n(dst + j0 * kc + kk * kern.nr, kern.nr, T(0));
+              pack_rows(kc, N, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
+                const int64_t oh = (k0 + kk) / wp, ow = (k0 + kk) % wp;
+                if (ow >= g.out_w) {
+                  std::fill_n(buf, N, T(0));
+                  return buf;
                 }
-                if (++ow == wp) ow = 0, ++oh;
-              }
+                const S* src = grad + (oh * g.out_w + ow) * g_pix;
+                if (g_ch == 1) return as_compute(src, N, buf);
+                for (int64_t j = 0; j < N; ++j) buf[j] = load(src[j * g_ch]);
+                return buf;
+              });
               return static_cast<const T*>(dst);
             },
             ws, ws.c.data(), ldc, /*accumulate=*/true, gemm::NoHook{}, /*a_stored=*/true);
