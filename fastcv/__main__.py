@@ -5,9 +5,7 @@ import argparse
 import sys
 
 
-def archs(expect: str | None, module: str | None, wheel: str | None = None) -> int:
-    if wheel is not None:
-        return archs_of_wheel(wheel, expect)
+def archs(expect: str | None, module: str | None) -> int:
     from fastcv import _C, fatbin
 
     module = module or _C.__file__
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         info()
         return
     if args.command == "archs":
-        raise SystemExit(archs(args.expect, args.module, args.wheel))
+        raise SystemExit(archs_of_wheel(args.wheel, args.expect) if args.wheel else archs(args.expect, args.module))
     if args.command == "doctor":
         from fastcv.doctor import doctor
 
