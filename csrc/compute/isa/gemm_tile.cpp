@@ -146,6 +146,21 @@ void pack_a_rows(const T* const* rows, int64_t kc, T* dst) {
     for (int i = 0; i < MR; ++i) dst[k * MR + i] = rows[i][k];
 }
 
+template <class T, int W, int NV>
+void pack_b_row(const T* row, int64_t n, int64_t kc, T* dst) {
+  using V = typename Vec<T, W>::type;
+  constexpr int64_t NR = W * NV;
+  int64_t jp = 0;
+  for (; (jp + 1) * NR <= n; ++jp)
+    for (int v = 0; v < NV; ++v)
+      *reinterpret_cast<V*>(dst + jp * NR * kc + v * W) = *reinterpret_cast<const V*>(row + jp * NR + v * W);
+  if (jp * NR < n) {
+    T* out = dst + jp * NR * kc;
+    const int64_t rest = n - jp * NR;
+    for (int64_t j = 0; j < NR; ++j) out[j] = j < rest ? row[jp * NR + j] : T(0);
+  }
+}
+
 }  // namespace
 
 #if defined(__AVX512F__)
@@ -166,12 +181,12 @@ constexpr int kWidthBytes = kVectorBytes[kIsa], kMR = kTileRows[kIsa], kNV = kTi
 Kernel<float> make(float) {
   constexpr int W = kWidthBytes / 4;
   return {kMR, W * kNV, &tile<float, W, kMR, kNV>, &tile_strided<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
-          FASTCV_STR(FASTCV_ISA)};
+          &pack_b_row<float, W, kNV>, FASTCV_STR(FASTCV_ISA)};
 }
 Kernel<double> make(double) {
   constexpr int W = kWidthBytes / 8;
   return {kMR, W * kNV, &tile<double, W, kMR, kNV>, &tile_strided<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
-          FASTCV_STR(FASTCV_ISA)};
+          &pack_b_row<double, W, kNV>, FASTCV_STR(FASTCV_ISA)};
 }
 
 }  // namespace FASTCV_ISA

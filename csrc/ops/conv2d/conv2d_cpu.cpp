@@ -39,12 +39,14 @@ struct Store {
   explicit Store(const Epilogue& epilogue)
       : e(epilogue), residual(epilogue.residual ? epilogue.residual->ptr<S>() : nullptr) {}
   compute_t<S> bias(int64_t o) const { return e.bias ? load(e.bias->ptr<S>()[o]) : compute_t<S>(0); }
+  bool plain() const { return !e.bias && !residual && !e.relu; }  // stores the sums as they are
   void operator()(S* out, int64_t offset, compute_t<S> v) const {
     if (residual) v += load(residual[offset]);
     if (e.relu && v < 0) v = 0;
     out[offset] = from_compute<S>(v);
   }
   // n consecutive outputs from offset, sums[q] + bias each: the plain case as a loop the compiler vectorises.
+  // sums may be the outputs themselves (an in-place epilogue).
   void run(S* out, int64_t offset, const compute_t<S>* sums, int64_t n, compute_t<S> bias) const {
     if (!residual && !e.relu) {
       for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q] + bias);
@@ -219,18 +221,10 @@ const compute_t<S>* compute_copy(const TensorView& t, std::vector<compute_t<S>>&
 // gathered into buf or pointing at the source, cut into kc x NR panels with zeros past n_valid:
 // dst[jp * NR * kc + kk * NR + jj] = row[jp * NR + jj].
 template <class T, class RowOf>
-void pack_rows(int64_t kc, int64_t n_valid, int64_t nr, T* dst, std::vector<T>& buf, const RowOf& row_of) {
-  buf.resize(size_t(gemm::round_up(n_valid, nr)));
-  const int64_t full = n_valid / nr, rest = n_valid - full * nr;
-  for (int64_t kk = 0; kk < kc; ++kk) {
-    const T* row = row_of(kk, buf.data());
-    T* out = dst + kk * nr;
-    for (int64_t jp = 0; jp < full; ++jp) std::memcpy(out + jp * nr * kc, row + jp * nr, size_t(nr) * sizeof(T));
-    if (rest) {
-      std::memcpy(out + full * nr * kc, row + full * nr, size_t(rest) * sizeof(T));
-      std::fill(out + full * nr * kc + rest, out + full * nr * kc + nr, T(0));
-    }
-  }
+void pack_rows(const gemm::Kernel<T>& kern, int64_t kc, int64_t n_valid, T* dst, std::vector<T>& buf,
+               const RowOf& row_of) {
+  buf.resize(size_t(gemm::round_up(n_valid, kern.nr)));
+  for (int64_t kk = 0; kk < kc; ++kk) kern.pack_b_row(row_of(kk, buf.data()), n_valid, kc, dst + kk * kern.nr);
 }
 
 // Weight element offsets: row o (output channel within the group) and k = (c, i, j) of the group.
@@ -305,6 +299,9 @@ void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epil
   make_padded<S>(x.ptr<S>(), g.batch * g.channels, g, plane_layout(g, virt), pad, nthreads);
   const PlaneLayout& l = pad.layout;
   const int64_t row_width = virt ? l.row : g.out_w, P = g.out_h * row_width;  // the GEMM's pixel grid
+  // The tiles write the output in place when its planes are the pixel grid itself (no virtual pixels to
+  // drop) and it holds the compute type; else they go through a C block that the store copies out.
+  const bool direct = std::is_same<S, T>::value && row_width == g.out_w && out.stride(1) == P;
   // The pixel block's C block (M x cols) stays near 64 KB (measured best between 32 and 256 KB).
   const int64_t cols = chunk(P, kern.nr, std::max<int64_t>(4 * kern.nr, 16384 / std::max<int64_t>(M, 1)), g.batch * g.groups, nthreads);
   const int64_t rows = chunk(M, kern.mr, M, g.batch * g.groups * ((P + cols - 1) / cols), nthreads);
@@ -319,8 +316,13 @@ void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epil
       const int64_t r0 = rt * rows, m = std::min(rows, M - r0), q0 = ct * cols, q1 = std::min(P, q0 + cols);
       const T* planes = pad.at(n * g.channels + gi * cg);
       const auto& a = weights[size_t(gi)];
-      const int64_t ldc = gemm::round_up(q1 - q0, kern.nr);
-      ws.c.resize(size_t(gemm::round_up(m, kern.mr) * ldc));
+      const int64_t first = n * out.stride(0) + (gi * M + r0) * out.stride(1);  // output of row r0, pixel 0
+      T* c = direct ? reinterpret_cast<T*>(out.ptr<S>()) + first + q0 : nullptr;
+      const int64_t ldc = direct ? out.stride(1) : gemm::round_up(q1 - q0, kern.nr);
+      if (!direct) {
+        ws.c.resize(size_t(gemm::round_up(m, kern.mr) * ldc));
+        c = ws.c.data();
+      }
       if (!virt) pixel_runs(g, q0, q1 - q0, runs);
       const auto row_of = [&](int64_t k, T* buf) -> const T* {
         if (virt) return planes + k / g.taps() * l.plane + q0 + k % g.taps() / g.kw * g.dh * l.row + k % g.kw * g.dw;
@@ -341,17 +343,18 @@ void forward_nchw(const TensorView& x, const TensorView& w, const Epilogue& epil
       gemm::multiply(kern, m, q1 - q0, K,
           [&](int64_t i, int64_t k0, int64_t kc, T*) { return a.panel(r0 + i, k0, kc); },
           [&](int64_t k0, int64_t kc, T* dst) {
-            pack_rows(kc, q1 - q0, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) { return row_of(k0 + kk, buf); });
+            pack_rows(kern, kc, q1 - q0, dst, ws.row, [&](int64_t kk, T* buf) { return row_of(k0 + kk, buf); });
             return static_cast<const T*>(dst);
           },
-          ws, ws.c.data(), ldc, false, prefetch, /*a_stored=*/true);
+          ws, c, ldc, false, prefetch, /*a_stored=*/true, /*exact=*/direct);
+      if (direct && store.plain()) continue;
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t o = gi * M + r0 + i, base = n * out.stride(0) + o * out.stride(1);
+        const int64_t o = gi * M + r0 + i, base = first + i * out.stride(1);
         const T b = store.bias(o);
-        const T* c = ws.c.data() + i * ldc;
+        const T* sums = c + i * ldc;
         for (int64_t v = q0; v < q1;) {  // grid row by grid row, dropping virtual pixels past out_w
           const int64_t oh = v / row_width, ow = v % row_width, length = std::min(row_width - ow, q1 - v);
-          if (ow < g.out_w) store.run(out.ptr<S>(), base + oh * g.out_w + ow, c + v - q0, std::min(ow + length, g.out_w) - ow, b);
+          if (ow < g.out_w) store.run(out.ptr<S>(), base + oh * g.out_w + ow, sums + v - q0, std::min(ow + length, g.out_w) - ow, b);
           v += length;
         }
       }
@@ -395,6 +398,7 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
   const T* input = compute_copy<S>(x, converted, nthreads);
   const int64_t rows = chunk(M, kern.mr, std::max<int64_t>(kern.mr, 16384 / std::max<int64_t>(N, 1)), g.batch * g.groups, nthreads);
   const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.batch * g.groups * row_tasks;
+  const bool direct = std::is_same<S, T>::value;  // the tiles write the output in place (see forward_nchw)
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     for (int64_t t = t0; t < t1; ++t) {
@@ -402,20 +406,23 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
       const int64_t p0 = rt * rows, p1 = std::min(M, p0 + rows);
       const T* image = input + n * x.stride(0);
       const auto& b = weights[size_t(gi)];
-      const int64_t ldc = gemm::round_up(N, kern.nr);
-      ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
+      const int64_t first = n * out.stride(0) + p0 * g.out_channels + gi * N;  // pixel p0, channel 0
+      T* c = direct ? reinterpret_cast<T*>(out.ptr<S>()) + first : nullptr;
+      const int64_t ldc = direct ? g.out_channels : gemm::round_up(N, kern.nr);
+      if (!direct) {
+        ws.c.resize(size_t(gemm::round_up(p1 - p0, kern.mr) * ldc));
+        c = ws.c.data();
+      }
       gemm::multiply(kern, p1 - p0, N, K,
           [&](int64_t i, int64_t k0, int64_t kc, T* dst) {
             pack_pixel_rows(kern, image, g, gi * g.in_per_group(), p0 + i, p1, k0, kc, dst);
             return static_cast<const T*>(dst);
           },
           [&](int64_t k0, int64_t kc, T*) { return b.panel(0, k0, kc); },
-          ws, ws.c.data(), ldc);
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* c = ws.c.data() + (p - p0) * ldc;
-        const int64_t base = n * out.stride(0) + p * g.out_channels + gi * N;
-        store.run_channels(out.ptr<S>(), base, c, N, gi * N);
-      }
+          ws, c, ldc, false, gemm::NoHook{}, false, /*exact=*/direct);
+      if (direct && store.plain()) continue;
+      for (int64_t p = p0; p < p1; ++p)
+        store.run_channels(out.ptr<S>(), first + (p - p0) * g.out_channels, c + (p - p0) * ldc, N, gi * N);
     }
   });
 }
@@ -494,7 +501,7 @@ void input_grad_nchw(const TensorView& gout, const TensorView& w, const TensorVi
         gemm::multiply(kern, m, q1 - q0, Kd,
             [&](int64_t i, int64_t k0, int64_t kc, T*) { return a.panel(c0 * taps + i, k0, kc); },
             [&](int64_t k0, int64_t kc, T* dst) {
-              pack_rows(kc, q1 - q0, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
+              pack_rows(kern, kc, q1 - q0, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
                 const int64_t p = first_plane + k0 + kk;
                 if (virt) return widened + p * P + q0;
                 return as_compute(gout.ptr<S>() + p * P + q0, q1 - q0, buf);
@@ -843,7 +850,7 @@ void weight_grad_nhwc_1x1(const TensorView& gout, const TensorView& x, const Ten
         const T* b_rows = plan.grad_is_a ? image : grads;
         for (int64_t k0 = 0; k0 < P; k0 += gemm::kKC) {
           const int64_t kc = std::min(gemm::kKC, P - k0);
-          pack_rows(kc, N, nr, ws.b.data(), ws.row, [&](int64_t kk, T*) { return b_rows + (k0 + kk) * ldb; });
+          pack_rows(kern, kc, N, ws.b.data(), ws.row, [&](int64_t kk, T*) { return b_rows + (k0 + kk) * ldb; });
           for (int64_t kk = 0; full < m && kk < kc; ++kk)  // the partial panel, zero-padded
             for (int64_t ii = 0; ii < mr; ++ii)
               ws.a[size_t(kk * mr + ii)] = full + ii < m ? a_rows[(k0 + kk) * lda + full + ii] : T(0);
@@ -885,7 +892,7 @@ void weight_grad_nhwc(const TensorView& gout, const TensorView& x, const TensorV
               return static_cast<const T*>(dst);
             },
             [&](int64_t k0, int64_t kc, T* dst) {  // gout pixel rows: NR channels at a time
-              pack_rows(kc, N, kern.nr, dst, ws.row,
+              pack_rows(kern, kc, N, dst, ws.row,
                         [&](int64_t kk, T* buf) { return as_compute(grad + (k0 + kk) * g.out_channels, N, buf); });
               return static_cast<const T*>(dst);
             },
@@ -975,7 +982,7 @@ void weight_grad_stride1(const TensorView& gout, const TensorView& x, const Tens
               return image + (r % cgp / mr * span + k0 + tap / g.kw * g.dh * wp + tap % g.kw * g.dw) * mr;
             },
             [&](int64_t k0, int64_t kc, T* dst) {  // gout pixel rows, zeros for the virtual pixels
-              pack_rows(kc, N, kern.nr, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
+              pack_rows(kern, kc, N, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
                 const int64_t oh = (k0 + kk) / wp, ow = (k0 + kk) % wp;
                 if (ow >= g.out_w) {
                   std::fill_n(buf, N, T(0));
