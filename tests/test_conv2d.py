@@ -104,6 +104,41 @@ def test_gradients_match_pytorch(shape, channels_last):
         assert_sums_close(ours, ref, mag, torch.float32, SUM_UNITS, name)
 
 
+# Strided layers with 16+ channels a group: NCHW gradients run as one stride-1 convolution per stride
+# phase (fastcv/ops/conv.py); channels_last keeps the direct path, checked here alike.
+PHASED = [
+    (2, 32, 15, 13, 24, 3, 2, 1, 1, 1),  # ResNet's 3x3/2, odd sizes (phases of unequal length)
+    (2, 32, 14, 14, 48, 1, 2, 0, 1, 1),  # the 1x1/2 shortcut: one phase has every tap
+    (1, 32, 17, 16, 32, 3, (2, 3), (1, 0), 1, 2),  # grouped, a stride and padding per axis
+    (2, 16, 11, 12, 16, (5, 4), (3, 2), (2, 1), 1, 1),  # several taps a phase, padding cropped and added
+    (1, 16, 5, 5, 16, 3, 4, 1, 1, 1),  # stride larger than the kernel: phases no tap reads (zero gradient)
+    (1, 16, 3, 9, 16, 3, 2, 1, 1, 1),  # a single output row
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", PHASED)
+def test_strided_gradients_by_phases_match_pytorch(shape, channels_last, dtype):
+    x, w, b, kw = _inputs(shape, dtype, seed=6)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xr, wr = (t.detach().clone().requires_grad_() for t in (x, w))
+    out = ops.conv2d(xr, wr, None, **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    out.backward(grad)
+    (_, gx, gw, _), (_, mx, mw, _) = conv2d_reference(x, w, None, grad, **kw)
+    assert_sums_close(xr.grad, gx, mx, dtype, SUM_UNITS, "grad_input")
+    assert_sums_close(wr.grad, gw, mw, dtype, SUM_UNITS, "grad_weight")
+    assert xr.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_strided_gradients_by_phases_gradcheck():
+    x, w, b, kw = _inputs((1, 16, 7, 6, 16, 3, 2, 1, 1, 1), torch.float64, seed=8)
+    inputs = tuple(t.requires_grad_() for t in (x, w))
+    assert torch.autograd.gradcheck(lambda *a: ops.conv2d(*a, **kw), inputs)
+
+
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[7]])
 def test_gradcheck_and_gradgradcheck(shape):
     x, w, b, kw = _inputs(shape, torch.float64, seed=2)

@@ -197,6 +197,82 @@ def _input_grad_checked(grad_output, weight, input_size, stride, padding, dilati
     return g
 
 
+# ---------------------------------------------------------------- strided gradients by stride phases
+#
+# On the CPU the gradients of a stride-1 convolution run without a column matrix (the input gradient is
+# a forward convolution, the weight gradient reads the input in place); a strided one would build and
+# scatter kh * kw times its input. Split by stride phase instead: input row h = s * o + i - p has phase
+# q = (i - p) mod s, and the taps i of one phase (every s-th) read the phase image x[q::s] at consecutive
+# offsets. Each phase (q, r) is then a stride-1 convolution of the phase image, padded or cropped so
+# that its 'valid' output is the layer's, with the kernel's taps [q0::s, r0::s]: its gradients are the
+# fast stride-1 ones, and the phases' results tile the strided gradients exactly (each tap and each input
+# pixel belongs to one phase). NCHW only: measured on ResNet-50's strided layers (2 cores), NCHW's 1x1
+# weight gradients ran 2-3x faster and its input gradients 1.1-1.7x, while channels_last, whose strided
+# path gathers pixel rows without a column matrix, lost as often as it won. Layers with few channels
+# (the 3-channel stem) keep the direct path too: a GEMM with 3 rows wastes the tile.
+
+
+class _Phase(NamedTuple):
+    first: int  # the first tap of the phase
+    taps: int  # how many
+    before: int  # padding before the phase image (negative: rows cropped)
+    after: int
+
+
+def _phase(size, out, kernel, stride, padding, q) -> _Phase:
+    first = (q + padding) % stride
+    taps = len(range(first, kernel, stride))
+    shift = (first - padding - q) // stride  # phase row read by output 0 through the first tap
+    length = len(range(q, size, stride))
+    return _Phase(first, taps, -shift, out + taps - 1 - length + shift)
+
+
+def _by_phases(g, fmt) -> bool:
+    return (fmt == torch.contiguous_format and (g.sh > 1 or g.sw > 1) and g.dh == 1 and g.dw == 1
+            and not _depthwise(g) and min(g.channels, g.out_channels) // g.groups >= 16)
+
+
+def _phases(g):
+    """Each (row phase, column phase) of a strided geometry, with the two axes' _Phase."""
+    for q in range(g.sh):
+        for r in range(g.sw):
+            a = _phase(g.height, g.out_h, g.kh, g.sh, g.ph, q)
+            b = _phase(g.width, g.out_w, g.kw, g.sw, g.pw, r)
+            yield q, r, a, b
+
+
+def _phase_geometry(g, a, b):
+    shape = (g.batch, g.channels, g.out_h + a.taps - 1, g.out_w + b.taps - 1)
+    return _geometry(shape, (g.out_channels, g.channels // g.groups, a.taps, b.taps), (1, 1), (0, 0), (1, 1),
+                     g.groups)
+
+
+def _input_grad_by_phases(go, weight, out, g):
+    nt = num_threads()
+    for q, r, a, b in _phases(g):
+        target = out[:, :, q::g.sh, r::g.sw]
+        if not (a.taps and b.taps):
+            target.zero_()  # no tap reads these pixels
+            continue
+        pg = _phase_geometry(g, a, b)
+        w = weight[:, :, a.first::g.sh, b.first::g.sw].contiguous()
+        gp = _empty(pg.input_shape(), go, torch.contiguous_format)
+        _C.conv2d_input_grad_cpu(go, w, gp, pg, nt)
+        target.copy_(torch.nn.functional.pad(gp, (-b.before, -b.after, -a.before, -a.after)))
+
+
+def _weight_grad_by_phases(go, x, out, g):
+    nt = num_threads()
+    for q, r, a, b in _phases(g):
+        if not (a.taps and b.taps):
+            continue
+        pg = _phase_geometry(g, a, b)
+        xp = torch.nn.functional.pad(x[:, :, q::g.sh, r::g.sw], (b.before, b.after, a.before, a.after))
+        gw = _empty((g.out_channels, g.channels // g.groups, a.taps, b.taps), go, torch.contiguous_format)
+        _C.conv2d_weight_grad_cpu(go, xp.contiguous(), gw, pg, nt)
+        out[:, :, a.first::g.sh, b.first::g.sw] = gw
+
+
 def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _input_grad_checked(grad_output, weight, input_size, stride, padding, dilation, groups)
     backend = _select(grad_output, g)
@@ -209,6 +285,8 @@ def _input_grad_impl(grad_output, weight, input_size, stride, padding, dilation,
         go = grad_output.contiguous(memory_format=fmt)
         if backend == CUDA:
             _C.depthwise_input_grad_cuda(go, weight, out, g, cuda_stream(out))
+        elif _by_phases(g, fmt) and go.numel():
+            _input_grad_by_phases(go, weight, out, g)
         else:
             _C.conv2d_input_grad_cpu(go, weight, out, g, num_threads())
     return out
@@ -240,6 +318,8 @@ def _weight_grad_impl(grad_output, input, weight_size, stride, padding, dilation
     go, x = grad_output.contiguous(memory_format=fmt), input.contiguous(memory_format=fmt)
     if backend == CUDA:
         _C.depthwise_weight_grad_cuda(go, x, out, g, cuda_stream(out))
+    elif _by_phases(g, fmt) and go.numel() and x.numel():
+        _weight_grad_by_phases(go, x, out, g)
     else:
         _C.conv2d_weight_grad_cpu(go, x, out, g, num_threads())
     return out
