@@ -133,6 +133,21 @@ def test_strided_gradients_by_phases_match_pytorch(shape, channels_last, dtype):
     assert xr.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_gradient_of_small_images_sums_row_blocks_over_the_batch(channels_last):
+    """Under 128 pixels an image, the stride-1 weight gradient cuts its GEMM rows (9 taps x 64 channels
+    here, against 512 outputs) into several C blocks, each summed over the whole batch."""
+    x, w, b, kw = _inputs((3, 64, 5, 6, 512, 3, 1, 1, 1, 1), torch.float32, seed=9)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xr, wr = (t.detach().clone().requires_grad_() for t in (x, w))
+    out = ops.conv2d(xr, wr, None, **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+    out.backward(grad)
+    (_, _, gw, _), (_, _, mw, _) = conv2d_reference(x, w, None, grad, **kw)
+    assert_sums_close(wr.grad, gw, mw, torch.float32, SUM_UNITS, "grad_weight")
+
+
 def test_strided_gradients_by_phases_gradcheck():
     x, w, b, kw = _inputs((1, 16, 7, 6, 16, 3, 2, 1, 1, 1), torch.float64, seed=8)
     inputs = tuple(t.requires_grad_() for t in (x, w))

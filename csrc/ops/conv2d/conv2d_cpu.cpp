@@ -112,9 +112,10 @@ PlaneLayout plane_layout(const Geometry& g, bool virtual_pixels) {
   return l;
 }
 
-// The scratch slots (common/memory.h) of one convolution call: padded input planes, and the second
-// operand's work copy (widened grad_output rows, or the weight gradient's relaid input).
-constexpr int kPaddedSlot = 0, kOperandSlot = 1;
+// The scratch slots (common/memory.h) of one convolution call: padded input planes, the second
+// operand's work copy (widened grad_output rows, or the weight gradient's relaid input), and the weight
+// gradient's packed grad_output panels.
+constexpr int kPaddedSlot = 0, kOperandSlot = 1, kPanelSlot = 2;
 
 template <class T>
 struct Padded {
@@ -964,37 +965,52 @@ void weight_grad_stride1(const TensorView& gout, const TensorView& x, const Tens
       }
     }
   });
-  // A task owns a block of GEMM rows of a group and sums over the whole batch itself (as weight_grad_nhwc).
-  const int64_t rows = chunk(M, mr, M, g.groups, nthreads, 1);
+  // gout as B panels, packed once for every row task: pixel rows of each image and group, zeros for the
+  // virtual pixels; depth block k0 of image-group ng at ng * P * ldc + k0 * ldc.
+  const int64_t ldc = gemm::round_up(N, kern.nr), kblocks = (P + gemm::kKC - 1) / gemm::kKC;
+  T* const panels = scratch<T>(kPanelSlot, size_t(g.batch * g.groups * P * ldc));
+  parallel_for(0, g.batch * g.groups * kblocks, 1, nthreads, [&](int64_t u0, int64_t u1) {
+    auto& ws = gemm::workspace<T>();
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t ng = u / kblocks, k0 = u % kblocks * gemm::kKC, kc = std::min(gemm::kKC, P - k0);
+      const S* grad = gout.ptr<S>() + ng / g.groups * gout.stride(0) + ng % g.groups * N * g_ch;
+      pack_rows(kern, kc, N, panels + (ng * P + k0) * ldc, ws.row, [&](int64_t kk, T* buf) -> const T* {
+        const int64_t oh = (k0 + kk) / wp, ow = (k0 + kk) % wp;
+        if (ow >= g.out_w) {
+          std::fill_n(buf, N, T(0));
+          return buf;
+        }
+        const S* src = grad + (oh * g.out_w + ow) * g_pix;
+        if (g_ch == 1) return as_compute(src, N, buf);
+        for (int64_t j = 0; j < N; ++j) buf[j] = load(src[j * g_ch]);
+        return buf;
+      });
+    }
+  });
+  // A task owns a block of GEMM rows of a group and sums over the whole batch itself (as weight_grad_nhwc),
+  // image after image into its C block. On small images (under 128 pixels of products each, as 7x7 maps
+  // and the stride phases of 14x14 ones) each image's pass over C costs more than its products, so C is
+  // cut to ~512 KB a task, which L2 keeps across the batch (measured on ResNet-50's 3x3/2 at 14x14: 35-41
+  // -> 20-22 ms); larger images keep one C block of all of a thread's rows (smaller blocks re-read the
+  // other operands more: 14x14's 3x3, 10 -> 11-13 ms).
+  const int64_t cap = P < 128 ? 131072 : M * ldc;
+  const int64_t rounds = std::max<int64_t>(1, (M * ldc + nthreads * cap - 1) / (nthreads * cap));
+  const int64_t rows = chunk(M, mr, (M + nthreads * rounds - 1) / (nthreads * rounds), g.groups, nthreads, 1);
   const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.groups * row_tasks;
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t rt = t % row_tasks, gi = t / row_tasks, r0 = rt * rows, m = std::min(rows, M - r0);
-      const int64_t ldc = gemm::round_up(N, kern.nr);
       ws.c.assign(size_t(m * ldc), T(0));
       for (int64_t n = 0; n < g.batch; ++n) {
         const T* image = relaid + (n * g.groups + gi) * blocks * span * mr;
-        const S* grad = gout.ptr<S>() + n * gout.stride(0) + gi * N * g_ch;
+        const T* grad_panels = panels + (n * g.groups + gi) * P * ldc;
         gemm::multiply(kern, m, N, P,
             [&](int64_t i, int64_t k0, int64_t, T*) {
               const int64_t r = r0 + i, tap = r / cgp;
               return image + (r % cgp / mr * span + k0 + tap / g.kw * g.dh * wp + tap % g.kw * g.dw) * mr;
             },
-            [&](int64_t k0, int64_t kc, T* dst) {  // gout pixel rows, zeros for the virtual pixels
-              pack_rows(kern, kc, N, dst, ws.row, [&](int64_t kk, T* buf) -> const T* {
-                const int64_t oh = (k0 + kk) / wp, ow = (k0 + kk) % wp;
-                if (ow >= g.out_w) {
-                  std::fill_n(buf, N, T(0));
-                  return buf;
-                }
-                const S* src = grad + (oh * g.out_w + ow) * g_pix;
-                if (g_ch == 1) return as_compute(src, N, buf);
-                for (int64_t j = 0; j < N; ++j) buf[j] = load(src[j * g_ch]);
-                return buf;
-              });
-              return static_cast<const T*>(dst);
-            },
+            [&](int64_t k0, int64_t, T*) { return grad_panels + k0 * ldc; },
             ws, ws.c.data(), ldc, /*accumulate=*/true, gemm::NoHook{}, /*a_stored=*/true);
       }
       for (int64_t i = 0; i < m; ++i) {  // GEMM row (tap, c) -> gW[o, c, tap]
