@@ -296,6 +296,30 @@ def test_thread_count_does_not_change_results():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_thread_count_does_not_change_small_plane_passes(training):
+    """14x14 planes go to threads in ranges of whole planes (forward, the backward's sums and gradient):
+    enough values here for three threads, and the results must not move with their number."""
+    x = make((32, 24, 14, 14), False, torch.float32, "cpu")
+    grad = make((32, 24, 14, 14), False, torch.float32, "cpu")
+    w, b = torch.rand(24) + 0.5, torch.rand(24)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            rm, rv = torch.zeros(24), torch.ones(24)
+            y = batch_norm(xr, rm, rv, wr, br, training=training)
+            y.backward(grad)
+            outs.append((y.detach(), xr.grad, wr.grad, br.grad, rm, rv))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
 def test_empty_tensors(device):
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     for shape in ((0, 3, 4, 4), (2, 3, 0, 4), (0, 3)):

@@ -101,6 +101,12 @@ FASTCV_BN_INLINE Moments<double> block_moments(const T* x, Block b) {
   return {n, double(m0) + shift, double(d2.total()) - sum_d * shift};
 }
 
+// Planar: the moments of whole planes [p0, p1) of S values, into out[p] (one call for many small planes).
+template <class T>
+FASTCV_BN_INLINE void plane_moments(const T* x, int64_t p0, int64_t p1, int64_t S, Moments<double>* out) {
+  for (int64_t p = p0; p < p1; ++p) out[p] = block_moments(x, Block{p * S, 1, 0, S});
+}
+
 // Packed: channels are taken kTile at a time (128 bytes: their accumulators stay in registers while
 // the loop walks down the rows), then one at a time for the rest.
 template <class A>
@@ -205,6 +211,19 @@ struct AffineColumns {
   Affine<A> get(int64_t c) const { return {mean[c], scale[c], shift[c]}; }
 };
 
+// Planar: whole planes [p0, p1) of S values (plane p is channel p % C of image p / C), in one call. Small
+// planes one call each (through the instruction-set dispatch) cost as much as their arithmetic: ResNet's
+// 14x14 maps, 196 values a plane.
+template <class T>
+FASTCV_BN_INLINE void apply_planes(const T* x, const T* res, T* y, int64_t p0, int64_t p1, int64_t S, int64_t C,
+                                   const AffineColumns<compute_t<T>>& f, bool relu, bool stream) {
+  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t o = p * S;
+    apply_run(x + o, res ? res + o : nullptr, y + o, S, f.get(c), relu, stream);
+  }
+  stream_fence(stream);
+}
+
 // Packed: one row of C channels, the coefficients as restrict-qualified columns.
 template <class T>
 FASTCV_BN_INLINE void apply_row(const T* __restrict x, const T* __restrict res, T* __restrict y, int64_t C,
@@ -308,6 +327,22 @@ FASTCV_BN_INLINE void grad_block(const T* dy, const T* x, const T* y, T* dx, T* 
   stream_fence(stream);
 }
 
+// Planar: whole planes [p0, p1) of S values in one call (see apply_planes): each plane's sums into sums[p]
+// when sums is given, then its input gradient when dx or dres is (evaluation does both while the plane is
+// in L1; training makes one pass for the sums and one for the gradient).
+template <class T>
+FASTCV_BN_INLINE void grad_planes(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t p0, int64_t p1,
+                                       int64_t S, int64_t C, const compute_t<T>* mean,
+                                       const GradCoeffs<compute_t<T>>* k, GradSums* sums, bool stream) {
+  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t o = p * S;
+    if (sums) sums[p] = block_grad_sums(dy, x, y, Block{o, 1, 0, S}, mean[c]);
+    if (dx || dres)
+      grad_run(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dres ? dres + o : nullptr, S, k[c], stream);
+  }
+  stream_fence(stream);
+}
+
 template <class A>
 struct GradColumns {
   std::vector<A> mean, k, cx, c0;
@@ -344,11 +379,17 @@ FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* d
 // at each call).
 #define FASTCV_BN_CLONES(T)                                                                                     \
   FASTCV_ISA_DISPATCH(Moments<double>, block_moments_isa, block_moments, (const T* x, Block b), (x, b))         \
+  FASTCV_ISA_DISPATCH(void, plane_moments_isa, plane_moments,                                                   \
+                      (const T* x, int64_t p0, int64_t p1, int64_t S, Moments<double>* out), (x, p0, p1, S, out)) \
   FASTCV_ISA_DISPATCH(void, rows_moments_isa, rows_moments,                                                     \
                       (const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out), (x, r0, r1, C, out)) \
   FASTCV_ISA_DISPATCH(void, apply_block_isa, apply_block,                                                       \
                       (const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f, bool relu, bool stream), \
                       (x, res, y, b, f, relu, stream))                                                          \
+  FASTCV_ISA_DISPATCH(void, apply_planes_isa, apply_planes,                                                     \
+                      (const T* x, const T* res, T* y, int64_t p0, int64_t p1, int64_t S, int64_t C,            \
+                       const AffineColumns<compute_t<T>>& f, bool relu, bool stream),                           \
+                      (x, res, y, p0, p1, S, C, f, relu, stream))                                               \
   FASTCV_ISA_DISPATCH(void, apply_rows_isa, apply_rows,                                                         \
                       (const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C,                       \
                        const AffineColumns<compute_t<T>>& f, bool relu, bool stream),                           \
@@ -363,6 +404,11 @@ FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* d
                       (const T* dy, const T* x, const T* y, T* dx, T* dres, Block b, GradCoeffs<compute_t<T>> k, \
                        bool stream),                                                                            \
                       (dy, x, y, dx, dres, b, k, stream))                                                       \
+  FASTCV_ISA_DISPATCH(void, grad_planes_isa, grad_planes,                                                       \
+                      (const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t p0, int64_t p1, int64_t S,  \
+                       int64_t C, const compute_t<T>* mean, const GradCoeffs<compute_t<T>>* k, GradSums* sums,  \
+                       bool stream),                                                                            \
+                      (dy, x, y, dx, dres, p0, p1, S, C, mean, k, sums, stream))                                \
   FASTCV_ISA_DISPATCH(void, grad_rows_isa, grad_rows,                                                           \
                       (const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1, int64_t C,  \
                        const GradColumns<compute_t<T>>& k, bool stream),                                        \
@@ -378,8 +424,9 @@ FASTCV_BN_CLONES(BFloat16)
 // Planar: every channel's values are cut into the same sequence of blocks, and partial results fold
 // in block order whichever thread made them, so results do not depend on the thread count.
 // - Small planes (fewer than kSmallPlane values, e.g. 14x14): a block is one plane, and blocks are
-//   visited image by image, so that threads stream through memory. Visiting a channel's 784-byte
-//   planes 200 KB apart would defeat the hardware prefetcher at every plane.
+//   visited image by image, so that threads stream through memory, in ranges of planes that are one
+//   call each (for_each_plane_range). Visiting a channel's 784-byte planes 200 KB apart would defeat
+//   the hardware prefetcher at every plane.
 // - Larger planes: blocks of about kSegment values (a few planes, or a segment of one); whole
 //   channels go to threads when there are enough (statistics and normalisation back to back, the
 //   channel still in L2), else blocks do.
@@ -530,10 +577,24 @@ void for_each_segment(const Segments& sg, int nthreads, const F& job) {
   });
 }
 
+// Planes of one segment each: job(p0, p1) over ranges of whole planes, in memory order, so that each range
+// is one call through the instruction-set dispatch (see apply_planes).
+template <class F>
+void for_each_plane_range(const BatchNormShape& sh, int nthreads, const F& job) {
+  parallel_for(0, sh.n * sh.c, std::max<int64_t>(1, kSegment / std::max<int64_t>(sh.s, 1)), nthreads, job);
+}
+
 template <class T>
 void apply_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, const AffineColumns<compute_t<T>>& f,
                   int nthreads) {
-  for_each_segment(Segments(sh), nthreads, [&](int64_t c, int64_t, Block blk) {
+  const Segments sg(sh);
+  if (sg.per_plane == 1) {
+    for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
+      apply_planes_isa(a.x, a.res, a.y, p0, p1, sh.s, sh.c, f, a.relu, a.stream);
+    });
+    return;
+  }
+  for_each_segment(sg, nthreads, [&](int64_t c, int64_t, Block blk) {
     apply_block_isa(a.x, a.res, a.y, blk, f.get(c), a.relu, a.stream);
   });
 }
@@ -552,6 +613,18 @@ void train_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
                         a.stream);
       }
     });
+    return;
+  }
+  if (plan.image_major) {  // small planes: each plane's moments in memory order, merged image by image
+    std::vector<Moments<double>> planes(sh.n * sh.c);
+    for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) { plane_moments_isa(a.x, p0, p1, sh.s, planes.data()); });
+    AffineColumns<A> f(sh.c);
+    for_each_channel(sh.c, nthreads, [&](int64_t c) {
+      Moments<double> m;
+      for (int64_t n = 0; n < sh.n; ++n) m = batch_norm::merge(m, planes[n * sh.c + c]);
+      f.set(c, finish_stats(a, c, m, mean, var));
+    });
+    apply_planar(a, sh, f, nthreads);
     return;
   }
   std::vector<Moments<double>> parts(sh.c * plan.blocks);
@@ -729,13 +802,24 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
     std::vector<GradCoeffs<A>> k(sh.c);
     for (int64_t c = 0; c < sh.c; ++c) k[c] = coeffs(a, c, GradSums{});
     std::vector<GradSums> seg_parts(a.reduce ? sh.c * sg.per_channel() : 0);
-    for_each_segment(sg, nthreads, [&](int64_t c, int64_t i, Block blk) {
-      if (a.reduce) seg_parts[c * sg.per_channel() + i] = sums(c, blk);
-      if (a.elementwise()) grad(blk, k[c]);
-    });
+    // Segment i of channel c at seg_parts[part(c, i)]: planes of one segment are visited in ranges of
+    // planes (see apply_planes) and leave their sums in plane order.
+    const bool by_plane = sg.per_plane == 1;
+    const auto part = [&](int64_t c, int64_t i) { return by_plane ? i * sh.c + c : c * sg.per_channel() + i; };
+    if (by_plane) {
+      for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
+        grad_planes_isa(a.dy, a.x, a.y, a.dx, a.dres, p0, p1, sh.s, sh.c, a.mean, k.data(),
+                        a.reduce ? seg_parts.data() : nullptr, a.stream);
+      });
+    } else {
+      for_each_segment(sg, nthreads, [&](int64_t c, int64_t i, Block blk) {
+        if (a.reduce) seg_parts[part(c, i)] = sums(c, blk);
+        if (a.elementwise()) grad(blk, k[c]);
+      });
+    }
     for_each_channel(sh.c, nthreads, [&](int64_t c) {
       GradSums s;
-      for (int64_t i = 0; a.reduce && i < sg.per_channel(); ++i) s = add(s, seg_parts[c * sg.per_channel() + i]);
+      for (int64_t i = 0; a.reduce && i < sg.per_channel(); ++i) s = add(s, seg_parts[part(c, i)]);
       param_grads(a, c, s);
     });
     return;
@@ -748,6 +832,24 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
         if (a.elementwise()) grad(plan.channel_backwards(c), k);
       }
     });
+    return;
+  }
+  if (plan.image_major) {  // small planes: a pass for each plane's sums, one for the gradient, in memory order
+    std::vector<GradSums> planes(sh.n * sh.c);
+    for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
+      grad_planes_isa(a.dy, a.x, a.y, nullptr, nullptr, p0, p1, sh.s, sh.c, a.mean, nullptr, planes.data(), a.stream);
+    });
+    std::vector<GradCoeffs<A>> k(sh.c);
+    for_each_channel(sh.c, nthreads, [&](int64_t c) {
+      GradSums s;
+      for (int64_t n = 0; n < sh.n; ++n) s = add(s, planes[n * sh.c + c]);
+      param_grads(a, c, s);
+      k[c] = coeffs(a, c, s);
+    });
+    if (a.elementwise())
+      for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
+        grad_planes_isa(a.dy, a.x, a.y, a.dx, a.dres, p0, p1, sh.s, sh.c, a.mean, k.data(), nullptr, a.stream);
+      });
     return;
   }
   for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { parts[c * plan.blocks + b] = sums(c, plan.block(c, b)); });
