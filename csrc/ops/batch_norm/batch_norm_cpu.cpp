@@ -327,22 +327,6 @@ FASTCV_BN_INLINE void grad_block(const T* dy, const T* x, const T* y, T* dx, T* 
   stream_fence(stream);
 }
 
-// Planar: whole planes [p0, p1) of S values in one call (see apply_planes): each plane's sums into sums[p]
-// when sums is given, then its input gradient when dx or dres is (evaluation does both while the plane is
-// in L1; training makes one pass for the sums and one for the gradient).
-template <class T>
-FASTCV_BN_INLINE void grad_planes(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t p0, int64_t p1,
-                                       int64_t S, int64_t C, const compute_t<T>* mean,
-                                       const GradCoeffs<compute_t<T>>* k, GradSums* sums, bool stream) {
-  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
-    const int64_t o = p * S;
-    if (sums) sums[p] = block_grad_sums(dy, x, y, Block{o, 1, 0, S}, mean[c]);
-    if (dx || dres)
-      grad_run(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dres ? dres + o : nullptr, S, k[c], stream);
-  }
-  stream_fence(stream);
-}
-
 template <class A>
 struct GradColumns {
   std::vector<A> mean, k, cx, c0;
@@ -404,11 +388,6 @@ FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* d
                       (const T* dy, const T* x, const T* y, T* dx, T* dres, Block b, GradCoeffs<compute_t<T>> k, \
                        bool stream),                                                                            \
                       (dy, x, y, dx, dres, b, k, stream))                                                       \
-  FASTCV_ISA_DISPATCH(void, grad_planes_isa, grad_planes,                                                       \
-                      (const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t p0, int64_t p1, int64_t S,  \
-                       int64_t C, const compute_t<T>* mean, const GradCoeffs<compute_t<T>>* k, GradSums* sums,  \
-                       bool stream),                                                                            \
-                      (dy, x, y, dx, dres, p0, p1, S, C, mean, k, sums, stream))                                \
   FASTCV_ISA_DISPATCH(void, grad_rows_isa, grad_rows,                                                           \
                       (const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1, int64_t C,  \
                        const GradColumns<compute_t<T>>& k, bool stream),                                        \
@@ -802,24 +781,13 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
     std::vector<GradCoeffs<A>> k(sh.c);
     for (int64_t c = 0; c < sh.c; ++c) k[c] = coeffs(a, c, GradSums{});
     std::vector<GradSums> seg_parts(a.reduce ? sh.c * sg.per_channel() : 0);
-    // Segment i of channel c at seg_parts[part(c, i)]: planes of one segment are visited in ranges of
-    // planes (see apply_planes) and leave their sums in plane order.
-    const bool by_plane = sg.per_plane == 1;
-    const auto part = [&](int64_t c, int64_t i) { return by_plane ? i * sh.c + c : c * sg.per_channel() + i; };
-    if (by_plane) {
-      for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
-        grad_planes_isa(a.dy, a.x, a.y, a.dx, a.dres, p0, p1, sh.s, sh.c, a.mean, k.data(),
-                        a.reduce ? seg_parts.data() : nullptr, a.stream);
-      });
-    } else {
-      for_each_segment(sg, nthreads, [&](int64_t c, int64_t i, Block blk) {
-        if (a.reduce) seg_parts[part(c, i)] = sums(c, blk);
-        if (a.elementwise()) grad(blk, k[c]);
-      });
-    }
+    for_each_segment(sg, nthreads, [&](int64_t c, int64_t i, Block blk) {
+      if (a.reduce) seg_parts[c * sg.per_channel() + i] = sums(c, blk);
+      if (a.elementwise()) grad(blk, k[c]);
+    });
     for_each_channel(sh.c, nthreads, [&](int64_t c) {
       GradSums s;
-      for (int64_t i = 0; a.reduce && i < sg.per_channel(); ++i) s = add(s, seg_parts[part(c, i)]);
+      for (int64_t i = 0; a.reduce && i < sg.per_channel(); ++i) s = add(s, seg_parts[c * sg.per_channel() + i]);
       param_grads(a, c, s);
     });
     return;
@@ -832,24 +800,6 @@ void backward_planar(const BackwardArgs<T>& a, const BatchNormShape& sh, int nth
         if (a.elementwise()) grad(plan.channel_backwards(c), k);
       }
     });
-    return;
-  }
-  if (plan.image_major) {  // small planes: a pass for each plane's sums, one for the gradient, in memory order
-    std::vector<GradSums> planes(sh.n * sh.c);
-    for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
-      grad_planes_isa(a.dy, a.x, a.y, nullptr, nullptr, p0, p1, sh.s, sh.c, a.mean, nullptr, planes.data(), a.stream);
-    });
-    std::vector<GradCoeffs<A>> k(sh.c);
-    for_each_channel(sh.c, nthreads, [&](int64_t c) {
-      GradSums s;
-      for (int64_t n = 0; n < sh.n; ++n) s = add(s, planes[n * sh.c + c]);
-      param_grads(a, c, s);
-      k[c] = coeffs(a, c, s);
-    });
-    if (a.elementwise())
-      for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) {
-        grad_planes_isa(a.dy, a.x, a.y, a.dx, a.dres, p0, p1, sh.s, sh.c, a.mean, k.data(), nullptr, a.stream);
-      });
     return;
   }
   for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { parts[c * plan.blocks + b] = sums(c, plan.block(c, b)); });
