@@ -594,26 +594,19 @@ void train_planar(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
     });
     return;
   }
-  if (plan.image_major) {  // small planes: each plane's moments in memory order, merged image by image
-    std::vector<Moments<double>> planes(sh.n * sh.c);
-    for_each_plane_range(sh, nthreads, [&](int64_t p0, int64_t p1) { plane_moments_isa(a.x, p0, p1, sh.s, planes.data()); });
-    AffineColumns<A> f(sh.c);
-    for_each_channel(sh.c, nthreads, [&](int64_t c) {
-      Moments<double> m;
-      for (int64_t n = 0; n < sh.n; ++n) m = batch_norm::merge(m, planes[n * sh.c + c]);
-      f.set(c, finish_stats(a, c, m, mean, var));
-    });
-    apply_planar(a, sh, f, nthreads);
-    return;
-  }
+  // Block b of channel c at parts[at(c, b)]: small planes (one block each) leave their moments in plane
+  // order, from ranges of whole planes in memory order.
   std::vector<Moments<double>> parts(sh.c * plan.blocks);
-  for_each_block(plan, nthreads, [&](int64_t c, int64_t b) {
-    parts[c * plan.blocks + b] = block_moments_isa(a.x, plan.block(c, b));
-  });
+  const auto at = [&](int64_t c, int64_t b) { return plan.image_major ? b * sh.c + c : c * plan.blocks + b; };
+  if (plan.image_major)
+    for_each_plane_range(sh, nthreads,
+                         [&](int64_t p0, int64_t p1) { plane_moments_isa(a.x, p0, p1, sh.s, parts.data()); });
+  else
+    for_each_block(plan, nthreads, [&](int64_t c, int64_t b) { parts[at(c, b)] = block_moments_isa(a.x, plan.block(c, b)); });
   AffineColumns<A> f(sh.c);
   for_each_channel(sh.c, nthreads, [&](int64_t c) {
     Moments<double> m;
-    for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, parts[c * plan.blocks + b]);
+    for (int64_t b = 0; b < plan.blocks; ++b) m = batch_norm::merge(m, parts[at(c, b)]);
     f.set(c, finish_stats(a, c, m, mean, var));
   });
   apply_planar(a, sh, f, nthreads);
