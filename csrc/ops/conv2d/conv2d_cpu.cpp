@@ -680,6 +680,14 @@ struct OneByOneGemm {
         M(grad_is_a ? g.out_per_group() : g.in_per_group()), N(grad_is_a ? g.in_per_group() : g.out_per_group()),
         rows(chunk(M, mr, M, g.groups, nthreads, 1)), row_tasks((M + rows - 1) / rows), tasks(g.groups * row_tasks) {}
 
+  struct Task {
+    int64_t gi, r0, m;  // group, first GEMM row, rows
+  };
+  Task task(int64_t t) const {
+    const int64_t r0 = t % row_tasks * rows;
+    return {t / row_tasks, r0, std::min(rows, M - r0)};
+  }
+
   void store(const TensorView& gw, const Geometry& g, int64_t gi, int64_t r0, int64_t m, const T* c, int64_t ldc) const {
     const int64_t cg = g.in_per_group(), mg = g.out_per_group();
     for (int64_t i = 0; i < m; ++i)
@@ -702,19 +710,18 @@ void weight_grad_nchw_1x1(const TensorView& gout, const TensorView& x, const Ten
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
   const OneByOneGemm<S> plan(gout, x, g, kern.mr, nthreads);
-  const T *grad = plan.grad, *input = plan.input;
   const int64_t P = g.pixels(), cg = g.in_per_group(), mg = g.out_per_group(), M = plan.M, N = plan.N;
-  const int64_t rows = plan.rows, row_tasks = plan.row_tasks;
   parallel_for(0, plan.tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     thread_local std::vector<T> zeros(size_t(gemm::kKC), T(0));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rt = t % row_tasks, gi = t / row_tasks, r0 = rt * rows, m = std::min(rows, M - r0);
+      const auto task = plan.task(t);  // named fields: lambdas below capture them (no structured bindings)
+      const int64_t gi = task.gi, r0 = task.r0, m = task.m;
       const int64_t ldc = gemm::round_up(N, kern.nr);
       ws.c.assign(size_t(gemm::round_up(m, kern.mr) * ldc), T(0));
       for (int64_t n = 0; n < g.batch; ++n) {
-        const T* grads = grad + (n * g.out_channels + gi * mg) * P;
-        const T* image = input + (n * g.channels + gi * cg) * P;
+        const T* grads = plan.grad + (n * g.out_channels + gi * mg) * P;
+        const T* image = plan.input + (n * g.channels + gi * cg) * P;
         const T* a_rows = plan.grad_is_a ? grads : image;
         const T* b_rows = plan.grad_is_a ? image : grads;
         gemm::multiply(kern, m, N, P,
@@ -847,21 +854,20 @@ void weight_grad_nhwc_1x1(const TensorView& gout, const TensorView& x, const Ten
   using T = compute_t<S>;
   const auto& kern = gemm::kernel(T{});
   const OneByOneGemm<S> plan(gout, x, g, kern.mr, nthreads);
-  const T *grad = plan.grad, *input = plan.input;
-  const int64_t P = g.pixels(), cg = g.in_per_group(), mg = g.out_per_group(), mr = kern.mr, nr = kern.nr;
-  const int64_t M = plan.M, N = plan.N, rows = plan.rows, row_tasks = plan.row_tasks;
+  const int64_t P = g.pixels(), cg = g.in_per_group(), mg = g.out_per_group(), mr = kern.mr, nr = kern.nr, N = plan.N;
   const int64_t lda = plan.grad_is_a ? g.out_channels : g.channels, ldb = plan.grad_is_a ? g.channels : g.out_channels;
   parallel_for(0, plan.tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rt = t % row_tasks, gi = t / row_tasks, r0 = rt * rows, m = std::min(rows, M - r0);
+      const auto task = plan.task(t);
+      const int64_t gi = task.gi, r0 = task.r0, m = task.m;
       const int64_t ldc = gemm::round_up(N, nr), n_panels = ldc / nr, full = m / mr * mr;
       ws.c.assign(size_t(gemm::round_up(m, mr) * ldc), T(0));
       ws.b.resize(size_t(ldc * gemm::kKC));
       ws.a.resize(size_t(mr * gemm::kKC));
       for (int64_t n = 0; n < g.batch; ++n) {
-        const T* grads = grad + n * P * g.out_channels + gi * mg;
-        const T* image = input + n * P * g.channels + gi * cg;
+        const T* grads = plan.grad + n * P * g.out_channels + gi * mg;
+        const T* image = plan.input + n * P * g.channels + gi * cg;
         const T* a_rows = (plan.grad_is_a ? grads : image) + r0;
         const T* b_rows = plan.grad_is_a ? image : grads;
         for (int64_t k0 = 0; k0 < P; k0 += gemm::kKC) {
