@@ -7,7 +7,8 @@ graphs call and what fastcv.models' blocks call, so both run the same code.
 Each function receives the modules themselves and decides at run time:
 - conv_bn_act: in eval mode the batch norm is folded into the convolution (fold_batch_norm, cached per
   convolution and recomputed when a parameter or running statistic changes; with gradients enabled the fold is
-  differentiable) and the chain is one ops.conv2d_fused; in training mode the convolution, then bn_act.
+  differentiable) and the chain is one ops.conv2d_fused; in training mode one ops.conv2d_batch_norm (the
+  convolution computes the batch statistics from its output tiles; batch norm then only normalises).
 - bn_act: ops.batch_norm_relu / ops.batch_norm_add_relu, with the running statistics updated as nn.BatchNorm
   updates them.
 - conv_act: relu?(conv(x) + identity?) as one ops.conv2d_fused.
@@ -103,20 +104,41 @@ def conv_act(input: Tensor, conv, identity=None, relu=False) -> Tensor:
 
 
 def conv_bn_act(input: Tensor, conv, bn, identity=None, relu=False) -> Tensor:
-    """relu?(bn(conv(input)) + identity?): in eval mode one ops.conv2d_fused with the batch norm folded into
-    the convolution; in training mode the convolution, then bn_act. Other modules (a GroupNorm, say) run one
-    after the other."""
+    """relu?(bn(conv(input)) + identity?): with running statistics (eval mode) one ops.conv2d_fused with the
+    batch norm folded into the convolution; with batch statistics (training) one ops.conv2d_batch_norm, whose
+    convolution computes the statistics as it stores its output. Other modules (a GroupNorm, say) run one after
+    the other."""
     _check_relu(relu)
-    if (type(conv) is not Conv2d or type(bn) is not BatchNorm2d or bn.training or bn.running_mean is None
-            or _hooked(conv, bn, relu)):
+    if type(conv) is not Conv2d or type(bn) is not BatchNorm2d or input.dim() != 4 or _hooked(conv, bn, relu):
         return bn_act(conv(input), bn, identity, relu)
+    if bn.training or bn.running_mean is None:
+        return _conv_bn_train(conv, bn, input, identity, relu)
     weight, bias = _folded(conv, bn)
     return _conv_fused(conv, input, weight, bias, identity, relu)
 
 
-def _conv_fused(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Tensor | None, identity, relu) -> Tensor:
-    """relu?(conv2d(input, weight, bias) + identity?) with conv's geometry, in one ops.conv2d_fused when the
-    identity has the output's shape and dtype (else the add and the relu follow as PyTorch ops)."""
+def _conv_bn_train(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: Tensor, identity, relu) -> Tensor:
+    """relu?(bn(conv(input)) + identity?) with batch statistics, as bn_act calls batch norm (the same running
+    statistics, counter and momentum), in one ops.conv2d_batch_norm when the identity fits."""
+    input, padding = _geometry_input(conv, input)
+    residual = None
+    if identity is not None and _fits(identity, *_output_spec(conv, input, conv.weight, padding)):
+        residual, identity = identity, None
+    tracking = bn.track_running_stats
+    use_stats = not bn.training or tracking
+    out = ops.conv2d_batch_norm(
+        input, conv.weight, conv.bias, bn.running_mean if use_stats else None, bn.running_var if use_stats else None,
+        bn.weight, bn.bias, bn.training, bn.momentum, bn.eps, conv.stride, padding, conv.dilation, conv.groups,
+        residual=residual, relu=relu is not False and identity is None,
+        num_batches_tracked=bn.num_batches_tracked if bn.training and tracking else None)
+    if identity is None:
+        return out
+    return _apply_relu(out + identity, relu)
+
+
+def _geometry_input(conv: nn.Conv2d, input: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The input and the pair of paddings that run conv as a zero-padded convolution: other padding modes and
+    'same' with an odd total are padded into the input."""
     padding = conv.padding
     if conv.padding_mode != "zeros":
         input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -130,6 +152,13 @@ def _conv_fused(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Tensor | N
         else:
             input = F.pad(input, pads)
             padding = (0, 0)
+    return input, padding
+
+
+def _conv_fused(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Tensor | None, identity, relu) -> Tensor:
+    """relu?(conv2d(input, weight, bias) + identity?) with conv's geometry, in one ops.conv2d_fused when the
+    identity has the output's shape and dtype (else the add and the relu follow as PyTorch ops)."""
+    input, padding = _geometry_input(conv, input)
     residual = None
     if identity is not None and _fits(identity, *_output_spec(conv, input, weight, padding)):
         residual, identity = identity, None

@@ -301,7 +301,11 @@ define("batch_norm_eval(Tensor input, Tensor mean, Tensor var, Tensor? weight, T
 # ---------------------------------------------------------------- public functions
 
 
-def _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats):
+# The arguments' names in the public functions' messages (conv2d_batch_norm has its own).
+_NAMES = {"input": "input", "weight": "weight", "bias": "bias", "identity": "identity"}
+
+
+def _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats, names=_NAMES):
     """Every check runs before anything is computed or updated: an input that raises leaves the running
     buffers as they were."""
     if not isinstance(input, Tensor):
@@ -315,24 +319,25 @@ def _check(input, identity, running_mean, running_var, weight, bias, training, e
     allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), (names["weight"], weight),
+                    (names["bias"], bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor) or t.shape != (c,):
-            raise ValueError(f"{name} must be a Tensor[{c}] (one value per channel of input), got "
+            raise ValueError(f"{name} must be a Tensor[{c}] (one value per channel of {names['input']}), got "
                              f"{list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         if t.dtype not in allowed:
-            raise TypeError(f"{name} must be {' or '.join(map(str, allowed))} for a {input.dtype} input, got {t.dtype}")
+            raise TypeError(f"{name} must be {' or '.join(map(str, allowed))} for a {input.dtype} {names['input']}, "
+                            f"got {t.dtype}")
         if t.device != input.device:
-            raise ValueError(f"{name} must be on the device of input ({input.device}), got {t.device}")
+            raise ValueError(f"{name} must be on the device of {names['input']} ({input.device}), got {t.device}")
     if identity is not None:
         if not isinstance(identity, Tensor) or identity.shape != input.shape:
-            raise ValueError(f"identity must have the shape of input {list(input.shape)}, got "
+            raise ValueError(f"{names['identity']} must have the shape of {names['input']} {list(input.shape)}, got "
                              f"{list(identity.shape) if isinstance(identity, Tensor) else type(identity).__name__}")
         if identity.dtype != input.dtype or identity.device != input.device:
-            raise ValueError(f"identity must have the dtype and device of input ({input.dtype}, {input.device}), "
-                             f"got {identity.dtype}, {identity.device}")
+            raise ValueError(f"{names['identity']} must have the dtype and device of {names['input']} "
+                             f"({input.dtype}, {input.device}), got {identity.dtype}, {identity.device}")
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a non-negative number, got {eps}")
     if use_batch_stats and eps <= 0:  # as PyTorch: a constant channel would divide by zero
@@ -362,9 +367,9 @@ def _params(t, input):
 
 
 def _batch_norm(input, identity, running_mean, running_var, weight, bias, training, momentum, eps, relu,
-                num_batches_tracked):
+                num_batches_tracked, names=_NAMES):
     use_batch_stats = training or running_mean is None
-    _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats)
+    _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats, names)
     w, b = _params(weight, input), _params(bias, input)
     if not use_batch_stats:
         mean, var = _params(running_mean, input), _params(running_var, input)

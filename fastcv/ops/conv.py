@@ -18,13 +18,14 @@ Autocast: under torch.autocast the public functions cast to the autocast dtype, 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastcv import _C
-from fastcv._backend import CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
+from fastcv._backend import CPU, CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define
 from fastcv.ops._args import memory_format, pair
 
@@ -157,7 +158,9 @@ def _fused_fake(input, weight, bias, residual, relu, stride, padding, dilation, 
     return _empty(g.output_shape(), input, memory_format(input, weight))
 
 
-def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g):
+def _forward(input, weight, bias, residual, relu, stride, padding, dilation, groups, g, stats=None):
+    """The output; with stats = (mean, var), also its per-channel batch statistics, written into them from
+    the output tiles (the CPU's channels_last GEMM kernels only: see _tile_stats)."""
     backend = _select(input, g, residual is not None or relu)
     fmt = memory_format(input, weight)
     out = _empty(g.output_shape(), input, fmt)
@@ -170,8 +173,15 @@ def _forward(input, weight, bias, residual, relu, stride, padding, dilation, gro
             _C.depthwise_forward_cuda(x, weight, b, out, g, cuda_stream(out))
         else:
             r = None if residual is None else residual.contiguous(memory_format=fmt)
-            _C.conv2d_forward_cpu(x, weight, b, r, relu, out, g, num_threads())
+            _C.conv2d_forward_cpu(x, weight, b, r, relu, out, g, num_threads(), *(stats or (None, None)))
     return out
+
+
+def _tile_stats(input, weight, g) -> bool:
+    """Whether the forward can take its output's batch statistics from the tiles: the CPU's channels_last GEMM
+    kernels, on a non-empty output."""
+    return (_select(input, g) == CPU and memory_format(input, weight) == torch.channels_last
+            and not _depthwise(g) and math.prod(g.output_shape()) > 0)
 
 
 def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):

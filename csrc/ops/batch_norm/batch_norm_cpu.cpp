@@ -112,20 +112,20 @@ FASTCV_BN_INLINE void plane_moments(const T* x, int64_t p0, int64_t p1, int64_t 
 template <class A>
 constexpr int64_t kTile = 128 / int64_t(sizeof(A));
 
-// The moments of channels [c0, c0 + W) over rows [b0, b1) of x[rows, C] (a block that fits in L2),
-// by two passes, merged into out[0, W).
+// The moments of channels [c0, c0 + W) over rows [b0, b1) of x (rows ld values apart; a block that
+// fits in L2), by two passes, merged into out[0, W).
 template <int64_t W, class T>
-FASTCV_BN_INLINE void tile_moments(const T* x, int64_t b0, int64_t b1, int64_t C, int64_t c0,
+FASTCV_BN_INLINE void tile_moments(const T* x, int64_t b0, int64_t b1, int64_t ld, int64_t c0,
                                    Moments<double>* out) {
   using A = compute_t<T>;
   A m[W] = {}, d1[W] = {}, d2[W] = {};
   for (int64_t r = b0; r < b1; ++r)
-    for (int64_t j = 0; j < W; ++j) m[j] += load(x, r * C + c0 + j);
+    for (int64_t j = 0; j < W; ++j) m[j] += load(x, r * ld + c0 + j);
   const A rows = A(b1 - b0);
   for (int64_t j = 0; j < W; ++j) m[j] /= rows;
   for (int64_t r = b0; r < b1; ++r)
     for (int64_t j = 0; j < W; ++j) {
-      const A d = load(x, r * C + c0 + j) - m[j];
+      const A d = load(x, r * ld + c0 + j) - m[j];
       d1[j] += d;
       d2[j] += d * d;
     }
@@ -136,16 +136,17 @@ FASTCV_BN_INLINE void tile_moments(const T* x, int64_t b0, int64_t b1, int64_t C
   }
 }
 
-// Packed: the moments of rows [r0, r1) of x[rows, C], merged into out[C], block of rows by block.
+// Packed: the moments of channels [0, C) of rows [r0, r1) of x (rows ld values apart: C, or more for
+// a slice of the channels), merged into out[C], block of rows by block.
 template <class T>
-FASTCV_BN_INLINE void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out) {
+FASTCV_BN_INLINE void rows_moments(const T* x, int64_t r0, int64_t r1, int64_t ld, int64_t C, Moments<double>* out) {
   constexpr int64_t W = kTile<compute_t<T>>;
   const int64_t block = std::max<int64_t>(16, kRowBlockBytes / int64_t(sizeof(T) * C));
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
     int64_t c0 = 0;
-    for (; c0 + W <= C; c0 += W) tile_moments<W>(x, b0, b1, C, c0, out + c0);
-    for (; c0 < C; ++c0) tile_moments<1>(x, b0, b1, C, c0, out + c0);
+    for (; c0 + W <= C; c0 += W) tile_moments<W>(x, b0, b1, ld, c0, out + c0);
+    for (; c0 < C; ++c0) tile_moments<1>(x, b0, b1, ld, c0, out + c0);
   }
 }
 
@@ -366,7 +367,8 @@ FASTCV_BN_INLINE void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* d
   FASTCV_ISA_DISPATCH(void, plane_moments_isa, plane_moments,                                                   \
                       (const T* x, int64_t p0, int64_t p1, int64_t S, Moments<double>* out), (x, p0, p1, S, out)) \
   FASTCV_ISA_DISPATCH(void, rows_moments_isa, rows_moments,                                                     \
-                      (const T* x, int64_t r0, int64_t r1, int64_t C, Moments<double>* out), (x, r0, r1, C, out)) \
+                      (const T* x, int64_t r0, int64_t r1, int64_t ld, int64_t C, Moments<double>* out),        \
+                      (x, r0, r1, ld, C, out))                                                                  \
   FASTCV_ISA_DISPATCH(void, apply_block_isa, apply_block,                                                       \
                       (const T* x, const T* res, T* y, Block b, Affine<compute_t<T>> f, bool relu, bool stream), \
                       (x, res, y, b, f, relu, stream))                                                          \
@@ -627,7 +629,7 @@ void train_packed(const ForwardArgs<T>& a, const BatchNormShape& sh, compute_t<T
   std::vector<Moments<double>> parts(ranges * C);
   parallel_for(0, ranges, 1, nthreads, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q)
-      rows_moments_isa(a.x, rows * q / ranges, rows * (q + 1) / ranges, C, parts.data() + q * C);
+      rows_moments_isa(a.x, rows * q / ranges, rows * (q + 1) / ranges, C, C, parts.data() + q * C);
   });
   AffineColumns<A> f(C);
   for_each_channel(C, nthreads, [&](int64_t c) {
@@ -867,5 +869,18 @@ void batch_norm_backward_cpu(const TensorView& grad_y, const TensorView& x, cons
       backward_planar(a, sh, nthreads);
   });
 }
+
+template <class T>
+void batch_norm_rows_moments(const T* x, int64_t rows, int64_t ld, int64_t C, Moments<double>* out) {
+  rows_moments_isa(x, 0, rows, ld, C, out);
+}
+
+#define FASTCV_BN_MOMENTS(T)                                                                          \
+  template void batch_norm_rows_moments<T>(const T* x, int64_t rows, int64_t ld, int64_t C, Moments<double>* out);
+FASTCV_BN_MOMENTS(float)
+FASTCV_BN_MOMENTS(double)
+FASTCV_BN_MOMENTS(Half)
+FASTCV_BN_MOMENTS(BFloat16)
+#undef FASTCV_BN_MOMENTS
 
 }  // namespace fastcv

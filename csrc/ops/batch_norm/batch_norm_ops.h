@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/tensor_view.h"
+#include "ops/batch_norm/batch_norm.h"
 
 namespace fastcv {
 
@@ -54,6 +55,13 @@ void batch_norm_backward_cpu(const TensorView& grad_y, const TensorView& x, cons
                              const TensorView& mean, const TensorView& var, const TensorView* weight, bool training,
                              double eps, const TensorView* grad_x, const TensorView* grad_residual,
                              const TensorView* grad_weight, const TensorView* grad_bias, int nthreads);
+
+// Batch statistics for another op's epilogue (the convolution's, conv2d_forward_cpu): the moments of
+// channels [0, C) over `rows` rows of x (ld values apart), merged into out[0, C). The same two-pass
+// blocks as the training forward; T is the storage type (float, double, Half, BFloat16), summed in its
+// compute type.
+template <class T>
+void batch_norm_rows_moments(const T* x, int64_t rows, int64_t ld, int64_t C, batch_norm::Moments<double>* out);
 
 #ifdef FASTCV_WITH_CUDA
 // The same three on the GPU, queued on `stream`. No host synchronisation.

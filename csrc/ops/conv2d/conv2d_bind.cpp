@@ -30,10 +30,12 @@ void bind_conv2d(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("conv2d_forward_cpu", [](TensorView input, TensorView weight, std::optional<TensorView> bias,
                                   std::optional<TensorView> residual, bool relu, TensorView output, Geometry g,
-                                  int nthreads) {
-    const Epilogue epilogue{bias ? &*bias : nullptr, residual ? &*residual : nullptr, relu};
+                                  int nthreads, std::optional<TensorView> mean, std::optional<TensorView> var) {
+    const Epilogue epilogue{bias ? &*bias : nullptr, residual ? &*residual : nullptr, relu, mean ? &*mean : nullptr,
+                            var ? &*var : nullptr};
     conv2d_forward_cpu(input, weight, epilogue, output, g, nthreads);
-  }, nogil);
+  }, nogil, py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
+     py::arg("output"), py::arg("g"), py::arg("nthreads"), py::arg("mean") = py::none(), py::arg("var") = py::none());
   m.def("conv2d_input_grad_cpu", [](TensorView grad_output, TensorView weight, TensorView grad_input, Geometry g,
                                      int nthreads) {
     conv2d_input_grad_cpu(grad_output, weight, grad_input, g, nthreads);

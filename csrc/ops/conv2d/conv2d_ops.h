@@ -19,11 +19,16 @@ bool nhwc_layout(const TensorView& t);
 
 // What the forward adds before storing, in the compute type with a single rounding (ResNet's junction
 // relu(conv + identity) in one pass): output = relu?(conv2d(input, weight) + bias[o] + residual).
-// residual has the output's shape and strides.
+// residual has the output's shape and strides. mean and var (both or neither; [out_channels], float32, or
+// float64 for float64 outputs) receive the output's per-channel batch statistics, what a following batch
+// norm normalises with (var biased), taken from each output tile while it is in cache: channels_last
+// outputs of the GEMM kernels only (not depthwise).
 struct Epilogue {
   const TensorView* bias = nullptr;
   const TensorView* residual = nullptr;
   bool relu = false;
+  const TensorView* mean = nullptr;
+  const TensorView* var = nullptr;
 };
 
 void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const Epilogue& epilogue,
