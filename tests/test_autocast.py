@@ -289,7 +289,7 @@ def test_batch_norm(device, dtype, input_dtype, training):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3)
     if training:
-        op = lambda x, w, b: torch.ops.fastcv.batch_norm_train(cast(x), w, b, None, False, 1e-5)[0]
+        op = lambda x, w, b: torch.ops.fastcv.batch_norm_train(cast(x), w, b, None, False, 1e-5, None, None)[0]
         ref_fn = lambda x, w, b: F.batch_norm(cast(x), None, None, w, b, True)
     else:
         op = lambda x, w, b: torch.ops.fastcv.batch_norm_eval(cast(x), *stats(), w, b, None, False, 1e-5)
@@ -311,7 +311,7 @@ def test_batch_norm_fused(device, dtype, input_dtype):
     same_as_reference(lambda x, w, b, i: ops.batch_norm_add_relu(cast(x), cast(i), None, None, w, b, True),
                       lambda x, w, b, i: torch.relu(F.batch_norm(cast(x), None, None, w, b, True) + cast(i)),
                       [x, w, b, identity], device, dtype, k=4)
-    same_as_reference(lambda x, w, b, i: torch.ops.fastcv.batch_norm_train(cast(x), w, b, cast(i), True, 1e-5)[0],
+    same_as_reference(lambda x, w, b, i: torch.ops.fastcv.batch_norm_train(cast(x), w, b, cast(i), True, 1e-5, None, None)[0],
                       lambda x, w, b, i: torch.relu(F.batch_norm(cast(x), None, None, w, b, True) + cast(i)),
                       [x, w, b, identity], device, dtype, k=4)
 

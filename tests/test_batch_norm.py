@@ -364,9 +364,10 @@ def test_opcheck():
     for inp in (x, xcl):
         xg, wg, bg = inp.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
         for relu in (False, True):
-            torch.library.opcheck(ops.batch_norm_train, (xg, wg, bg, None, relu, 1e-5))
+            torch.library.opcheck(ops.batch_norm_train, (xg, wg, bg, None, relu, 1e-5, None, None))
             torch.library.opcheck(ops.batch_norm_eval, (xg, mean, var, wg, bg, None, relu, 1e-5))
-        torch.library.opcheck(ops.batch_norm_train, (xg, wg, None, identity.clone().requires_grad_(), True, 1e-3))
+        torch.library.opcheck(ops.batch_norm_train, (xg, wg, None, identity.clone().requires_grad_(), True, 1e-3, None,
+                                                      None))
         torch.library.opcheck(ops.batch_norm_backward,
                               (torch.randn_like(inp), inp, None, mean, var, w, True, 1e-5, [True, False, True, True]))
         torch.library.opcheck(ops.batch_norm_backward,

@@ -182,11 +182,28 @@ def test_gradcheck(channels_last):
 
 
 def test_opcheck():
+    """conv2d_bn_stats, and batch_norm_train given those statistics (what conv2d_batch_norm chains)."""
     for channels_last, dtype in ((False, torch.float64), (True, torch.float64), (True, torch.float32)):
         (x, weight, bias, residual), (gamma, beta), _ = _inputs((2, 4, 6, 5, 6, 3, 1, 1, 1), dtype, channels_last,
                                                                 seed=5)
-        args = tuple(t.requires_grad_() for t in (x, weight, bias, gamma, beta, residual))
-        torch.library.opcheck(torch.ops.fastcv.conv2d_bn_train, (*args, True, 1e-5, [1, 1], [1, 1], [1, 1], 1))
+        args = ([1, 1], [1, 1], [1, 1], 1)
+        torch.library.opcheck(torch.ops.fastcv.conv2d_bn_stats,
+                              tuple(t.requires_grad_() for t in (x, weight, bias)) + args)
+        y, mean, var = torch.ops.fastcv.conv2d_bn_stats(x.detach(), weight.detach(), bias.detach(), *args)
+        torch.library.opcheck(torch.ops.fastcv.batch_norm_train,
+                              (y.requires_grad_(), gamma.requires_grad_(), beta, residual, True, 1e-5, mean, var))
+
+
+def test_statistics_of_every_backend_and_layout():
+    """conv2d_bn_stats returns its output's statistics whichever way they are computed (tiles, or a pass after
+    for planar and depthwise layers)."""
+    for shape, channels_last in ((SHAPES[0], False), (SHAPES[0], True), (SHAPES[4], True)):
+        (x, weight, bias, _), _, kw = _inputs(shape, torch.float64, channels_last, seed=9)
+        out, mean, var = torch.ops.fastcv.conv2d_bn_stats(x, weight, bias, [kw["stride"]] * 2, [kw["padding"]] * 2,
+                                                          [1, 1], kw["groups"])
+        ref_var, ref_mean = torch.var_mean(out, dim=(0, 2, 3), correction=0)
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)
 
 
 def test_torch_compile_matches_eager():

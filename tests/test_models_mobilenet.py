@@ -129,12 +129,13 @@ def test_eval_runs_fastcvs_fused_convolutions():
 
 
 def test_training_runs_fastcvs_convolutions_and_batch_norms():
-    """Training mode, forward and backward: fastcv's convolution -> batch norm chains and their gradients,
-    PyTorch's nowhere (its conv/batch norm ops would be counted)."""
+    """Training mode, forward and backward: fastcv's convolution, batch norm and their gradients, PyTorch's
+    nowhere (its conv/batch norm ops would be counted)."""
     net = _make(_original()).train()
     with CountOps() as ops:
         net(_input()).square().sum().backward()
-    for op in ("conv2d_bn_train", "batch_norm_update_running", "batch_norm_backward", "conv2d_weight_grad"):
+    for op in ("conv2d", "batch_norm_train", "batch_norm_update_running", "batch_norm_backward",
+               "conv2d_weight_grad"):
         assert ops.counts[f"fastcv::{op}"] == 52, op
     assert ops.counts["fastcv::conv2d_input_grad"] == 51  # not for the image
     assert ops.torch_ops("conv", "batch_norm") == []

@@ -96,19 +96,17 @@ def test_eval_folds_every_batch_norm_and_fuses_the_junctions():
     assert ops.torch_ops("conv", "batch_norm") == []
 
 
-def test_training_fuses_batch_norm_relu_and_junction_into_the_convolutions():
-    """Training: each convolution -> batch norm pair is one fastcv::conv2d_bn_train (its backward: batch norm's,
-    then the convolution's gradients), with the ReLU wherever one follows (the stem and two per block), the
-    residual at each block's junction, and neither for each projection shortcut."""
+def test_training_fuses_relu_and_junction_into_the_batch_norms():
+    """Training: fastcv's convolution and its gradients; batch_norm_relu wherever a ReLU follows (the stem and two
+    per block), batch_norm_add_relu at each block's junction, a plain batch norm for each projection shortcut."""
     net = _maker("resnet50")(_original("resnet50")).train()
     with CountOps() as ops:
         net(_input()).square().sum().backward()
-    chains = [args for name, args in ops.calls if name == "fastcv::conv2d_bn_train"]
-    relus = [args for args in chains if args[6]]
-    junctions = [args for args in chains if args[5] is not None]
-    assert len(chains) == 53
+    relus = [args for name, args in ops.calls if name == "fastcv::batch_norm_train" and args[4]]
+    junctions = [args for name, args in ops.calls if name == "fastcv::batch_norm_train" and args[3] is not None]
+    assert ops.counts["fastcv::batch_norm_train"] == 53
     assert len(junctions) == 16 and len(relus) == 1 + 2 * 16 + 16
-    assert ops.counts["fastcv::batch_norm_backward"] == ops.counts["fastcv::conv2d_weight_grad"] == 53
+    assert ops.counts["fastcv::conv2d"] == ops.counts["fastcv::conv2d_weight_grad"] == 53
     assert ops.torch_ops("conv", "batch_norm") == []
 
 

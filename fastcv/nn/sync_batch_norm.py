@@ -58,7 +58,7 @@ def _group_statistics(x: Tensor, eps: float, group) -> tuple[Tensor, Tensor, int
     c, n = x.shape[1], _m(x)
     local = x.new_zeros((1 + 2 * c,), dtype=torch.float64)
     if n:
-        _, mean, var = OPS.batch_norm_train(x, None, None, None, False, eps)
+        _, mean, var = OPS.batch_norm_train(x, None, None, None, False, eps, None, None)
         local[0] = n
         local[1:1 + c] = mean
         local[1 + c:] = var.double() * n

@@ -141,15 +141,19 @@ def _check_op(x, weight, bias, residual, mean=None, var=None):
                          f"{residual.dtype} {list(residual.shape)} on {residual.device}")
 
 
-def _check_train(input, weight, bias, residual, relu, eps):
-    _check_op(input, weight, bias, residual)
+def _check_train(input, weight, bias, residual, relu, eps, mean, var):
+    if (mean is None) != (var is None):
+        raise ValueError("mean and var (the input's batch statistics) must both be given or both be None")
+    _check_op(input, weight, bias, residual, mean, var)
 
 
 def _check_eval(input, mean, var, weight, bias, residual, relu, eps):
     _check_op(input, weight, bias, residual, mean, var)
 
 
-def _train_impl(input, weight, bias, residual, relu, eps):
+def _train_impl(input, weight, bias, residual, relu, eps, mean, var):
+    if mean is not None:  # the input's statistics, computed by the caller (conv2d_bn_stats): normalise only
+        return _eval_impl(input, mean, var, weight, bias, residual, relu, eps), mean.clone(), var.clone()
     x = _dense(input)
     y = _empty_like(x)
     c, stats = x.shape[1], _stats_dtype(x.dtype)
@@ -162,7 +166,7 @@ def _train_impl(input, weight, bias, residual, relu, eps):
     return y, mean, var
 
 
-def _train_fake(input, weight, bias, residual, relu, eps):
+def _train_fake(input, weight, bias, residual, relu, eps, mean, var):
     stats = input.new_empty((input.shape[1],), dtype=_stats_dtype(input.dtype))
     return _empty_like(_dense(input)), stats, stats.clone()
 
@@ -234,7 +238,7 @@ def _grads(ctx, grad, training):
 
 
 def _train_setup(ctx, inputs, output):
-    input, weight, bias, residual, relu, eps = inputs
+    input, weight, bias, residual, relu, eps, _, _ = inputs
     y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     _setup(ctx, (weight, bias, residual), (1, 2, 3), relu, eps)
@@ -243,7 +247,7 @@ def _train_setup(ctx, inputs, output):
 
 def _train_backward(ctx, grad, _grad_mean, _grad_var):
     gx, gw, gb, gr = _grads(ctx, grad, True)
-    return gx, gw, gb, gr, None, None
+    return gx, gw, gb, gr, None, None, None, None
 
 
 def _eval_setup(ctx, inputs, output):
@@ -290,8 +294,11 @@ define("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? output, Te
        "Tensor? weight, bool training, float eps, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
        impl=_backward_impl, fake=_backward_fake,
        backward=no_second_derivative("batch_norm"))
-define("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, float eps) "
-       "-> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake, check=_check_train,
+# batch_norm_train's mean and var, when not None, are the input's own batch statistics (conv2d_bn_stats takes
+# them from its output tiles): the kernel then only normalises. The gradient is the same (it flows through the
+# statistics as functions of the input); they are returned (copied) as the statistics.
+define("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, float eps, "
+       "Tensor? mean, Tensor? var) -> (Tensor, Tensor, Tensor)", impl=_train_impl, fake=_train_fake, check=_check_train,
        backward=_train_backward, setup_context=_train_setup)
 define("batch_norm_eval(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
        "bool relu, float eps) -> Tensor", impl=_eval_impl, fake=_eval_fake, check=_check_eval,
@@ -374,7 +381,7 @@ def _batch_norm(input, identity, running_mean, running_var, weight, bias, traini
     if not use_batch_stats:
         mean, var = _params(running_mean, input), _params(running_var, input)
         return OPS.batch_norm_eval(input, mean, var, w, b, identity, relu, float(eps))
-    y, mean, var = OPS.batch_norm_train(input, w, b, identity, relu, float(eps))
+    y, mean, var = OPS.batch_norm_train(input, w, b, identity, relu, float(eps), None, None)
     if training and running_mean is not None:
         factor = _momentum(momentum, num_batches_tracked)  # counts the batch, as nn.BatchNorm does
         if _m(input) > 0:  # an empty batch leaves the statistics alone (as PyTorch does)

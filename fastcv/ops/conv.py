@@ -5,7 +5,8 @@ and derivatives of every order work:
   conv2d(input, weight, bias)                     F.conv2d
   conv2d_input_grad(grad_output, weight, size)    its input gradient, which is conv_transpose2d
   conv2d_weight_grad(grad_output, input, size)    its weight gradient, summed over the batch
-and conv2d_fused(input, weight, bias, residual, relu): relu?(conv2d + residual) in one pass.
+and conv2d_fused(input, weight, bias, residual, relu): relu?(conv2d + residual) in one pass, and
+conv2d_bn_stats(input, weight, bias): conv2d and its output's batch statistics (fastcv.ops.conv_bn).
 
 Backends: CPU C++ (csrc/ops/conv2d: GEMMs on panels packed straight from the image, so no im2col
 buffer; NCHW and channels_last natively, forward and gradients) and, on the GPU, the Triton
@@ -184,6 +185,25 @@ def _tile_stats(input, weight, g) -> bool:
             and not _depthwise(g) and math.prod(g.output_shape()) > 0)
 
 
+def _stats_impl(input, weight, bias, stride, padding, dilation, groups):
+    g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
+    stats = torch.float64 if input.dtype == torch.float64 else torch.float32
+    mean, var = input.new_empty((g.out_channels,), dtype=stats), input.new_empty((g.out_channels,), dtype=stats)
+    if _tile_stats(input, weight, g):
+        return _forward(input, weight, bias, None, False, stride, padding, dilation, groups, g, (mean, var)), mean, var
+    out = _forward(input, weight, bias, None, False, stride, padding, dilation, groups, g)
+    if out.numel():  # a pass after the convolution
+        v, m = torch.var_mean(out.to(stats), dim=(0, 2, 3), correction=0)
+        return out, mean.copy_(m), var.copy_(v)
+    return out, mean.fill_(math.nan), var.fill_(math.nan)  # no values: undefined, as batch norm's
+
+
+def _stats_fake(input, weight, bias, stride, padding, dilation, groups):
+    out = _conv2d_fake(input, weight, bias, stride, padding, dilation, groups)
+    stats = input.new_empty((weight.shape[0],), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
+    return out, stats, stats.clone()
+
+
 def _conv2d_impl(input, weight, bias, stride, padding, dilation, groups):
     g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
     return _forward(input, weight, bias, None, False, stride, padding, dilation, groups, g)
@@ -357,6 +377,15 @@ def _conv2d_backward(ctx, grad):
     return gx, gw, gb, None, None, None, None
 
 
+def _stats_setup(ctx, inputs, output):
+    _conv2d_setup(ctx, inputs, output[0])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _stats_backward(ctx, grad, _grad_mean, _grad_var):
+    return _conv2d_backward(ctx, grad)
+
+
 def _fused_setup(ctx, inputs, output):
     input, weight, bias, residual, relu, *ctx.args = inputs
     ctx.save_for_backward(input, weight, output if relu else None)
@@ -405,6 +434,10 @@ _ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 define(f"conv2d(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> Tensor",
        impl=_conv2d_impl, fake=_conv2d_fake, backward=_conv2d_backward, setup_context=_conv2d_setup,
        autocast=LOWER)  # F.conv2d's policy
+# conv2d and its output's per-channel batch statistics (mean, biased var; not differentiated): from the output
+# tiles on the CPU's channels_last GEMM kernels, by a pass after the convolution elsewhere.
+define(f"conv2d_bn_stats(Tensor input, Tensor weight, Tensor? bias, {_ARGS}) -> (Tensor, Tensor, Tensor)",
+       impl=_stats_impl, fake=_stats_fake, backward=_stats_backward, setup_context=_stats_setup)
 define(f"conv2d_fused(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, {_ARGS}) -> Tensor",
        impl=_fused_impl, fake=_fused_fake, backward=_fused_backward, setup_context=_fused_setup,
        autocast=LOWER)
