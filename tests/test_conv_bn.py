@@ -6,10 +6,18 @@ import torch.nn.functional as F
 
 import fastcv
 from fastcv import _C, ops
+from fastcv.ops import conv_bn
 from fastcv.ops.conv import Conv2dGeometry
 
 # Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_isa")
+
+
+@pytest.fixture(autouse=True)
+def tile_statistics_at_every_size(monkeypatch):
+    """conv2d_batch_norm takes the tiles' statistics on large outputs only: here on every channels_last one
+    (planar layouts still take batch norm's, and test_the_size_threshold checks the default)."""
+    monkeypatch.setattr(conv_bn, "TILE_STATS_BYTES", 0)
 
 # N, C, H, W, Cout, kernel, stride, padding, groups
 SHAPES = [
@@ -289,3 +297,15 @@ def test_converted_resnet_block_trains_through_the_fused_op(monkeypatch):
     out = converted(x)
     assert len(calls) == 3
     torch.testing.assert_close(out, block(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_size_threshold(monkeypatch):
+    """By default only outputs of TILE_STATS_BYTES or more take the tiles' statistics."""
+    calls = []
+    original = conv_bn.OPS.conv2d_bn_stats
+    monkeypatch.setattr(conv_bn.OPS, "conv2d_bn_stats", lambda *a: calls.append(a) or original(*a))
+    x, w = torch.randn(2, 4, 16, 16).to(memory_format=torch.channels_last), torch.randn(8, 4, 3, 3)
+    for threshold, expected in ((2 * 8 * 16 * 16 * 4 + 1, 0), (2 * 8 * 16 * 16 * 4, 1)):
+        monkeypatch.setattr(conv_bn, "TILE_STATS_BYTES", threshold)
+        ops.conv2d_batch_norm(x, w, None, None, None, training=True, padding=1)
+        assert len(calls) == expected

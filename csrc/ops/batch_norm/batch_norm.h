@@ -24,6 +24,7 @@ struct Moments {
 
 template <class A>
 FASTCV_HD Moments<A> merge(const Moments<A>& a, const Moments<A>& b) {
+  if (a.n == A(0)) return b;  // also spares the division when a block merges into empty moments
   const A n = a.n + b.n;
   if (n == A(0)) return a;
   const A delta = b.mean - a.mean;

@@ -114,9 +114,9 @@ PlaneLayout plane_layout(const Geometry& g, bool virtual_pixels) {
 }
 
 // The scratch slots (common/memory.h) of one convolution call: padded input planes, the second
-// operand's work copy (widened grad_output rows, or the weight gradient's relaid input), and the weight
-// gradient's packed grad_output panels.
-constexpr int kPaddedSlot = 0, kOperandSlot = 1, kPanelSlot = 2;
+// operand's work copy (widened grad_output rows, or the weight gradient's relaid input), the weight
+// gradient's packed grad_output panels, and the forward's per-tile output statistics.
+constexpr int kPaddedSlot = 0, kOperandSlot = 1, kPanelSlot = 2, kStatsSlot = 3;
 
 template <class T>
 struct Padded {
@@ -283,34 +283,47 @@ constexpr int kStatsThreads = 8;
 
 struct OutputMoments {
   using Moments = batch_norm::Moments<double>;
-  int64_t channels = 0, blocks = 0;  // blocks: pixel blocks per image
-  std::vector<Moments> parts;        // [image][block][channel]
+  int64_t channels = 0, blocks = 0, count = 0;  // blocks: pixel blocks an image; count: parts a channel
+  Moments* parts = nullptr;                     // [image][block][channel], in the calling thread's scratch
 
-  OutputMoments(const Epilogue& e, const Geometry& g, int64_t blocks_per_image)
-      : channels(g.out_channels), blocks(blocks_per_image) {
-    if (e.mean) parts.resize(size_t(g.batch * blocks * channels));
+  // Room for `blocks_per_image` pixel blocks an image (each task clears the parts it writes).
+  void start(const Geometry& g, int64_t blocks_per_image) {
+    channels = g.out_channels, blocks = blocks_per_image, count = g.batch * blocks;
+    parts = scratch<Moments>(kStatsSlot, size_t(count * channels));
   }
-  bool wanted() const { return !parts.empty(); }
-  int threads(int nthreads) const { return wanted() ? kStatsThreads : nthreads; }
-  Moments* at(int64_t n, int64_t block) { return parts.data() + (n * blocks + block) * channels; }
-  // The moments of C channels from channel0 over `rows` rows of x, ld apart.
+  // The moments of C channels from channel0 over `rows` rows of x, ld apart: image n's block `block`.
   template <class S>
   void add_rows(int64_t n, int64_t block, int64_t channel0, const S* x, int64_t rows, int64_t ld, int64_t C) {
-    batch_norm_rows_moments(x, rows, ld, C, at(n, block) + channel0);
+    Moments* out = parts + (n * blocks + block) * channels + channel0;
+    std::fill(out, out + C, Moments{});
+    batch_norm_rows_moments(x, rows, ld, C, out);
   }
-  // Merges the parts into e.mean and e.var (the biased variance).
-  void finish(const Epilogue& e, int nthreads) const {
-    const int64_t images = blocks ? int64_t(parts.size()) / (blocks * channels) : 0;
-    const bool f64 = e.mean->dtype == DType::Float64;  // else float32 (check_stats)
+  // Merges the parts into mean and var (the biased variance): the total mean first, then each part's M2
+  // plus its count times its mean's squared distance from it (Chan's formula without a division per part:
+  // tens of thousands of parts made pairwise merging cost up to 1 ms). Parts are read in memory order,
+  // each thread over its slice of the channels.
+  void finish(const TensorView& mean, const TensorView& var, int nthreads) const {
+    const bool f64 = mean.dtype == DType::Float64;  // else float32 (check_stats)
     parallel_for(0, channels, 64, nthreads, [&](int64_t c0, int64_t c1) {
+      std::vector<double> n(size_t(c1 - c0)), sum(n.size()), m2(n.size());
+      for (int64_t u = 0; u < count; ++u)
+        for (int64_t c = c0; c < c1; ++c) {
+          const Moments& p = parts[u * channels + c];
+          n[size_t(c - c0)] += p.n, sum[size_t(c - c0)] += p.n * p.mean;
+        }
+      for (int64_t c = c0; c < c1; ++c) sum[size_t(c - c0)] /= n[size_t(c - c0)];  // the mean
+      for (int64_t u = 0; u < count; ++u)
+        for (int64_t c = c0; c < c1; ++c) {
+          const Moments& p = parts[u * channels + c];
+          const double d = p.mean - sum[size_t(c - c0)];
+          m2[size_t(c - c0)] += p.m2 + p.n * d * d;
+        }
       for (int64_t c = c0; c < c1; ++c) {
-        Moments m;
-        for (int64_t u = 0; u < images * blocks; ++u) m = batch_norm::merge(m, parts[size_t(u * channels + c)]);
-        const double var = m.m2 / m.n;
+        const double mu = sum[size_t(c - c0)], v = m2[size_t(c - c0)] / n[size_t(c - c0)];
         if (f64)
-          e.mean->ptr<double>()[c] = m.mean, e.var->ptr<double>()[c] = var;
+          mean.ptr<double>()[c] = mu, var.ptr<double>()[c] = v;
         else
-          e.mean->ptr<float>()[c] = float(m.mean), e.var->ptr<float>()[c] = float(var);
+          mean.ptr<float>()[c] = float(mu), var.ptr<float>()[c] = float(v);
       }
     });
   }
@@ -460,8 +473,7 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
   const int64_t rows = chunk(M, kern.mr, std::max<int64_t>(kern.mr, 16384 / std::max<int64_t>(N, 1)), g.batch * g.groups,
                              epilogue.mean ? kStatsThreads : nthreads);
   const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.batch * g.groups * row_tasks;
-  OutputMoments unused(Epilogue{}, g, 0), &moments = stats ? *stats : unused;
-  moments = OutputMoments(epilogue, g, row_tasks);
+  if (stats) stats->start(g, row_tasks);
   const bool direct = std::is_same<S, T>::value && store.plain();  // the output in place (see forward_nchw)
   parallel_for(0, tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     auto& ws = gemm::workspace<T>();
@@ -486,7 +498,7 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
           ws, c, ldc, false, gemm::NoHook{}, false, /*exact=*/direct);
       for (int64_t p = p0; p < p1 && !direct; ++p)
         store.run_channels(out.ptr<S>(), first + (p - p0) * g.out_channels, c + (p - p0) * ldc, N, gi * N);
-      if (moments.wanted()) moments.add_rows(n, rt, gi * N, out.ptr<S>() + first, p1 - p0, g.out_channels, N);
+      if (stats) stats->add_rows(n, rt, gi * N, out.ptr<S>() + first, p1 - p0, g.out_channels, N);
     }
   });
 }
@@ -1144,16 +1156,16 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
     if (epilogue.residual || epilogue.relu) apply_residual_relu(output, epilogue, nthreads);
     return;
   }
-  OutputMoments moments(epilogue, g, 0);
+  OutputMoments moments;
   if (output.numel())
     dispatch_floating(input.dtype, "input", [&](auto tag) {
       using S = decltype(tag);
       if (nhwc)
-        forward_nhwc<S>(input, weight, epilogue, output, g, nthreads, &moments);
+        forward_nhwc<S>(input, weight, epilogue, output, g, nthreads, epilogue.mean ? &moments : nullptr);
       else
         forward_nchw<S>(input, weight, epilogue, output, g, nthreads);
     });
-  if (epilogue.mean) moments.finish(epilogue, nthreads);
+  if (epilogue.mean) moments.finish(*epilogue.mean, *epilogue.var, nthreads);
 }
 
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight, const TensorView& grad_input,
