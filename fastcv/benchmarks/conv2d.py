@@ -1,6 +1,7 @@
 """Convolution benchmark cases: the ResNet-50 layers at batch 8 and an FCN-style transposed convolution
 (the MobileNetV2 depthwise layers are in depthwise.py), forward and forward+backward, against F.conv2d / F.conv_transpose2d
-(oneDNN on the CPU, cuDNN on the GPU). Throughput is useful GFLOP/s: 2 * output elements * (C/groups)
+(oneDNN on the CPU, cuDNN on the GPU); and two of the layers as training conv -> batch norm -> relu chains
+(conv2d_batch_norm against F.conv2d -> F.batch_norm -> F.relu). Throughput is useful GFLOP/s: 2 * output elements * (C/groups)
 * kh * kw per forward, three times that for forward+backward (the input and weight gradients)."""
 from __future__ import annotations
 
@@ -82,8 +83,57 @@ def _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_
     ]
 
 
+def _conv_bn_relu(conv_bn):
+    """conv -> training batch norm -> relu, forward and backward: fastcv.ops.conv2d_batch_norm, or PyTorch's ops
+    as torchvision's ResNet runs them."""
+    def run(x, w, gamma, beta, grad):
+        c = w.shape[0]
+        rm, rv = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+        out = conv_bn(x, w, rm, rv, gamma, beta)
+        return (out, *torch.autograd.grad(out, (x, w, gamma, beta), grad)) if grad is not None else out
+    return run
+
+
+def _ours_conv_bn(x, w, rm, rv, gamma, beta):
+    return ops.conv2d_batch_norm(x, w, None, rm, rv, gamma, beta, True, padding=w.shape[2] // 2, relu=True)
+
+
+def _torch_conv_bn(x, w, rm, rv, gamma, beta):
+    return F.relu(F.batch_norm(F.conv2d(x, w, padding=w.shape[2] // 2), rm, rv, gamma, beta, True), inplace=True)
+
+
+def _conv_bn_cases(device, name, xs, ws, channels_last):
+    """conv2d_batch_norm (training: statistics from the convolution's tiles where they pay) against F.conv2d ->
+    F.batch_norm -> F.relu, forward and forward+backward."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    suffix = ", channels_last" if channels_last else ""
+    peak = (lambda: (kernel_gflops(), "micro-kernel")) if device == "cpu" else None
+
+    def inputs(backward):
+        def make():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(*xs, generator=g).to(device=device, memory_format=fmt)
+            w = (torch.randn(*ws, generator=g) / (ws[1] * ws[2] * ws[3]) ** 0.5).to(device)
+            gamma, beta = (torch.rand(ws[0], generator=g) + 0.5).to(device), torch.randn(ws[0], generator=g).to(device)
+            if not backward:
+                return x, w, gamma, beta, None
+            grad = torch.randn(F.conv2d(x, w, padding=ws[2] // 2).shape, generator=g).to(device=device,
+                                                                                          memory_format=fmt)
+            return (*(t.requires_grad_() for t in (x, w, gamma, beta)), grad)
+        return make
+
+    return [Case("conv2d_batch_norm", f"{name}, {list(xs)}{suffix}, train{', forward+backward' if backward else ''}",
+                 make=inputs(backward), fastcv=_conv_bn_relu(_ours_conv_bn), reference=_conv_bn_relu(_torch_conv_bn),
+                 reference_name="F.conv2d -> F.batch_norm -> F.relu" + (" + autograd" if backward else ""),
+                 check=_close, work=_flops(ws, backward), quick=False, peak=peak)
+            for backward in (False, True)]
+
+
 def cases(device: str) -> list[Case]:
     out = []
+    for name, xs, ws, _, _, _, _ in (LAYERS[0], LAYERS[4]):
+        for channels_last in (False, True):
+            out += _conv_bn_cases(device, name, xs, ws, channels_last)
     for name, xs, ws, stride, padding, groups, quick in LAYERS:
         for channels_last in (False, True):
             out += _layer_cases(device, name, xs, ws, stride, padding, groups, quick, channels_last)
