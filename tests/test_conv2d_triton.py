@@ -295,3 +295,28 @@ def test_public_op_on_triton(weight_channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last if weight_channels_last else torch.contiguous_format)
     for got, want in ((y, ref), (gx, ref_gx), (gw, ref_gw)):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)  # float32 sums, <= 42 terms
+
+
+def test_conv2d_batch_norm_on_triton():
+    """The convolution -> batch norm chain on the Triton kernels (no tile statistics there: conv2d_bn_stats
+    takes a pass after, batch norm's training forward the rest), against F.conv2d -> F.batch_norm in float64."""
+    from fastcv import ops
+    from fastcv._backend import forced
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 4, 7, 6, generator=g).to(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
+    gamma, beta = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    mine = [torch.zeros(6), torch.ones(6)]
+    theirs = [torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)]
+    with forced(backend="triton"):
+        y = ops.conv2d_batch_norm(x, weight, None, *mine, gamma, beta, True, padding=1, relu=True)
+        grad = torch.randn(y.shape, generator=g)
+        gx, gw = torch.autograd.grad(y, (x, weight), grad)
+        _, mean, var = torch.ops.fastcv.conv2d_bn_stats(x.detach(), weight.detach(), None, [1, 1], [1, 1], [1, 1], 1)
+    conv = F.conv2d(x.double(), weight.double(), None, 1, 1)
+    ref = torch.relu(F.batch_norm(conv, *theirs, gamma.double(), beta.double(), True))
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, weight), grad.double())
+    ref_var, ref_mean = torch.var_mean(conv, dim=(0, 2, 3), correction=0)
+    for got, want in ((y, ref), (gx, ref_gx), (gw, ref_gw), (mine[0], theirs[0]), (mine[1], theirs[1]),
+                      (mean, ref_mean), (var, ref_var)):
+        torch.testing.assert_close(got.double(), want.detach().double(), rtol=1e-4, atol=1e-4)  # float32, normalised
