@@ -515,12 +515,20 @@ Affine<compute_t<T>> finish_stats(const ForwardArgs<T>& a, int64_t c, const Mome
   return channel_affine(a, c, mean[c], var[c], A(m.mean - double(mean[c])));
 }
 
+// Planar passes over uniform items (blocks, segments, planes) give each thread one contiguous share, so that
+// each streams through its half of memory: handing out 20-plane chunks dynamically interleaved the threads'
+// chunks, and the 14x14 evaluation forward scaled 1.5x on 2 threads where PyTorch's split scaled 1.9x.
+int64_t contiguous_share(int64_t items, int nthreads) {
+  return std::max<int64_t>(1, (items + nthreads - 1) / std::max(nthreads, 1));
+}
+
 // Runs job(channel, block) for every block of every channel, blocks of a channel in order when
 // whole channels go to threads.
 template <class F>
 void for_each_block(const PlanarPlan& plan, int nthreads, const F& job) {
-  const int64_t grain = plan.image_major ? std::max<int64_t>(1, kSegment / plan.s) : 1;
-  parallel_for(0, plan.c * plan.blocks, grain, nthreads, [&](int64_t u0, int64_t u1) {
+  const int64_t items = plan.c * plan.blocks;
+  const int64_t grain = std::max(contiguous_share(items, nthreads), plan.image_major ? kSegment / plan.s : int64_t(1));
+  parallel_for(0, items, grain, nthreads, [&](int64_t u0, int64_t u1) {
     int64_t c, b;
     plan.item(u0, c, b);
     for (int64_t u = u0; u < u1; ++u) {
@@ -545,7 +553,8 @@ struct Segments {
 template <class F>
 void for_each_segment(const Segments& sg, int nthreads, const F& job) {
   const int64_t count = sg.n * sg.c * sg.per_plane;
-  parallel_for(0, count, std::max<int64_t>(1, kSegment / sg.len), nthreads, [&](int64_t u0, int64_t u1) {
+  parallel_for(0, count, std::max(contiguous_share(count, nthreads), kSegment / sg.len), nthreads,
+               [&](int64_t u0, int64_t u1) {
     int64_t seg = u0 % sg.per_plane, plane = u0 / sg.per_plane, c = plane % sg.c, n = plane / sg.c;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t begin = seg * sg.len;
@@ -562,7 +571,9 @@ void for_each_segment(const Segments& sg, int nthreads, const F& job) {
 // is one call through the instruction-set dispatch (see apply_planes).
 template <class F>
 void for_each_plane_range(const BatchNormShape& sh, int nthreads, const F& job) {
-  parallel_for(0, sh.n * sh.c, std::max<int64_t>(1, kSegment / std::max<int64_t>(sh.s, 1)), nthreads, job);
+  const int64_t planes = sh.n * sh.c;
+  parallel_for(0, planes, std::max(contiguous_share(planes, nthreads), kSegment / std::max<int64_t>(sh.s, 1)),
+               nthreads, job);
 }
 
 template <class T>
