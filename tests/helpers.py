@@ -47,6 +47,22 @@ def sum_units_used(actual, expected, magnitude, dtype):
     return (err / (UNIT[compute] * magnitude)).nan_to_num(nan=0.0).max().item()
 
 
+def assert_same_for_thread_counts(run, counts=(1, 2, 3, 2)):
+    """run() (a tuple of tensors) under torch.set_num_threads(n) for each n in counts: every result bit for bit
+    the same as the first. The thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(previous)
+    for threads, other in zip(counts[1:], results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], other)):
+            assert torch.equal(a, b), f"result {i} with {threads} threads differs from {counts[0]} threads'"
+
+
 def conv2d_reference(x, w, b, grad_out, conv=None, **kw):
     """float64 results of conv(x, w, b, **kw) (F.conv2d by default) on the same rounded values: the
     output and the input, weight and bias gradients for grad_out, each with its sums of |terms| (for

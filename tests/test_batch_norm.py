@@ -11,6 +11,7 @@ from torch import nn
 import fastcv.nn
 from conftest import DEVICES
 from fastcv.ops import batch_norm, batch_norm_add_relu, batch_norm_relu, fold_batch_norm
+from helpers import assert_same_for_thread_counts
 
 # Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_isa")
@@ -281,19 +282,13 @@ def test_functional_momentum_none_counts_batches(device):
 def test_thread_count_does_not_change_results():
     x = make((3, 5, 9, 9), False, torch.float32, "cpu")
     xc = make((64, 5, 3, 3), True, torch.float32, "cpu")
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            stats = [torch.zeros(5), torch.ones(5), torch.zeros(5), torch.ones(5)]
-            outs.append((batch_norm(x, stats[0], stats[1], training=True),
-                         batch_norm(xc, stats[2], stats[3], training=True), *stats))
-    finally:
-        torch.set_num_threads(before)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        stats = [torch.zeros(5), torch.ones(5), torch.zeros(5), torch.ones(5)]
+        return (batch_norm(x, stats[0], stats[1], training=True), batch_norm(xc, stats[2], stats[3], training=True),
+                *stats)
+
+    assert_same_for_thread_counts(run, (1, 2, 3))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -303,21 +298,15 @@ def test_thread_count_does_not_change_small_plane_passes(training):
     x = make((32, 24, 14, 14), False, torch.float32, "cpu")
     grad = make((32, 24, 14, 14), False, torch.float32, "cpu")
     w, b = torch.rand(24) + 0.5, torch.rand(24)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-            rm, rv = torch.zeros(24), torch.ones(24)
-            y = batch_norm(xr, rm, rv, wr, br, training=training)
-            y.backward(grad)
-            outs.append((y.detach(), xr.grad, wr.grad, br.grad, rm, rv))
-    finally:
-        torch.set_num_threads(before)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = torch.zeros(24), torch.ones(24)
+        y = batch_norm(xr, rm, rv, wr, br, training=training)
+        y.backward(grad)
+        return y.detach(), xr.grad, wr.grad, br.grad, rm, rv
+
+    assert_same_for_thread_counts(run, (1, 2, 3))
 
 
 def test_empty_tensors(device):

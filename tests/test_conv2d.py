@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastcv.nn
 from fastcv import ops
-from helpers import assert_sums_close, conv2d_reference
+from helpers import assert_same_for_thread_counts, assert_sums_close, conv2d_reference
 
 # How many unit roundoffs u of the compute dtype (float32, or float64 for float64 inputs) each result
 # may be off, relative to the sum of its terms' absolute values (see helpers.assert_sums_close: K u for
@@ -170,20 +170,14 @@ def test_backward_is_deterministic_across_thread_counts(channels_last):
     x, w, b, kw = _inputs((3, 24, 15, 13, 40, 3, 1, 2, 2, 1), torch.float32, seed=3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3, 2):
-            torch.set_num_threads(threads)
-            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-            out = ops.conv2d(xr, wr, b, **kw)
-            out.backward(torch.ones_like(out))
-            results.append((out, xr.grad, wr.grad))
-    finally:
-        torch.set_num_threads(previous)
-    for other in results[1:]:
-        for a, c in zip(results[0], other):
-            assert torch.equal(a, c)
+
+    def run():
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = ops.conv2d(xr, wr, b, **kw)
+        out.backward(torch.ones_like(out))
+        return out, xr.grad, wr.grad
+
+    assert_same_for_thread_counts(run)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding=.same.")

@@ -8,6 +8,7 @@ import fastcv
 from fastcv import _C, ops
 from fastcv.ops import conv_bn
 from fastcv.ops.conv import Conv2dGeometry
+from helpers import assert_same_for_thread_counts
 
 # Every test runs under each CPU instruction set this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_isa")
@@ -159,22 +160,15 @@ def test_results_do_not_depend_on_the_thread_count(channels_last):
     order: bit-identical outputs, statistics and gradients."""
     (x, weight, bias, residual), (gamma, beta), kw = _inputs((3, 24, 15, 13, 40, 3, 1, 1, 1), torch.float32,
                                                              channels_last, seed=3)
-    results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3, 2):
-            torch.set_num_threads(threads)
-            xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
-            rm, rv = torch.zeros(40), torch.ones(40)
-            out = ops.conv2d_batch_norm(xr, wr, bias, rm, rv, gamma, beta, True, padding=1, residual=residual,
-                                        relu=True)
-            out.backward(torch.ones_like(out))
-            results.append((out, rm, rv, xr.grad, wr.grad))
-    finally:
-        torch.set_num_threads(previous)
-    for other in results[1:]:
-        for a, c in zip(results[0], other):
-            assert torch.equal(a, c)
+
+    def run():
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        rm, rv = torch.zeros(40), torch.ones(40)
+        out = ops.conv2d_batch_norm(xr, wr, bias, rm, rv, gamma, beta, True, padding=1, residual=residual, relu=True)
+        out.backward(torch.ones_like(out))
+        return out, rm, rv, xr.grad, wr.grad
+
+    assert_same_for_thread_counts(run)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
