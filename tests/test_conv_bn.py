@@ -142,6 +142,15 @@ def test_tile_statistics_are_the_outputs(dtype):
     torch.testing.assert_close(var.double(), ref_var, rtol=tol, atol=tol)
 
 
+def test_tile_statistics_of_an_empty_output_are_nan():
+    x, w = torch.randn(0, 4, 6, 6).to(memory_format=torch.channels_last), torch.randn(8, 4, 3, 3)
+    g = Conv2dGeometry(0, 4, 6, 6, 8, 1, 3, 3, 1, 1, 1, 1, 1, 1, 6, 6)
+    mean, var = torch.zeros(8), torch.zeros(8)
+    _C.conv2d_forward_cpu(x, w, None, None, False, torch.empty(0, 8, 6, 6).to(memory_format=torch.channels_last),
+                          g, 1, mean, var)
+    assert mean.isnan().all() and var.isnan().all()
+
+
 def test_tile_statistics_are_only_for_channels_last_gemm_outputs():
     x, w = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3)
     g = Conv2dGeometry(2, 4, 6, 6, 8, 1, 3, 3, 1, 1, 1, 1, 1, 1, 6, 6)

@@ -10,6 +10,7 @@
 // rounds once at the end; float64 runs the same code in double.
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -1119,7 +1120,8 @@ void apply_residual_relu(const TensorView& out, const Epilogue& e, int nthreads)
 
 void check_stats(const Epilogue& e, const TensorView& out, const Geometry& g, bool nhwc) {
   check_arg(e.mean && e.var, "mean and var must be given together");
-  check_arg(nhwc && !is_depthwise(g), "mean and var: the statistics come from the channels_last GEMM's tiles only");
+  check_arg((nhwc || out.numel() == 0) && !is_depthwise(g),
+            "mean and var: the statistics come from the channels_last GEMM's tiles only");
   const DType stats = out.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   for (const auto& [t, name] : {std::pair{e.mean, "mean"}, std::pair{e.var, "var"}}) {
     check_shape(*t, name, {g.out_channels});
@@ -1165,7 +1167,15 @@ void conv2d_forward_cpu(const TensorView& input, const TensorView& weight, const
       else
         forward_nchw<S>(input, weight, epilogue, output, g, nthreads);
     });
-  if (epilogue.mean) moments.finish(*epilogue.mean, *epilogue.var, nthreads);
+  if (epilogue.mean && output.numel()) moments.finish(*epilogue.mean, *epilogue.var, nthreads);
+  if (epilogue.mean && !output.numel())  // no values: undefined statistics, as batch norm's
+    for (const TensorView* t : {epilogue.mean, epilogue.var})
+      for (int64_t c = 0; c < g.out_channels; ++c) {
+        if (t->dtype == DType::Float64)
+          t->ptr<double>()[c] = std::numeric_limits<double>::quiet_NaN();
+        else
+          t->ptr<float>()[c] = std::numeric_limits<float>::quiet_NaN();
+      }
 }
 
 void conv2d_input_grad_cpu(const TensorView& grad_output, const TensorView& weight, const TensorView& grad_input,
