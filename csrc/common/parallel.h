@@ -29,6 +29,13 @@ inline int threads_for(int64_t work, int nthreads) {
   return int(std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(nthreads, 1)));
 }
 
+// A grain giving each of nthreads threads one contiguous share of `items` uniform items, so that each thread
+// streams through its own part of memory: small chunks handed out in turn interleave the threads' accesses
+// (batch norm's 14x14 planar passes scaled 1.5x on 2 threads that way, PyTorch's contiguous halves 1.9x).
+inline int64_t contiguous_share(int64_t items, int nthreads) {
+  return std::max<int64_t>(1, (items + nthreads - 1) / std::max(nthreads, 1));
+}
+
 // f(begin, end) over [begin, end) in chunks of `grain`, handed out dynamically to `nthreads` threads.
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, int nthreads, const F& f) {

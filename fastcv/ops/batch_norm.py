@@ -374,14 +374,15 @@ def _params(t, input):
 
 
 def _batch_norm(input, identity, running_mean, running_var, weight, bias, training, momentum, eps, relu,
-                num_batches_tracked, names=_NAMES):
+                num_batches_tracked, names=_NAMES, stats=None):
+    """stats: (mean, var), input's batch statistics where the caller has them (conv2d_batch_norm)."""
     use_batch_stats = training or running_mean is None
     _check(input, identity, running_mean, running_var, weight, bias, training, eps, use_batch_stats, names)
     w, b = _params(weight, input), _params(bias, input)
     if not use_batch_stats:
         mean, var = _params(running_mean, input), _params(running_var, input)
         return OPS.batch_norm_eval(input, mean, var, w, b, identity, relu, float(eps))
-    y, mean, var = OPS.batch_norm_train(input, w, b, identity, relu, float(eps), None, None)
+    y, mean, var = OPS.batch_norm_train(input, w, b, identity, relu, float(eps), *(stats or (None, None)))
     if training and running_mean is not None:
         factor = _momentum(momentum, num_batches_tracked)  # counts the batch, as nn.BatchNorm does
         if _m(input) > 0:  # an empty batch leaves the statistics alone (as PyTorch does)

@@ -29,6 +29,7 @@ from fastcv import _C
 from fastcv._backend import CPU, CUDA, FLOATING, TRITON, cuda_stream, num_threads, select, triton
 from fastcv._library import LOWER, OPS, autocast_args, autocast_enabled, define
 from fastcv.ops._args import memory_format, pair
+from fastcv.ops.batch_norm import _stats_dtype
 
 __all__ = ["conv2d", "conv2d_fused", "conv_transpose2d"]
 
@@ -194,7 +195,7 @@ def _tile_stats(input, weight, g) -> bool:
 
 def _stats_impl(input, weight, bias, stride, padding, dilation, groups):
     g = _conv2d_checked(input, weight, bias, stride, padding, dilation, groups)
-    stats = torch.float64 if input.dtype == torch.float64 else torch.float32
+    stats = _stats_dtype(input.dtype)
     mean, var = input.new_empty((g.out_channels,), dtype=stats), input.new_empty((g.out_channels,), dtype=stats)
     if _tile_stats(input, weight, g):
         return _forward(input, weight, bias, None, False, stride, padding, dilation, groups, g, (mean, var)), mean, var
@@ -207,7 +208,7 @@ def _stats_impl(input, weight, bias, stride, padding, dilation, groups):
 
 def _stats_fake(input, weight, bias, stride, padding, dilation, groups):
     out = _conv2d_fake(input, weight, bias, stride, padding, dilation, groups)
-    stats = input.new_empty((weight.shape[0],), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
+    stats = input.new_empty((weight.shape[0],), dtype=_stats_dtype(input.dtype))
     return out, stats, stats.clone()
 
 

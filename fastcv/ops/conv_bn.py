@@ -20,11 +20,13 @@ channels_last GEMM kernels, elsewhere from batch norm's training forward.
 """
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from fastcv._library import OPS, autocast_args, autocast_enabled
 from fastcv.ops._args import pair
-from fastcv.ops.batch_norm import _batch_norm, _check, _m, _momentum, _params
+from fastcv.ops.batch_norm import _batch_norm
 from fastcv.ops.conv import TILE_STATS_BYTES, _check_tensor, _geometry, _tile_stats
 
 __all__ = ["conv2d_batch_norm"]
@@ -41,31 +43,20 @@ def conv2d_batch_norm(input: Tensor, weight: Tensor, bias: Tensor | None, runnin
     """relu?(F.batch_norm(F.conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean,
     running_var, bn_weight, bn_bias, training, momentum, eps) + residual), the running statistics updated as
     F.batch_norm updates them (momentum=None with num_batches_tracked: nn.BatchNorm's cumulative average).
-    With batch statistics (training, or no running statistics) the statistics come from the convolution's
-    output tiles (see the module notes); with running statistics a convolution, then ops.batch_norm.
+    A convolution, then ops.batch_norm's kernels; with batch statistics (training, or no running statistics)
+    on large channels_last outputs the statistics come from the convolution's output tiles (module notes).
     input is [N, C, H, W]; padding an int or a pair."""
     if autocast_enabled():  # the convolution's policy; batch norm keeps float32 parameters, as F.batch_norm
         input, weight, bias, residual = autocast_args("conv2d", input, weight, bias, residual)
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    use_batch_stats = training or running_mean is None
-    if not use_batch_stats:
+    stats = None
+    if training or running_mean is None:  # batch statistics: from the tiles where they pay
+        _check_tensor(input, "input", 4)
+        _check_tensor(weight, "weight", 4, input)
+        g = _geometry(input.shape, weight.shape, stride, padding, dilation, groups)
+        if _tile_stats(input, weight, g) and math.prod(g.output_shape()) * input.element_size() >= TILE_STATS_BYTES:
+            y, *stats = OPS.conv2d_bn_stats(input, weight, bias, stride, padding, dilation, groups)
+    if stats is None:
         y = OPS.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return _batch_norm(y, residual, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
-                           relu, num_batches_tracked, _NAMES)
-    _check_tensor(input, "input", 4)
-    _check_tensor(weight, "weight", 4, input)
-    g = _geometry(input.shape, weight.shape, stride, padding, dilation, groups)
-    like = input.new_empty((1, 1, 1, 1)).expand(g.output_shape())  # the convolution's output, for the checks
-    _check(like, residual, running_mean, running_var, bn_weight, bn_bias, training, eps, True, _NAMES)
-    w, b = _params(bn_weight, input), _params(bn_bias, input)
-    if _tile_stats(input, weight, g) and like.numel() * input.element_size() >= TILE_STATS_BYTES:
-        y, mean, var = OPS.conv2d_bn_stats(input, weight, bias, stride, padding, dilation, groups)
-    else:  # batch norm's training forward computes them
-        y, mean, var = OPS.conv2d(input, weight, bias, stride, padding, dilation, groups), None, None
-    out, mean, var = OPS.batch_norm_train(y, w, b, residual, bool(relu), float(eps), mean, var)
-    if training and running_mean is not None:
-        factor = _momentum(momentum, num_batches_tracked)
-        count = _m(like)
-        if count > 0:
-            OPS.batch_norm_update_running(running_mean, running_var, mean, var, factor, count)
-    return out
+    return _batch_norm(y, residual, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, relu,
+                       num_batches_tracked, _NAMES, stats)

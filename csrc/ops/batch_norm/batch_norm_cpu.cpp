@@ -515,13 +515,8 @@ Affine<compute_t<T>> finish_stats(const ForwardArgs<T>& a, int64_t c, const Mome
   return channel_affine(a, c, mean[c], var[c], A(m.mean - double(mean[c])));
 }
 
-// Planar passes over uniform items (blocks, segments, planes) give each thread one contiguous share, so that
-// each streams through its half of memory: handing out 20-plane chunks dynamically interleaved the threads'
-// chunks, and the 14x14 evaluation forward scaled 1.5x on 2 threads where PyTorch's split scaled 1.9x.
-int64_t contiguous_share(int64_t items, int nthreads) {
-  return std::max<int64_t>(1, (items + nthreads - 1) / std::max(nthreads, 1));
-}
-
+// Planar passes over uniform items (blocks, segments, planes) give each thread one contiguous share
+// (contiguous_share, common/parallel.h).
 // Runs job(channel, block) for every block of every channel, blocks of a channel in order when
 // whole channels go to threads.
 template <class F>

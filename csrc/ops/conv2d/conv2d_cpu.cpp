@@ -472,7 +472,7 @@ void forward_nhwc(const TensorView& x, const TensorView& w, const Epilogue& epil
   std::vector<T> converted;
   const T* input = compute_copy<S>(x, converted, nthreads);
   const int64_t rows = chunk(M, kern.mr, std::max<int64_t>(kern.mr, 16384 / std::max<int64_t>(N, 1)), g.batch * g.groups,
-                             epilogue.mean ? kStatsThreads : nthreads);
+                             stats ? kStatsThreads : nthreads);
   const int64_t row_tasks = (M + rows - 1) / rows, tasks = g.batch * g.groups * row_tasks;
   if (stats) stats->start(g, row_tasks);
   const bool direct = std::is_same<S, T>::value && store.plain();  // the output in place (see forward_nchw)
