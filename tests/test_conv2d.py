@@ -39,6 +39,7 @@ SHAPES = [
     (2, 20, 17, 18, 8, 1, 1, 0, 1, 1),
     (1, 40, 6, 7, 72, 1, 1, 0, 1, 1),  # 1x1 with more than one tile of columns on either side
     (2, 8, 5, 7, 12, 1, 1, 0, 1, 2),  # grouped 1x1
+    (1, 256, 3, 5, 530, 1, 1, 0, 1, 1),  # channels_last: output channels in two blocks, the last one partial
     (0, 4, 8, 8, 4, 3, 1, 1, 1, 1),  # empty batch
 ]
 

@@ -63,6 +63,22 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // edge go through ws.edge, and only their m x n part is copied in (and out, when accumulating), so
 // nothing outside the destination is touched. Saves the copy of a C block into the output, which for a
 // 1x1 convolution with few input channels cost as much as the products (measured: 64->256 at 56x56).
+// Tile(dst, ld) computes an MR x NR tile into dst with row stride ld. Where only rows x cols of it lie in
+// the destination, it runs on `edge` (MR x NR) instead and only that part is copied in (when accumulating)
+// and out, so nothing outside the destination is touched.
+template <class T, class Tile>
+void edge_tile(T* dst, int64_t ldc, int64_t rows, int64_t cols, int64_t MR, int64_t NR, bool accumulate, T* edge,
+               const Tile& tile) {
+  if (rows == MR && cols == NR) {
+    tile(dst, ldc);
+    return;
+  }
+  if (accumulate)
+    for (int64_t i = 0; i < rows; ++i) std::copy(dst + i * ldc, dst + i * ldc + cols, edge + i * NR);
+  tile(edge, NR);
+  for (int64_t i = 0; i < rows; ++i) std::copy(edge + i * NR, edge + i * NR + cols, dst + i * ldc);
+}
+
 struct NoHook {
   void operator()(int64_t, int64_t, int64_t) const {}
 };
@@ -84,17 +100,9 @@ void multiply(const Kernel<T>& kern, int64_t m, int64_t n, int64_t K, const Pack
   if (exact) ws.edge.assign(size_t(MR * NR), T(0));
   // Tile (ip, jp) over depth kc, adding to what C holds when acc.
   const auto tile = [&](int64_t ip, int64_t jp, int64_t kc, const T* a, const T* b, bool acc) {
-    T* dst = c + ip * MR * ldc + jp * NR;
-    const int64_t rows = std::min(MR, m - ip * MR), cols = std::min(NR, n - jp * NR);
-    if (!exact || (rows == MR && cols == NR)) {
-      kern.tile(kc, a, b, dst, ldc, acc);
-      return;
-    }
-    T* e = ws.edge.data();
-    if (acc)
-      for (int64_t i = 0; i < rows; ++i) std::copy(dst + i * ldc, dst + i * ldc + cols, e + i * NR);
-    kern.tile(kc, a, b, e, NR, acc);
-    for (int64_t i = 0; i < rows; ++i) std::copy(e + i * NR, e + i * NR + cols, dst + i * ldc);
+    const int64_t rows = exact ? std::min(MR, m - ip * MR) : MR, cols = exact ? std::min(NR, n - jp * NR) : NR;
+    edge_tile(c + ip * MR * ldc + jp * NR, ldc, rows, cols, MR, NR, acc, ws.edge.data(),
+              [&](T* dst, int64_t ld) { kern.tile(kc, a, b, dst, ld, acc); });
   };
   for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, K - k0);

@@ -32,6 +32,12 @@ struct Kernel {
   // k-steps or the tile's rows (attention's K, V and probability tiles need no packing).
   void (*tile_strided)(int64_t kc, const T* a, int64_t lda_k, int64_t lda_i, const T* b, int64_t ldb, T* c,
                        int64_t ldc, bool accumulate);
+  // The same tile with A read from rows where they lie, in segments: segment s adds
+  //   sum_{k < span[2s + 1]} rows[s * mr + i][k] * b[(span[2s] + k) * nr + j]
+  // over one packed B panel (span[2s]: the segment's first k in it). A convolution's channels_last forward
+  // reads each pixel's channels of one tap (or kernel row) in the image itself, with no A panel packed.
+  void (*tile_rows)(int64_t segments, const T* const* rows, const int64_t* span, const T* b, T* c, int64_t ldc,
+                    bool accumulate);
   int dm, dn;
   void (*dot)(int64_t segments, int64_t len, const T* const* a, const T* const* b, T* c, int64_t ldc);
   // An A panel from mr rows that are contiguous along k: dst[k * mr + i] = rows[i][k] for k < kc

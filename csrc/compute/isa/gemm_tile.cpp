@@ -59,6 +59,30 @@ void tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, bool accumulate
   tile_strided_impl<T, W, MR, NV>(kc, a, MR, 1, b, NV * W, c, ldc, accumulate);
 }
 
+template <class T, int W, int MR, int NV>
+void tile_rows(int64_t segments, const T* const* rows, const int64_t* span, const T* b, T* c, int64_t ldc,
+               bool accumulate) {
+  using V = typename Vec<T, W>::type;
+  constexpr int64_t NR = NV * W;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? *reinterpret_cast<const V*>(c + i * ldc + v * W) : V{};
+  for (int64_t s = 0; s < segments; ++s) {
+    const T* r[MR];
+    for (int i = 0; i < MR; ++i) r[i] = rows[s * MR + i];
+    const T* bk = b + span[2 * s] * NR;
+    for (int64_t k = 0, n = span[2 * s + 1]; k < n; ++k, bk += NR) {
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(bk + v * W);
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] += r[i][k] * bv[v];  // broadcasts; contracted to FMA
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + i * ldc + v * W) = acc[i][v];
+}
+
 // The lane sums of 16 vectors of 16 lanes in four rounds of shuffles and adds (45 operations instead
 // of 240 scalar additions: on 14x14 images the reductions were half the weight gradient's time).
 // Lane L of the result holds vector kLaneOf[L]'s total (a bit reversal, found by tracing the rounds).
@@ -180,12 +204,12 @@ constexpr int kWidthBytes = kVectorBytes[kIsa], kMR = kTileRows[kIsa], kNV = kTi
 
 Kernel<float> make(float) {
   constexpr int W = kWidthBytes / 4;
-  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, &tile_strided<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
+  return {kMR, W * kNV, &tile<float, W, kMR, kNV>, &tile_strided<float, W, kMR, kNV>, &tile_rows<float, W, kMR, kNV>, kDM, kDN, &dot<float, W, kDM, kDN>, &pack_a_rows<float, kMR>,
           &pack_b_row<float, W, kNV>, FASTCV_STR(FASTCV_ISA)};
 }
 Kernel<double> make(double) {
   constexpr int W = kWidthBytes / 8;
-  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, &tile_strided<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
+  return {kMR, W * kNV, &tile<double, W, kMR, kNV>, &tile_strided<double, W, kMR, kNV>, &tile_rows<double, W, kMR, kNV>, kDM, kDN, &dot<double, W, kDM, kDN>, &pack_a_rows<double, kMR>,
           &pack_b_row<double, W, kNV>, FASTCV_STR(FASTCV_ISA)};
 }
 
