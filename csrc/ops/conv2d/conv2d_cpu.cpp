@@ -48,25 +48,38 @@ struct Store {
     if (e.relu && v < 0) v = 0;
     out[offset] = from_compute<S>(v);
   }
-  // n consecutive outputs from offset, sums[q] + bias each: the plain case as a loop the compiler vectorises.
+  // n consecutive outputs from offset, sums[q] + bias each.
   void run(S* out, int64_t offset, const compute_t<S>* sums, int64_t n, compute_t<S> bias) const {
-    if (!residual && !e.relu) {
-      for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q] + bias);
-      return;
-    }
-    for (int64_t q = 0; q < n; ++q) (*this)(out, offset + q, sums[q] + bias);
+    apply(out + offset, sums, offset, n, [bias](int64_t) { return bias; });
   }
   // n consecutive channels o0.. of one pixel (channels_last), sums[q] + bias[o0 + q] each.
   void run_channels(S* out, int64_t offset, const compute_t<S>* sums, int64_t n, int64_t o0) const {
-    if (!residual && !e.relu) {
-      const S* b = e.bias ? e.bias->ptr<S>() + o0 : nullptr;
-      if (b)
-        for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q] + load(b[q]));
-      else
-        for (int64_t q = 0; q < n; ++q) out[offset + q] = from_compute<S>(sums[q]);
-      return;
+    if (!e.bias) return apply(out + offset, sums, offset, n, [](int64_t) { return compute_t<S>(0); });
+    const S* b = e.bias->ptr<S>() + o0;
+    apply(out + offset, sums, offset, n, [b](int64_t q) { return load(b[q]); });
+  }
+
+ private:
+  // One loop per combination of residual and ReLU, so each vectorises: with the tests inside the loop
+  // the epilogue ran element by element, and a folded channels_last layer with bias and ReLU took
+  // 1.7-4x its plain time (64->256 1x1 at 56x56: 13.6 against 3.4 ms).
+  template <bool kResidual, bool kRelu, class BiasAt>
+  static void apply_as(S* dst, const compute_t<S>* sums, const S* res, int64_t n, const BiasAt& bias_at) {
+    using T = compute_t<S>;
+    for (int64_t q = 0; q < n; ++q) {
+      T v = sums[q] + bias_at(q);
+      if (kResidual) v += load(res[q]);
+      if (kRelu) v = v < T(0) ? T(0) : v;  // keeps NaN
+      dst[q] = from_compute<S>(v);
     }
-    for (int64_t q = 0; q < n; ++q) (*this)(out, offset + q, sums[q] + bias(o0 + q));
+  }
+  template <class BiasAt>
+  void apply(S* dst, const compute_t<S>* sums, int64_t offset, int64_t n, const BiasAt& bias_at) const {
+    const S* res = residual ? residual + offset : nullptr;
+    if (res)
+      e.relu ? apply_as<true, true>(dst, sums, res, n, bias_at) : apply_as<true, false>(dst, sums, res, n, bias_at);
+    else
+      e.relu ? apply_as<false, true>(dst, sums, res, n, bias_at) : apply_as<false, false>(dst, sums, res, n, bias_at);
   }
 };
 
